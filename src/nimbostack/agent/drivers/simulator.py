@@ -1,0 +1,98 @@
+"""A hypervisor without a hypervisor: keeps domain states in memory. One agent process holds one
+SimulatorDriver per simulated host, so hundreds of hosts cost a few kilobytes each."""
+
+from __future__ import annotations
+
+import asyncio
+
+from nimbostack.agent.driver import (
+    PAUSED,
+    RUNNING,
+    STOPPED,
+    ConsoleAddress,
+    DiskSpec,
+    DriverError,
+    HostFacts,
+    StateListener,
+    VmSpec,
+)
+
+
+class SimulatorDriver:
+    def __init__(
+        self, cpu_num: int = 8, cpu_speed: int = 2600, memory: int = 16 << 30, host_ip: str = "127.0.0.1"
+    ) -> None:
+        self.facts = HostFacts(cpu_num, cpu_speed, memory, "simulator", "simulated", "simulator")
+        self.host_ip = host_ip
+        self.domains: dict[str, str] = {}
+        self.specs: dict[str, VmSpec] = {}
+        self._listeners: list[StateListener] = []
+        self._ports: dict[str, int] = {}
+
+    async def host_facts(self) -> HostFacts:
+        return self.facts
+
+    def _need(self, vm_uuid: str) -> None:
+        if vm_uuid not in self.domains:
+            raise DriverError("VM_NOT_FOUND", f"no domain for VM {vm_uuid} on this host")
+
+    async def _set(self, vm_uuid: str, state: str) -> None:
+        self.domains[vm_uuid] = state
+        for listener in self._listeners:
+            await listener(vm_uuid, state)
+
+    async def start_vm(self, spec: VmSpec) -> None:
+        self.specs[spec.uuid] = spec
+        self._ports.setdefault(spec.uuid, 5900 + len(self._ports))
+        await self._set(spec.uuid, RUNNING)
+
+    async def stop_vm(self, vm_uuid: str, graceful: bool = True, timeout: float = 60) -> None:
+        self._need(vm_uuid)
+        await self._set(vm_uuid, STOPPED)
+
+    async def reboot_vm(self, vm_uuid: str) -> None:
+        self._need(vm_uuid)
+        await asyncio.sleep(0)
+
+    async def pause_vm(self, vm_uuid: str) -> None:
+        self._need(vm_uuid)
+        await self._set(vm_uuid, PAUSED)
+
+    async def resume_vm(self, vm_uuid: str) -> None:
+        self._need(vm_uuid)
+        await self._set(vm_uuid, RUNNING)
+
+    async def destroy_vm(self, vm_uuid: str) -> None:
+        self.domains.pop(vm_uuid, None)
+        self.specs.pop(vm_uuid, None)
+        self._ports.pop(vm_uuid, None)
+
+    async def vm_states(self) -> dict[str, str]:
+        return dict(self.domains)
+
+    async def attach_disk(self, vm_uuid: str, disk: DiskSpec) -> None:
+        self._need(vm_uuid)
+        self.specs[vm_uuid].disks.append(disk)
+
+    async def detach_disk(self, vm_uuid: str, disk: DiskSpec) -> None:
+        self._need(vm_uuid)
+        spec = self.specs[vm_uuid]
+        spec.disks = [d for d in spec.disks if d.volume_uuid != disk.volume_uuid]
+
+    async def attach_iso(self, vm_uuid: str, iso_path: str) -> None:
+        self._need(vm_uuid)
+        self.specs[vm_uuid].iso_path = iso_path
+
+    async def detach_iso(self, vm_uuid: str) -> None:
+        self._need(vm_uuid)
+        self.specs[vm_uuid].iso_path = None
+
+    async def console_address(self, vm_uuid: str) -> ConsoleAddress:
+        self._need(vm_uuid)
+        return ConsoleAddress(self.host_ip, self._ports[vm_uuid], self.specs[vm_uuid].console_mode)
+
+    def on_state_change(self, listener: StateListener) -> None:
+        self._listeners.append(listener)
+
+    async def close(self) -> None:
+        self.domains.clear()

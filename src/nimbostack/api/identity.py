@@ -1,0 +1,169 @@
+"""Account, session and global config APIs."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from nimbostack.api.auth import ADMIN_TYPE, ADMIN_UUID, hash_password
+from nimbostack.api.common import inv, load, new_uuid, register_queries, require_admin, update_fields
+from nimbostack.api.dispatch import ApiContext, api
+from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_allowed
+from nimbostack.core.globalconfig import definition
+from nimbostack.db import models as m
+from nimbostack.db import query
+from nimbostack.db.query import fmt_date
+
+_SHA512 = re.compile(r"^[0-9a-fA-F]{128}$")
+
+query.register(query.QueryTarget("QueryObjectAccountInventory", m.Account, "AccountInventory", scope="owned"))
+query.register(
+    query.QueryTarget(
+        "QueryObjectAccountResourceRefInventory", m.AccountResourceRef, scope="owned", owner_column="resourceUuid"
+    )
+)
+query.register(
+    query.QueryTarget("QueryObjectGlobalConfigInventory", m.GlobalConfig, "GlobalConfigInventory", scope="public")
+)
+register_queries("QueryAccount", "QueryAccountResourceRef", "QueryGlobalConfig")
+
+
+def _session_inv(row: m.Session) -> dict[str, Any]:
+    return {
+        "uuid": row.uuid,
+        "accountUuid": row.accountUuid,
+        "userUuid": row.userUuid,
+        "expiredDate": fmt_date(row.expiredDate),
+        "createDate": fmt_date(row.createDate),
+    }
+
+
+def _digest(ctx: ApiContext) -> str:
+    password = ctx.req("password")
+    if not _SHA512.match(password):
+        raise invalid("password must be the SHA-512 hex digest of the password (128 hex characters)")
+    return password
+
+
+@api("LogInByAccount", public=True)
+async def login(ctx: ApiContext) -> dict[str, Any]:
+    session = await ctx.p.auth.login(ctx.req("accountName"), _digest(ctx))
+    return {"inventory": _session_inv(session)}
+
+
+@api("LogOut")
+async def logout(ctx: ApiContext) -> dict[str, Any]:
+    sid = ctx.str("sessionUuid") or ctx.caller.session_uuid
+    if sid and sid != ctx.caller.session_uuid and not ctx.caller.is_admin:
+        raise ApiError(PERMISSION_DENIED, "Permission denied", "an account can only log out its own sessions")
+    if sid:
+        await ctx.p.auth.logout(sid)
+    return {}
+
+
+@api("ValidateSession", public=True)
+async def validate_session(ctx: ApiContext) -> dict[str, Any]:
+    try:
+        await ctx.p.auth.caller({"uuid": ctx.req("sessionUuid")}, type("R", (), {"public": False, "admin": False})())
+        return {"validSession": True}
+    except ApiError:
+        return {"validSession": False}
+
+
+@api("CreateAccount", admin=True)
+async def create_account(ctx: ApiContext) -> dict[str, Any]:
+    name = ctx.req("name").strip()
+    async with ctx.p.db.tx() as s:
+        if (await s.execute(select(m.Account).where(m.Account.name == name))).scalar_one_or_none():
+            raise invalid(f"an account named {name} already exists")
+        row = m.Account(
+            uuid=new_uuid(ctx),
+            name=name,
+            description=ctx.str("description"),
+            type=ctx.str("type", "Normal") or "Normal",
+            passwordHash=hash_password(_digest(ctx)),
+        )
+        s.add(row)
+        s.add(
+            m.AccountResourceRef(
+                accountUuid=row.uuid, ownerAccountUuid=row.uuid, resourceUuid=row.uuid, resourceType="AccountVO"
+            )
+        )
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectAccountInventory", row)}
+
+
+@api("UpdateAccount")
+async def update_account(ctx: ApiContext) -> dict[str, Any]:
+    uuid = ctx.str("uuid") or ctx.caller.account_uuid
+    if uuid != ctx.caller.account_uuid:
+        require_admin(ctx)
+    async with ctx.p.db.tx() as s:
+        row = await load(s, m.Account, uuid, ctx, "Account")
+        update_fields(row, ctx)
+        if ctx.str("password"):
+            row.passwordHash = hash_password(_digest(ctx))
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectAccountInventory", row)}
+
+
+@api("DeleteAccount", admin=True)
+async def delete_account(ctx: ApiContext) -> dict[str, Any]:
+    uuid = ctx.req("uuid")
+    if uuid == ADMIN_UUID:
+        raise not_allowed("the admin account cannot be deleted")
+    async with ctx.p.db.tx() as s:
+        row = await load(s, m.Account, uuid, ctx, "Account")
+        owned = (
+            (
+                await s.execute(
+                    select(m.AccountResourceRef.resourceUuid).where(
+                        m.AccountResourceRef.accountUuid == uuid, m.AccountResourceRef.resourceUuid != uuid
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        if owned:
+            raise not_allowed(f"account {row.name} still owns {len(owned)} resources; delete them first")
+        await s.execute(delete(m.Session).where(m.Session.accountUuid == uuid))
+        await s.execute(delete(m.AccountResourceRef).where(m.AccountResourceRef.resourceUuid == uuid))
+        await s.delete(row)
+    return {}
+
+
+@api("UpdateGlobalConfig", admin=True)
+async def update_global_config(ctx: ApiContext) -> dict[str, Any]:
+    category, name = ctx.req("category"), ctx.req("name")
+    value = ctx.params.get("value")
+    if value is None:
+        value = definition(category, name).default
+    row = await ctx.p.config.update(category, name, value)
+    return {"inventory": query.plain(row, query.TARGETS["QueryObjectGlobalConfigInventory"].fields())}
+
+
+@api("GetGlobalConfig")
+async def get_global_config(ctx: ApiContext) -> dict[str, Any]:
+    category, name = ctx.req("category"), ctx.req("name")
+    definition(category, name)
+    async with ctx.p.db.tx() as s:
+        row = (
+            await s.execute(
+                select(m.GlobalConfig).where(m.GlobalConfig.category == category, m.GlobalConfig.name == name)
+            )
+        ).scalar_one()
+        return {"inventory": await inv(s, "QueryObjectGlobalConfigInventory", row)}
+
+
+@api("GetVersion", public=True)
+async def get_version(ctx: ApiContext) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    return {"version": version("nimbostack")}
+
+
+def is_admin_account(account: m.Account) -> bool:
+    return account.type == ADMIN_TYPE

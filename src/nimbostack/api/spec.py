@@ -1,0 +1,89 @@
+"""ZStack 1.2's API table (``zstack-1.2-api.json``): message names, fields and valid values."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+TABLE = Path(__file__).with_name("zstack-1.2-api.json")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    mandatory: bool = False
+    type: str | None = None
+    valid_values: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    name: str  # short: CreateVmInstance
+    full_name: str  # org.zstack.header.vm.APICreateVmInstanceMsg
+    fields: dict[str, FieldSpec] = field(default_factory=dict)
+
+    @property
+    def package(self) -> str:
+        return self.full_name.rsplit(".", 1)[0]
+
+
+@cache
+def table() -> dict[str, Any]:
+    return json.loads(TABLE.read_text())
+
+
+@cache
+def messages() -> dict[str, MessageSpec]:
+    """Short name → spec, for every API message (not replies)."""
+    out: dict[str, MessageSpec] = {}
+    for key, raw in table()["messages"].items():
+        if not (key.startswith("API") and key.endswith("Msg")):
+            continue
+        fields = {
+            f["name"]: FieldSpec(
+                f["name"],
+                bool(f.get("mandatory")),
+                f.get("type"),
+                tuple(f["validValues"]) if f.get("validValues") else None,
+            )
+            for f in raw["fields"]
+        }
+        short = key[3:-3]
+        out[short] = MessageSpec(short, raw["fullName"], fields)
+    return out
+
+
+@cache
+def by_full_name() -> dict[str, MessageSpec]:
+    return {m.full_name: m for m in messages().values()}
+
+
+def reply_name(msg: MessageSpec) -> str:
+    """ZStack answers synchronous APIs with ``API<Name>Reply`` and the others with ``API<Name>Event``."""
+    reply = f"API{msg.name}Reply"
+    if msg.name.startswith("LogIn"):
+        reply = "APILogInReply"
+    if reply in table()["messages"]:
+        return table()["messages"][reply]["fullName"]
+    return f"{msg.package}.API{msg.name}Event"
+
+
+def is_synchronous(msg: MessageSpec) -> bool:
+    """Replies come at once; events mean the work may take long and runs as a job."""
+    return msg.name.startswith(("Query", "Get", "LogIn")) or f"API{msg.name}Reply" in table()["messages"]
+
+
+def query_object(query_msg: str) -> str | None:
+    """``QueryVmInstance`` → ``QueryObjectVmInstanceInventory``."""
+    return table()["queryMessageInventoryMap"].get(f"API{query_msg}Msg")
+
+
+def query_object_spec(name: str) -> dict[str, Any]:
+    return table()["queryObjects"][name]
+
+
+def inventory_fields(name: str) -> list[str]:
+    return list(table()["inventories"].get(name, []))

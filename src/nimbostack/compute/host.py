@@ -1,0 +1,312 @@
+"""Hosts: adding (KVM or simulator), connecting through the agent, pings, capacity, state sync."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select, update
+
+from nimbostack.api.common import (
+    add_creation_tags,
+    disown,
+    inv,
+    load,
+    new_uuid,
+    register_queries,
+    state_event,
+    update_fields,
+)
+from nimbostack.api.dispatch import ApiContext, api
+from nimbostack.core.errors import ApiError, invalid, not_allowed
+from nimbostack.core.tags import tag_value
+from nimbostack.db import models as m
+from nimbostack.db import query
+
+if TYPE_CHECKING:
+    from nimbostack.core.platform import Platform
+
+log = logging.getLogger(__name__)
+
+# VM states whose CPU and memory stay reserved on their host
+HOLDS_CAPACITY = (
+    "Created",
+    "Starting",
+    "Running",
+    "Stopping",
+    "Rebooting",
+    "Pausing",
+    "Paused",
+    "Resuming",
+    "Migrating",
+    "Destroying",
+    "Unknown",
+)
+
+query.register(
+    query.QueryTarget(
+        "QueryObjectHostInventory",
+        m.Host,
+        "HostInventory",
+        scope="admin",
+        joins={
+            "zone": query.Join("zoneUuid", "QueryObjectZoneInventory", "uuid"),
+            "cluster": query.Join("clusterUuid", "QueryObjectClusterInventory", "uuid"),
+            "vmInstance": query.Join("uuid", "QueryObjectVmInstanceInventory", "hostUuid"),
+        },
+    )
+)
+register_queries("QueryHost")
+
+
+def _agent_url(platform: Platform, hypervisor: str, management_ip: str, tags: list[str]) -> str:
+    if hypervisor == "Simulator":
+        return platform.settings.simulator_agent_url
+    port = tag_value(tags, "agentPort::") or str(platform.settings.agent_port)
+    return f"http://{management_ip}:{port}"
+
+
+async def connect(platform: Platform, host_uuid: str) -> m.Host:
+    """Connect the host's agent, read its capacity, reconcile its VMs; Connected on success."""
+    async with platform.db.tx() as s:
+        host = await s.get(m.Host, host_uuid)
+        assert host is not None
+        host.status = "Connecting"
+        body: dict[str, Any] = {"hostUuid": host.uuid, "managementUrl": platform.management_url}
+        if host.hypervisorType == "Simulator":
+            body["simulator"] = {"cpuCapacity": host.simCpuCapacity, "memoryCapacity": host.simMemoryCapacity}
+        url = host.agentUrl
+    try:
+        reply = await platform.agents.call(url, "/host/connect", body)
+    except ApiError:
+        async with platform.db.tx() as s:
+            await s.execute(update(m.Host).where(m.Host.uuid == host_uuid).values(status="Disconnected"))
+        raise
+    facts = reply["facts"]
+    async with platform.db.tx() as s:
+        host = await s.get(m.Host, host_uuid)
+        assert host is not None
+        if host.hypervisorType == "Simulator":
+            host.totalCpuCapacity = int(host.simCpuCapacity or 0)
+            host.totalMemoryCapacity = int(host.simMemoryCapacity or 0)
+        else:
+            reserved = await platform.config.get("kvm", "reservedMemory")
+            host.cpuNum, host.cpuSpeed = facts["cpu_num"], facts["cpu_speed_mhz"]
+            host.totalCpuCapacity = facts["cpu_num"] * facts["cpu_speed_mhz"]
+            host.totalMemoryCapacity = max(0, facts["total_memory"] - reserved)
+        host.status = "Connected"
+    await reconcile_vms(platform, host_uuid)
+    await recompute_capacity(platform, host_uuid)
+    for hook in CONNECT_HOOKS:
+        await hook(platform, host_uuid)
+    async with platform.db.tx() as s:
+        host = await s.get(m.Host, host_uuid)
+        assert host is not None
+        return host
+
+
+# Called after a host (re)connects: primary storage init, network services, GC (plugins add theirs).
+CONNECT_HOOKS: list[Any] = []
+
+
+async def recompute_capacity(platform: Platform, host_uuid: str | None = None) -> None:
+    """Available = total − what the host's VMs hold. Derived, so a crash cannot leave it wrong."""
+    async with platform.db.tx() as s:
+        hosts = [await s.get(m.Host, host_uuid)] if host_uuid else (await s.execute(select(m.Host))).scalars().all()
+        for host in hosts:
+            if host is None:
+                continue
+            cpu, mem = (
+                await s.execute(
+                    select(
+                        func.coalesce(func.sum(m.VmInstance.cpuNum * m.VmInstance.cpuSpeed), 0),
+                        func.coalesce(func.sum(m.VmInstance.memorySize), 0),
+                    ).where(m.VmInstance.hostUuid == host.uuid, m.VmInstance.state.in_(HOLDS_CAPACITY))
+                )
+            ).one()
+            host.availableCpuCapacity = host.totalCpuCapacity - int(cpu)
+            host.availableMemoryCapacity = host.totalMemoryCapacity - int(mem)
+
+
+async def reconcile_vms(platform: Platform, host_uuid: str) -> None:
+    """Make the database agree with what the hypervisor runs (after a restart on either side)."""
+    from nimbostack.compute.vmsync import apply_host_states
+
+    async with platform.db.tx() as s:
+        host = await s.get(m.Host, host_uuid)
+        assert host is not None
+        url = host.agentUrl
+    reply = await platform.agents.call(url, "/vm/states", {"hostUuid": host_uuid}, timeout=30)
+    await apply_host_states(platform, host_uuid, reply["states"])
+
+
+async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> dict[str, Any]:
+    uuid = new_uuid(ctx)
+    async with ctx.p.db.tx() as s:
+        cluster = await load(s, m.Cluster, ctx.req("clusterUuid"), ctx, "Cluster")
+        if cluster.hypervisorType != hypervisor:
+            raise invalid(
+                f"cluster {cluster.uuid} is a {cluster.hypervisorType} cluster; a {hypervisor} host cannot join it"
+            )
+        ip = ctx.req("managementIp")
+        dup = (
+            await s.execute(select(m.Host.uuid).where(m.Host.managementIp == ip, m.Host.hypervisorType != "Simulator"))
+        ).first()
+        if dup and hypervisor != "Simulator" and not any(t.startswith("agentPort::") for t in ctx.list("systemTags")):
+            raise invalid(f"a host with managementIp {ip} already exists")
+        host = m.Host(
+            uuid=uuid,
+            name=ctx.req("name"),
+            description=ctx.str("description"),
+            zoneUuid=cluster.zoneUuid,
+            clusterUuid=cluster.uuid,
+            managementIp=ip,
+            hypervisorType=hypervisor,
+            status="Connecting",
+            agentUrl=_agent_url(ctx.p, hypervisor, ip, [str(t) for t in ctx.list("systemTags")]),
+            **extra,
+        )
+        s.add(host)
+        await add_creation_tags(s, ctx, uuid, "HostVO")
+    try:
+        async with ctx.p.queues.serial(uuid):
+            host = await connect(ctx.p, uuid)
+    except ApiError as err:
+        # ZStack's rule: a host that cannot be connected is not added
+        async with ctx.p.db.tx() as s:
+            row = await s.get(m.Host, uuid)
+            if row is not None:
+                await s.delete(row)
+            await disown(s, [uuid])
+        raise ApiError(err.code, f"Cannot add host {ctx.req('managementIp')}: {err.description}", err.details) from None
+    async with ctx.p.db.tx() as s:
+        return {"inventory": await inv(s, "QueryObjectHostInventory", host)}
+
+
+@api("AddKVMHost", admin=True)
+async def add_kvm_host(ctx: ApiContext) -> dict[str, Any]:
+    return await _add_host(
+        ctx,
+        "KVM",
+        {
+            "username": ctx.req("username"),
+            "password": ctx.req("password"),
+            "sshPort": ctx.int("sshPort", 22) or ctx.int("port", 22),
+        },
+    )
+
+
+@api("AddSimulatorHost", admin=True)
+async def add_simulator_host(ctx: ApiContext) -> dict[str, Any]:
+    return await _add_host(
+        ctx,
+        "Simulator",
+        {
+            "simCpuCapacity": ctx.int("cpuCapacity", minimum=1),
+            "simMemoryCapacity": ctx.int("memoryCapacity", minimum=1),
+        },
+    )
+
+
+@api("ReconnectHost", admin=True)
+async def reconnect_host(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        host = await load(s, m.Host, ctx.req("uuid"), ctx, "Host")
+    async with ctx.p.queues.serial(host.uuid):
+        host = await connect(ctx.p, host.uuid)
+    async with ctx.p.db.tx() as s:
+        return {"inventory": await inv(s, "QueryObjectHostInventory", host)}
+
+
+@api("ChangeHostState", admin=True)
+async def change_host_state(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        host = await load(s, m.Host, ctx.req("uuid"), ctx, "Host")
+        new = state_event(
+            ctx.req("stateEvent"), {"enable": "Enabled", "disable": "Disabled", "maintain": "Maintenance"}
+        )
+        if new == "Maintenance":
+            running = (
+                await s.execute(
+                    select(func.count())
+                    .select_from(m.VmInstance)
+                    .where(m.VmInstance.hostUuid == host.uuid, m.VmInstance.state == "Running")
+                )
+            ).scalar_one()
+            if running:
+                raise not_allowed(f"host {host.uuid} still runs {running} VMs; stop or migrate them first")
+        host.state = new
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectHostInventory", host)}
+
+
+@api("UpdateHost", admin=True)
+async def update_host(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        host = await load(s, m.Host, ctx.req("uuid"), ctx, "Host")
+        update_fields(host, ctx)
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectHostInventory", host)}
+
+
+@api("DeleteHost", admin=True)
+async def delete_host(ctx: ApiContext) -> dict[str, Any]:
+    uuid = ctx.req("uuid")
+    async with ctx.p.queues.serial(uuid):
+        async with ctx.p.db.tx() as s:
+            host = await load(s, m.Host, uuid, ctx, "Host")
+            vms = (
+                await s.execute(
+                    select(func.count())
+                    .select_from(m.VmInstance)
+                    .where(m.VmInstance.hostUuid == uuid, m.VmInstance.state.in_(HOLDS_CAPACITY))
+                )
+            ).scalar_one()
+            if vms:
+                raise not_allowed(f"host {uuid} still has {vms} VMs; destroy or migrate them first")
+            await s.delete(host)
+            await disown(s, [uuid])
+    return {}
+
+
+async def ping_all(platform: Platform) -> None:
+    """One round of pings; a host that fails turns Disconnected, one that answers again reconnects."""
+    async with platform.db.tx() as s:
+        hosts = (
+            await s.execute(select(m.Host.uuid, m.Host.agentUrl, m.Host.status).where(m.Host.status != "Connecting"))
+        ).all()
+    timeout = await platform.config.get("host", "ping.timeout")
+    auto = await platform.config.get("host", "connection.autoReconnectOnError")
+    sem = asyncio.Semaphore(50)
+
+    async def one(uuid: str, url: str, status: str) -> None:
+        async with sem:
+            try:
+                reply = await platform.agents.call(url, "/host/ping", {"hostUuid": uuid}, timeout=timeout)
+            except ApiError as err:
+                if status == "Connected":
+                    log.warning("host %s is Disconnected: %s", uuid, err.details)
+                    async with platform.db.tx() as s:
+                        await s.execute(update(m.Host).where(m.Host.uuid == uuid).values(status="Disconnected"))
+                return
+            if (status == "Disconnected" and auto) or not reply.get("connected", True):
+                log.info("host %s answers again; reconnecting", uuid)
+                try:
+                    async with platform.queues.serial(uuid):
+                        await connect(platform, uuid)
+                except ApiError as err:
+                    log.warning("reconnecting host %s failed: %s", uuid, err)
+
+    await asyncio.gather(*(one(*h) for h in hosts))
+
+
+async def ping_loop(platform: Platform) -> None:
+    while True:
+        try:
+            await asyncio.sleep(await platform.config.get("host", "ping.interval"))
+            await ping_all(platform)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("host ping round failed")

@@ -1,0 +1,707 @@
+"""VM instances: creation flow, lifecycle operations, console and boot order."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, select, update
+
+from nimbostack.agent.driver import DiskSpec, NicSpec, VmSpec
+from nimbostack.api.common import add_creation_tags, disown, inv, load, new_uuid, own, register_queries, update_fields
+from nimbostack.api.dispatch import ApiContext, api
+from nimbostack.compute.host import HOLDS_CAPACITY
+from nimbostack.core.errors import ALLOCATION_FAILED, ApiError, invalid, not_allowed
+from nimbostack.core.flow import FlowChain
+from nimbostack.core.tags import system_tags, tag_value
+from nimbostack.db import models as m
+from nimbostack.db import query
+from nimbostack.network import ipam
+from nimbostack.storage import primary
+
+if TYPE_CHECKING:
+    from nimbostack.core.platform import Platform
+
+log = logging.getLogger(__name__)
+
+_NIC_FIELDS = [
+    "uuid",
+    "vmInstanceUuid",
+    "l3NetworkUuid",
+    "ip",
+    "mac",
+    "netmask",
+    "gateway",
+    "metaData",
+    "deviceId",
+    "createDate",
+    "lastOpDate",
+]
+
+
+async def _vm_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
+    uuids = [r.uuid for r in rows]
+    nics: dict[str, list[dict[str, Any]]] = {}
+    for nic in (
+        await s.execute(select(m.VmNic).where(m.VmNic.vmInstanceUuid.in_(uuids)).order_by(m.VmNic.deviceId))
+    ).scalars():
+        nics.setdefault(nic.vmInstanceUuid, []).append(query.plain(nic, _NIC_FIELDS))
+    vols: dict[str, list[dict[str, Any]]] = {}
+    vol_rows = (
+        (await s.execute(select(m.Volume).where(m.Volume.vmInstanceUuid.in_(uuids)).order_by(m.Volume.deviceId)))
+        .scalars()
+        .all()
+    )
+    for vol, out in zip(
+        vol_rows, await query.inventories(s, query.TARGETS["QueryObjectVolumeInventory"], vol_rows), strict=True
+    ):
+        vols.setdefault(vol.vmInstanceUuid, []).append(out)
+    for row, out in zip(rows, invs, strict=True):
+        out["vmNics"] = nics.get(row.uuid, [])
+        out["allVolumes"] = vols.get(row.uuid, [])
+
+
+class _NicTarget(query.QueryTarget):
+    def fields(self) -> list[str]:
+        return _NIC_FIELDS
+
+
+query.register(
+    query.QueryTarget(
+        "QueryObjectVmInstanceInventory",
+        m.VmInstance,
+        "VmInstanceInventory",
+        scope="owned",
+        extra=_vm_extra,
+        base_filter=lambda: m.VmInstance.type == "UserVm",
+        joins={
+            "vmNics": query.Join("uuid", "QueryObjectVmNicInventory", "vmInstanceUuid"),
+            "allVolumes": query.Join("uuid", "QueryObjectVolumeInventory", "vmInstanceUuid"),
+            "rootVolume": query.Join("rootVolumeUuid", "QueryObjectVolumeInventory", "uuid"),
+            "host": query.Join("hostUuid", "QueryObjectHostInventory", "uuid"),
+            "cluster": query.Join("clusterUuid", "QueryObjectClusterInventory", "uuid"),
+            "zone": query.Join("zoneUuid", "QueryObjectZoneInventory", "uuid"),
+            "image": query.Join("imageUuid", "QueryObjectImageInventory", "uuid"),
+            "instanceOffering": query.Join("instanceOfferingUuid", "QueryObjectInstanceOfferingInventory", "uuid"),
+        },
+    )
+)
+query.register(
+    _NicTarget(
+        "QueryObjectVmNicInventory",
+        m.VmNic,
+        scope="owned",
+        owner_column="vmInstanceUuid",
+        joins={
+            "vmInstance": query.Join("vmInstanceUuid", "QueryObjectVmInstanceInventory", "uuid"),
+            "l3Network": query.Join("l3NetworkUuid", "QueryObjectL3NetworkInventory", "uuid"),
+        },
+    )
+)
+register_queries("QueryVmInstance", "QueryVmNic")
+
+
+def _mac() -> str:
+    return "fa:" + ":".join(f"{random.randint(0, 255):02x}" for _ in range(5))
+
+
+# --- placement ---------------------------------------------------------------------------------
+
+
+async def _candidate_hosts(
+    s: Any, cpu: int, mem: int, l3_uuids: list[str], zone: str | None, cluster: str | None, host: str | None
+) -> list[m.Host]:
+    l2s = set((await s.execute(select(m.L3Network.l2NetworkUuid).where(m.L3Network.uuid.in_(l3_uuids)))).scalars())
+    stmt = (
+        select(m.Host)
+        .join(m.Cluster, m.Cluster.uuid == m.Host.clusterUuid)
+        .where(
+            m.Host.status == "Connected",
+            m.Host.state == "Enabled",
+            m.Cluster.state == "Enabled",
+            m.Host.availableCpuCapacity >= cpu,
+            m.Host.availableMemoryCapacity >= mem,
+            m.Host.clusterUuid.in_(select(m.PrimaryStorageClusterRef.clusterUuid)),
+        )
+    )
+    for l2 in l2s:  # the host's cluster must reach every L2 the VM's networks sit on
+        stmt = stmt.where(
+            m.Host.clusterUuid.in_(
+                select(m.L2NetworkClusterRef.clusterUuid).where(m.L2NetworkClusterRef.l2NetworkUuid == l2)
+            )
+        )
+    if zone:
+        stmt = stmt.where(m.Host.zoneUuid == zone)
+    if cluster:
+        stmt = stmt.where(m.Host.clusterUuid == cluster)
+    if host:
+        stmt = stmt.where(m.Host.uuid == host)
+    return list((await s.execute(stmt.order_by(m.Host.availableMemoryCapacity.desc()).limit(8))).scalars())
+
+
+async def _reserve_host(s: Any, host_uuid: str, cpu: int, mem: int) -> bool:
+    # the WHERE makes the check-and-take atomic even with other management nodes writing
+    res = await s.execute(
+        update(m.Host)
+        .where(m.Host.uuid == host_uuid, m.Host.availableCpuCapacity >= cpu, m.Host.availableMemoryCapacity >= mem)
+        .values(
+            availableCpuCapacity=m.Host.availableCpuCapacity - cpu,
+            availableMemoryCapacity=m.Host.availableMemoryCapacity - mem,
+        )
+    )
+    return bool(res.rowcount)
+
+
+async def _take_host(s: Any, hosts: list[m.Host], cpu: int, mem: int) -> m.Host:
+    for h in hosts:
+        if await _reserve_host(s, h.uuid, cpu, mem):
+            return h
+    raise _no_host(cpu, mem)
+
+
+async def _give_back_host(s: Any, host_uuid: str | None, cpu: int, mem: int) -> None:
+    if host_uuid:
+        await s.execute(
+            update(m.Host)
+            .where(m.Host.uuid == host_uuid)
+            .values(
+                availableCpuCapacity=m.Host.availableCpuCapacity + cpu,
+                availableMemoryCapacity=m.Host.availableMemoryCapacity + mem,
+            )
+        )
+
+
+def _no_host(cpu: int, mem: int) -> ApiError:
+    return ApiError(
+        ALLOCATION_FAILED,
+        "No host can run the VM",
+        f"no Connected, Enabled host with {cpu} MHz CPU and {mem} bytes memory free reaches all of the "
+        "VM's L3 networks and has primary storage attached",
+    )
+
+
+# --- agent spec --------------------------------------------------------------------------------
+
+
+async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
+    cache = await platform.config.get("kvm", "vm.cacheMode")
+    async with platform.db.tx() as s:
+        vm = await s.get(m.VmInstance, vm_uuid)
+        assert vm is not None
+        vols = (
+            (await s.execute(select(m.Volume).where(m.Volume.vmInstanceUuid == vm_uuid).order_by(m.Volume.deviceId)))
+            .scalars()
+            .all()
+        )
+        nics = (
+            (await s.execute(select(m.VmNic).where(m.VmNic.vmInstanceUuid == vm_uuid).order_by(m.VmNic.deviceId)))
+            .scalars()
+            .all()
+        )
+        bridges: dict[str, str] = {}
+        for nic in nics:
+            l2 = (
+                await s.execute(
+                    select(m.L2Network)
+                    .join(m.L3Network, m.L3Network.l2NetworkUuid == m.L2Network.uuid)
+                    .where(m.L3Network.uuid == nic.l3NetworkUuid)
+                )
+            ).scalar_one()
+            bridges[nic.uuid] = bridge_name(l2, await system_tags(s, l2.uuid))
+        iso_path = None
+        if vm.isoUuid:
+            iso = await s.get(m.Image, vm.isoUuid)
+            iso_path = iso.url if iso else None
+    return VmSpec(
+        uuid=vm.uuid,
+        name=vm.name,
+        cpu_num=vm.cpuNum,
+        memory=vm.memorySize,
+        disks=[DiskSpec(v.uuid, v.installPath or "", v.deviceId or 0, v.format, cache) for v in vols],
+        nics=[
+            NicSpec(
+                n.uuid,
+                n.mac,
+                bridges[n.uuid],
+                n.deviceId,
+                n.ip or "",
+                n.netmask or "",
+                n.gateway or "",
+                n.l3NetworkUuid,
+            )
+            for n in nics
+        ],
+        iso_path=iso_path,
+        boot_order=vm.bootOrder.split(","),
+        console_mode=await platform.config.get("kvm", "vm.consoleMode"),
+        cpu_mode=await platform.config.get("kvm", "vm.cpuMode"),
+        console_log=None,
+    )
+
+
+def bridge_name(l2: m.L2Network, tags: list[str]) -> str:
+    explicit = tag_value(tags, "bridge::")
+    if explicit:
+        return explicit
+    name = f"br_{l2.physicalInterface}" + (f"_{l2.vlan}" if l2.vlan else "")
+    return name[:15]
+
+
+async def _host_of(platform: Platform, host_uuid: str) -> m.Host:
+    async with platform.db.tx() as s:
+        host = await s.get(m.Host, host_uuid)
+    if host is None:
+        raise not_allowed(f"host {host_uuid} no longer exists")
+    if host.status != "Connected":
+        raise ApiError("HOST.1002", "The VM's host is not connected", f"host {host.uuid} is {host.status}")
+    return host
+
+
+async def agent(platform: Platform, host_uuid: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    host = await _host_of(platform, host_uuid)
+    return await platform.agents.call(host.agentUrl, path, {"hostUuid": host_uuid, **body})
+
+
+# --- create ------------------------------------------------------------------------------------
+
+
+@api("CreateVmInstance")
+async def create_vm(ctx: ApiContext) -> dict[str, Any]:
+    p = ctx.p
+    l3_uuids = ctx.list("l3NetworkUuids")
+    if not l3_uuids:
+        raise invalid("l3NetworkUuids must name at least one L3 network")
+    if len(set(l3_uuids)) != len(l3_uuids):
+        raise invalid("l3NetworkUuids names one L3 network twice")
+    default_l3 = ctx.str("defaultL3NetworkUuid") or l3_uuids[0]
+    if default_l3 not in l3_uuids:
+        raise invalid(f"defaultL3NetworkUuid {default_l3} is not one of l3NetworkUuids")
+    vm_type = ctx.str("type", "UserVm") or "UserVm"
+    async with p.db.tx() as s:
+        offering = await load(s, m.InstanceOffering, ctx.req("instanceOfferingUuid"), ctx, "InstanceOffering")
+        if offering.state != "Enabled":
+            raise not_allowed(f"instance offering {offering.uuid} is {offering.state}")
+        image = await load(s, m.Image, ctx.req("imageUuid"), ctx, "Image")
+        if image.status != "Ready" or image.state != "Enabled":
+            raise not_allowed(f"image {image.uuid} is {image.state}/{image.status}; it must be Enabled and Ready")
+        root_size = image.size
+        root_offering = ctx.str("rootDiskOfferingUuid")
+        if image.mediaType == "ISO":
+            if not root_offering:
+                raise invalid("a VM created from an ISO needs rootDiskOfferingUuid for its empty root volume")
+            root_size = (await load(s, m.DiskOffering, root_offering, ctx, "DiskOffering")).diskSize
+        data_sizes = [
+            (await load(s, m.DiskOffering, u, ctx, "DiskOffering")).diskSize for u in ctx.list("dataDiskOfferingUuids")
+        ]
+        for u in l3_uuids:
+            l3 = await load(s, m.L3Network, u, ctx, "L3Network")
+            if l3.state != "Enabled":
+                raise not_allowed(f"L3 network {u} is {l3.state}")
+        vm = m.VmInstance(
+            uuid=new_uuid(ctx),
+            name=ctx.req("name"),
+            description=ctx.str("description"),
+            imageUuid=image.uuid,
+            instanceOfferingUuid=offering.uuid,
+            platform=image.platform,
+            defaultL3NetworkUuid=default_l3,
+            type=vm_type,
+            memorySize=offering.memorySize,
+            cpuNum=offering.cpuNum,
+            cpuSpeed=offering.cpuSpeed,
+            allocatorStrategy=offering.allocatorStrategy,
+            state="Created",
+            bootOrder="CdRom,HardDisk" if image.mediaType == "ISO" else "HardDisk",
+            isoUuid=image.uuid if image.mediaType == "ISO" else None,
+        )
+        s.add(vm)
+        own(s, ctx, vm.uuid, "VmInstanceVO")
+        await add_creation_tags(s, ctx, vm.uuid, "VmInstanceVO")
+    tags = [str(t) for t in ctx.list("systemTags")]
+    static_ips = {t.split("::")[1]: t.split("::")[2] for t in tags if t.startswith("staticIp::")}
+    cpu = vm.cpuNum * vm.cpuSpeed
+
+    async def allocate(c: dict[str, Any]) -> None:
+        """Host, storage, volumes and IPs in one transaction: all taken, or none."""
+        async with p.db.tx() as s:
+            hosts = await _candidate_hosts(
+                s, cpu, vm.memorySize, l3_uuids, ctx.str("zoneUuid"), ctx.str("clusterUuid"), ctx.str("hostUuid")
+            )
+            chosen = c["host"] = await _take_host(s, hosts, cpu, vm.memorySize)
+            row = await s.get(m.VmInstance, vm.uuid)
+            row.hostUuid, row.clusterUuid, row.zoneUuid = chosen.uuid, chosen.clusterUuid, chosen.zoneUuid
+            row.hypervisorType = "KVM" if chosen.hypervisorType == "KVM" else chosen.hypervisorType
+            sizes = [("Root", root_size, None)] + [
+                ("Data", size, u) for size, u in zip(data_sizes, ctx.list("dataDiskOfferingUuids"), strict=True)
+            ]
+            vols = []
+            for device_id, (vtype, size, offering_uuid) in enumerate(sizes):
+                vol_uuid = new_uuid()
+                ps_uuid = await primary.reserve_on_host(s, chosen.clusterUuid, chosen.uuid, size, vol_uuid, "VolumeVO")
+                ps = await s.get(m.PrimaryStorage, ps_uuid)
+                folder = "rootVolumes" if vtype == "Root" else "dataVolumes"
+                vol = m.Volume(
+                    uuid=vol_uuid,
+                    name=f"ROOT-for-{vm.name}" if vtype == "Root" else f"DATA-for-{vm.name}",
+                    description=f"{vtype} volume for VM[uuid:{vm.uuid}]",
+                    primaryStorageUuid=ps_uuid,
+                    vmInstanceUuid=vm.uuid,
+                    rootImageUuid=image.uuid if vtype == "Root" else None,
+                    diskOfferingUuid=offering_uuid,
+                    type=vtype,
+                    size=size,
+                    deviceId=device_id,
+                    hostUuid=chosen.uuid,
+                    status="Creating",
+                    installPath=f"{ps.url}/{folder}/acct-{ctx.caller.account_uuid}/vol-{vol_uuid}/{vol_uuid}.qcow2",
+                )
+                s.add(vol)
+                own(s, ctx, vol_uuid, "VolumeVO")
+                vols.append(vol)
+                if vtype == "Root":
+                    row.rootVolumeUuid = vol_uuid
+            c["volumes"] = [(v.installPath, v.size, v.type) for v in vols]
+            c["ps_path"] = (await s.get(m.PrimaryStorage, vols[0].primaryStorageUuid)).url
+            for device_id, l3_uuid in enumerate(l3_uuids):
+                used = await ipam.allocate(s, l3_uuid, static_ips.get(l3_uuid))
+                s.add(
+                    m.VmNic(
+                        uuid=new_uuid(),
+                        vmInstanceUuid=vm.uuid,
+                        l3NetworkUuid=l3_uuid,
+                        ip=used.ip,
+                        mac=_mac(),
+                        netmask=used.netmask,
+                        gateway=used.gateway,
+                        deviceId=device_id,
+                        usedIpUuid=used.uuid,
+                    )
+                )
+
+    async def deallocate(c: dict[str, Any]) -> None:
+        if "host" not in c:
+            return
+        async with p.db.tx() as s:
+            await _release_all(s, vm.uuid, release_volumes=True)
+
+    async def create_volumes(c: dict[str, Any]) -> None:
+        c["made"] = []
+        for path, size, vtype in c["volumes"]:
+            body: dict[str, Any] = {"path": c["ps_path"], "installPath": path, "size": size}
+            if vtype == "Root" and image.mediaType != "ISO":
+                body.update(imageUuid=image.uuid, imageUrl=image.url, md5=image.md5Sum)
+            else:
+                body["empty"] = True
+            await agent(p, c["host"].uuid, "/storage/local/create-root", body)
+            c["made"].append(path)
+
+    async def delete_volumes(c: dict[str, Any]) -> None:
+        for path in c.get("made", []):
+            await agent(p, c["host"].uuid, "/storage/local/delete", {"path": c["ps_path"], "installPath": path})
+
+    async def start(c: dict[str, Any]) -> None:
+        async with p.db.tx() as s:
+            await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(state="Starting"))
+            await s.execute(update(m.Volume).where(m.Volume.vmInstanceUuid == vm.uuid).values(status="Ready"))
+        for hook in START_HOOKS:
+            await hook(p, vm.uuid, c["host"].uuid)
+        spec = await build_spec(p, vm.uuid)
+        await agent(p, c["host"].uuid, "/vm/start", {"vm": asdict(spec)})
+
+    async def unstart(c: dict[str, Any]) -> None:
+        await agent(p, c["host"].uuid, "/vm/destroy", {"vmUuid": vm.uuid})
+
+    chain = (
+        FlowChain("create-vm")
+        .then("allocate", allocate, deallocate)
+        .then("create-volumes", create_volumes, delete_volumes)
+        .then("start", start, unstart)
+    )
+    async with p.queues.serial(vm.uuid):
+        try:
+            c = await chain.run({})
+        except BaseException:
+            async with p.db.tx() as s:
+                row = await s.get(m.VmInstance, vm.uuid)
+                if row is not None:
+                    await s.delete(row)
+                await disown(s, [vm.uuid])
+            raise
+        async with p.db.tx() as s:
+            row = await s.get(m.VmInstance, vm.uuid)
+            row.state, row.lastHostUuid = "Running", c["host"].uuid
+            await s.flush()
+            return {"inventory": await inv(s, "QueryObjectVmInstanceInventory", row)}
+
+
+# Network service providers hook here to set up DHCP/userdata for a VM before it boots.
+START_HOOKS: list[Any] = []
+STOP_HOOKS: list[Any] = []
+
+
+async def _release_all(s: Any, vm_uuid: str, release_volumes: bool) -> None:
+    """Give back everything a VM holds: host capacity, IPs, NICs; and its volumes if asked."""
+    vm = await s.get(m.VmInstance, vm_uuid)
+    if vm is None:
+        return
+    if vm.hostUuid and vm.state in HOLDS_CAPACITY:
+        await _give_back_host(s, vm.hostUuid, vm.cpuNum * vm.cpuSpeed, vm.memorySize)
+    nics = (await s.execute(select(m.VmNic).where(m.VmNic.vmInstanceUuid == vm_uuid))).scalars().all()
+    await ipam.release(s, [n.usedIpUuid for n in nics if n.usedIpUuid])
+    await s.execute(delete(m.VmNic).where(m.VmNic.vmInstanceUuid == vm_uuid))
+    if release_volumes:
+        vols = (await s.execute(select(m.Volume).where(m.Volume.vmInstanceUuid == vm_uuid))).scalars().all()
+        for vol in vols:
+            await primary.release(s, vol.uuid)
+            await s.delete(vol)
+        await disown(s, [v.uuid for v in vols])
+    vm.hostUuid = None
+
+
+# --- lifecycle ---------------------------------------------------------------------------------
+
+
+async def _vm_for(ctx: ApiContext, uuid: str | None = None) -> m.VmInstance:
+    async with ctx.p.db.tx() as s:
+        return await load(s, m.VmInstance, uuid or ctx.req("uuid"), ctx, "VmInstance", owned=True)
+
+
+def _need_state(vm: m.VmInstance, *states: str) -> None:
+    if vm.state not in states:
+        raise not_allowed(f"VM {vm.uuid} is {vm.state}; this operation needs it {' or '.join(states)}")
+
+
+async def _set_state(platform: Platform, vm_uuid: str, **values: Any) -> None:
+    async with platform.db.tx() as s:
+        await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm_uuid).values(**values))
+
+
+async def _vm_inv(ctx: ApiContext, vm_uuid: str) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        return {"inventory": await inv(s, "QueryObjectVmInstanceInventory", await s.get(m.VmInstance, vm_uuid))}
+
+
+@api("StartVmInstance")
+async def start_vm(ctx: ApiContext) -> dict[str, Any]:
+    p = ctx.p
+    vm = await _vm_for(ctx)
+    async with p.queues.serial(vm.uuid):
+        vm = await _vm_for(ctx, vm.uuid)
+        if vm.state == "Running":
+            return await _vm_inv(ctx, vm.uuid)
+        _need_state(vm, "Stopped")
+        cpu = vm.cpuNum * vm.cpuSpeed
+        # a LocalStorage VM can only start where its root volume lives
+        async with p.db.tx() as s:
+            root = await s.get(m.Volume, vm.rootVolumeUuid) if vm.rootVolumeUuid else None
+            wanted = ctx.str("hostUuid") or (root.hostUuid if root is not None else None) or vm.lastHostUuid
+            l3s = list(
+                (await s.execute(select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == vm.uuid))).scalars()
+            )
+            hosts = await _candidate_hosts(s, cpu, vm.memorySize, l3s, None, ctx.str("clusterUuid"), wanted)
+            chosen = await _take_host(s, hosts, cpu, vm.memorySize)
+            await s.execute(
+                update(m.VmInstance)
+                .where(m.VmInstance.uuid == vm.uuid)
+                .values(state="Starting", hostUuid=chosen.uuid, clusterUuid=chosen.clusterUuid)
+            )
+        try:
+            for hook in START_HOOKS:
+                await hook(p, vm.uuid, chosen.uuid)
+            await agent(p, chosen.uuid, "/vm/start", {"vm": asdict(await build_spec(p, vm.uuid))})
+        except BaseException:
+            async with p.db.tx() as s:
+                await _give_back_host(s, chosen.uuid, cpu, vm.memorySize)
+                await s.execute(
+                    update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(state="Stopped", hostUuid=None)
+                )
+            raise
+        await _set_state(p, vm.uuid, state="Running", lastHostUuid=chosen.uuid)
+        return await _vm_inv(ctx, vm.uuid)
+
+
+async def stop_on_host(p: Platform, vm: m.VmInstance, graceful: bool = True) -> None:
+    """Stop the domain and release the host's capacity; the VM ends Stopped."""
+    await _set_state(p, vm.uuid, state="Stopping")
+    try:
+        await agent(p, vm.hostUuid, "/vm/stop", {"vmUuid": vm.uuid, "graceful": graceful, "timeout": 60})
+    except BaseException:
+        await _set_state(p, vm.uuid, state=vm.state)
+        raise
+    for hook in STOP_HOOKS:
+        await hook(p, vm.uuid, vm.hostUuid)
+    async with p.db.tx() as s:
+        await _give_back_host(s, vm.hostUuid, vm.cpuNum * vm.cpuSpeed, vm.memorySize)
+        await s.execute(
+            update(m.VmInstance)
+            .where(m.VmInstance.uuid == vm.uuid)
+            .values(state="Stopped", hostUuid=None, lastHostUuid=vm.hostUuid)
+        )
+
+
+@api("StopVmInstance")
+async def stop_vm(ctx: ApiContext) -> dict[str, Any]:
+    vm = await _vm_for(ctx)
+    async with ctx.p.queues.serial(vm.uuid):
+        vm = await _vm_for(ctx, vm.uuid)
+        if vm.state == "Stopped":
+            return await _vm_inv(ctx, vm.uuid)
+        _need_state(vm, "Running", "Paused", "Unknown")
+        await stop_on_host(ctx.p, vm)
+        return await _vm_inv(ctx, vm.uuid)
+
+
+@api("RebootVmInstance")
+async def reboot_vm(ctx: ApiContext) -> dict[str, Any]:
+    vm = await _vm_for(ctx)
+    async with ctx.p.queues.serial(vm.uuid):
+        vm = await _vm_for(ctx, vm.uuid)
+        _need_state(vm, "Running")
+        await _set_state(ctx.p, vm.uuid, state="Rebooting")
+        try:
+            await agent(ctx.p, vm.hostUuid, "/vm/reboot", {"vmUuid": vm.uuid})
+        finally:
+            await _set_state(ctx.p, vm.uuid, state="Running")
+        return await _vm_inv(ctx, vm.uuid)
+
+
+@api("UpdateVmInstance")
+async def update_vm(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        vm = await load(s, m.VmInstance, ctx.req("uuid"), ctx, "VmInstance", owned=True)
+        update_fields(vm, ctx, ("name", "description", "platform"))
+        if ctx.str("defaultL3NetworkUuid"):
+            nics = set(
+                (await s.execute(select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == vm.uuid))).scalars()
+            )
+            if ctx.str("defaultL3NetworkUuid") not in nics:
+                raise invalid("defaultL3NetworkUuid must be an L3 network the VM has a NIC on")
+            vm.defaultL3NetworkUuid = ctx.str("defaultL3NetworkUuid")
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectVmInstanceInventory", vm)}
+
+
+@api("DestroyVmInstance")
+async def destroy_vm(ctx: ApiContext) -> dict[str, Any]:
+    p = ctx.p
+    vm = await _vm_for(ctx)
+    async with p.queues.serial(vm.uuid):
+        vm = await _vm_for(ctx, vm.uuid)
+        if vm.state == "Destroyed":
+            return {}
+        if vm.state not in ("Running", "Stopped", "Paused", "Unknown", "Created"):
+            _need_state(vm, "Running", "Stopped", "Paused", "Unknown")
+        policy = await p.config.get("vm", "deletionPolicy")
+        if vm.hostUuid and vm.state in ("Running", "Paused", "Unknown"):
+            await _set_state(p, vm.uuid, state="Destroying")
+            try:
+                await agent(p, vm.hostUuid, "/vm/destroy", {"vmUuid": vm.uuid})
+            except BaseException:
+                await _set_state(p, vm.uuid, state=vm.state)
+                raise
+            for hook in STOP_HOOKS:
+                await hook(p, vm.uuid, vm.hostUuid)
+        if policy == "Direct":
+            await expunge(p, vm.uuid)
+        else:
+            async with p.db.tx() as s:
+                await _release_all(s, vm.uuid, release_volumes=False)
+                await s.execute(
+                    update(m.Volume)
+                    .where(m.Volume.vmInstanceUuid == vm.uuid, m.Volume.type == "Data")
+                    .values(vmInstanceUuid=None, deviceId=None)
+                )
+                await s.execute(
+                    update(m.VmInstance)
+                    .where(m.VmInstance.uuid == vm.uuid)
+                    .values(state="Destroyed", destroyDate=datetime.utcnow())
+                )
+        return {}
+
+
+async def expunge(p: Platform, vm_uuid: str) -> None:
+    """Remove the VM's root volume file and every row of it."""
+    async with p.db.tx() as s:
+        vm = await s.get(m.VmInstance, vm_uuid)
+        root = await s.get(m.Volume, vm.rootVolumeUuid) if vm and vm.rootVolumeUuid else None
+        ps = await s.get(m.PrimaryStorage, root.primaryStorageUuid) if root and root.primaryStorageUuid else None
+    if root is not None and ps is not None and root.hostUuid:
+        await agent(p, root.hostUuid, "/storage/local/delete", {"path": ps.url, "installPath": root.installPath})
+    async with p.db.tx() as s:
+        await s.execute(
+            update(m.Volume)
+            .where(m.Volume.vmInstanceUuid == vm_uuid, m.Volume.type == "Data")
+            .values(vmInstanceUuid=None, deviceId=None)
+        )
+        await _release_all(s, vm_uuid, release_volumes=True)
+        row = await s.get(m.VmInstance, vm_uuid)
+        if row is not None:
+            await s.delete(row)
+        await disown(s, [vm_uuid])
+
+
+@api("ExpungeVmInstance")
+async def expunge_vm(ctx: ApiContext) -> dict[str, Any]:
+    vm = await _vm_for(ctx)
+    async with ctx.p.queues.serial(vm.uuid):
+        vm = await _vm_for(ctx, vm.uuid)
+        _need_state(vm, "Destroyed")
+        await expunge(ctx.p, vm.uuid)
+    return {}
+
+
+@api("RecoverVmInstance")
+async def recover_vm(ctx: ApiContext) -> dict[str, Any]:
+    vm = await _vm_for(ctx)
+    async with ctx.p.queues.serial(vm.uuid):
+        vm = await _vm_for(ctx, vm.uuid)
+        _need_state(vm, "Destroyed")
+        async with ctx.p.db.tx() as s:
+            row = await s.get(m.VmInstance, vm.uuid)
+            l3s = [row.defaultL3NetworkUuid] if row.defaultL3NetworkUuid else []
+            for device_id, l3_uuid in enumerate(l3s):
+                used = await ipam.allocate(s, l3_uuid)
+                s.add(
+                    m.VmNic(
+                        uuid=new_uuid(),
+                        vmInstanceUuid=vm.uuid,
+                        l3NetworkUuid=l3_uuid,
+                        ip=used.ip,
+                        mac=_mac(),
+                        netmask=used.netmask,
+                        gateway=used.gateway,
+                        deviceId=device_id,
+                        usedIpUuid=used.uuid,
+                    )
+                )
+            row.state, row.destroyDate = "Stopped", None
+        return await _vm_inv(ctx, vm.uuid)
+
+
+@api("GetVmConsoleAddress")
+async def console_address(ctx: ApiContext) -> dict[str, Any]:
+    vm = await _vm_for(ctx)
+    _need_state(vm, "Running", "Paused")
+    reply = await agent(ctx.p, vm.hostUuid, "/vm/console", {"vmUuid": vm.uuid})
+    return {"hostIp": reply["hostIp"], "port": reply["port"], "protocol": reply["protocol"]}
+
+
+@api("GetVmBootOrder")
+async def get_boot_order(ctx: ApiContext) -> dict[str, Any]:
+    vm = await _vm_for(ctx)
+    return {"orders": vm.bootOrder.split(",")}
+
+
+@api("SetVmBootOrder")
+async def set_boot_order(ctx: ApiContext) -> dict[str, Any]:
+    order = ctx.list("bootOrder") or ["HardDisk"]
+    bad = [o for o in order if o not in ("HardDisk", "CdRom")]
+    if bad or len(set(order)) != len(order):
+        raise invalid(f"bootOrder must list HardDisk and/or CdRom once each, got {','.join(map(str, order))}")
+    vm = await _vm_for(ctx)
+    async with ctx.p.queues.serial(vm.uuid):
+        await _set_state(ctx.p, vm.uuid, bootOrder=",".join(order))
+    return await _vm_inv(ctx, vm.uuid)

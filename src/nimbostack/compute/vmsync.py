@@ -1,0 +1,69 @@
+"""VM state as the hypervisor sees it, pushed by agents (events) and pulled on (re)connect."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from nimbostack.db import models as m
+
+if TYPE_CHECKING:
+    from nimbostack.core.platform import Platform
+
+log = logging.getLogger(__name__)
+
+# States the management node is in the middle of changing: an event must not overrule the flow
+# that owns the VM (it will set the final state itself).
+TRANSITIONAL = (
+    "Created",
+    "Starting",
+    "Stopping",
+    "Rebooting",
+    "Pausing",
+    "Resuming",
+    "Migrating",
+    "Destroying",
+    "Expunging",
+)
+STABLE_FROM_HYPERVISOR = ("Running", "Stopped", "Paused")
+
+
+async def on_event(platform: Platform, host_uuid: str, vm_uuid: str, state: str) -> None:
+    """An agent reports that a VM changed state outside (or inside) our control."""
+    if state not in STABLE_FROM_HYPERVISOR:
+        return
+    async with platform.db.tx() as s:
+        vm = await s.get(m.VmInstance, vm_uuid)
+        if vm is None or vm.state in TRANSITIONAL or vm.state in ("Destroyed",):
+            return
+        if vm.state != state or vm.hostUuid != host_uuid:
+            log.info("VM %s is %s on host %s (was %s)", vm_uuid, state, host_uuid, vm.state)
+            vm.state = state
+            vm.hostUuid = host_uuid
+            vm.lastHostUuid = host_uuid
+    from nimbostack.compute.host import recompute_capacity
+
+    await recompute_capacity(platform, host_uuid)
+
+
+async def apply_host_states(platform: Platform, host_uuid: str, states: dict[str, str]) -> None:
+    """Reconcile after a (re)connect: the hypervisor's view wins for stable states."""
+    async with platform.db.tx() as s:
+        vms = (await s.execute(select(m.VmInstance).where(m.VmInstance.hostUuid == host_uuid))).scalars().all()
+        for vm in vms:
+            if vm.state in TRANSITIONAL or vm.state == "Destroyed":
+                continue
+            actual = states.get(vm.uuid, "Stopped")
+            if actual in STABLE_FROM_HYPERVISOR and actual != vm.state:
+                log.info("reconcile: VM %s is %s on host %s (database said %s)", vm.uuid, actual, host_uuid, vm.state)
+                vm.state = actual
+        # domains the hypervisor runs for VMs the database placed elsewhere or stopped
+        known = {vm.uuid for vm in vms}
+        for vm_uuid, actual in states.items():
+            if vm_uuid in known or actual != "Running":
+                continue
+            vm = await s.get(m.VmInstance, vm_uuid)
+            if vm is not None and vm.state == "Stopped":
+                vm.state, vm.hostUuid, vm.lastHostUuid = "Running", host_uuid, host_uuid

@@ -1,0 +1,83 @@
+"""Jobs: asynchronous APIs answer Processing with a job uuid; the result is kept in the database
+so any management node can answer ``GET /zstack/api/result/<job>``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+
+from nimbostack.core.errors import MANAGEMENT_RESTARTED, ApiError
+from nimbostack.db.engine import Database
+from nimbostack.db.models import Job
+
+log = logging.getLogger(__name__)
+
+
+class Jobs:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._running: dict[str, asyncio.Task[str]] = {}
+
+    async def start(
+        self, job_uuid: str, api_name: str, timeout: float, work: Callable[[], Awaitable[str]]
+    ) -> asyncio.Task[str]:
+        async with self.db.tx() as s:
+            s.add(
+                Job(
+                    uuid=job_uuid,
+                    apiName=api_name,
+                    state="Processing",
+                    deadline=datetime.utcnow() + timedelta(seconds=timeout),
+                )
+            )
+        task = asyncio.create_task(self._run(job_uuid, work))
+        self._running[job_uuid] = task
+        return task
+
+    async def _run(self, job_uuid: str, work: Callable[[], Awaitable[str]]) -> str:
+        try:
+            result = await work()
+            async with self.db.tx() as s:
+                await s.execute(update(Job).where(Job.uuid == job_uuid).values(state="Done", result=result))
+            return result
+        finally:
+            self._running.pop(job_uuid, None)
+
+    async def result(self, job_uuid: str) -> tuple[str, str | None] | None:
+        """(state, result JSON) or None if unknown."""
+        task = self._running.get(job_uuid)
+        if task is not None and not task.done():
+            return "Processing", None
+        async with self.db.tx() as s:
+            job = await s.get(Job, job_uuid)
+        if job is None:
+            return None
+        return job.state, job.result
+
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def fail_orphans(self, reply_for: Callable[[str, ApiError], str]) -> int:
+        """At start-up, no job of a previous run can still be running: answer them with an error."""
+        async with self.db.tx() as s:
+            jobs = (await s.execute(select(Job).where(Job.state == "Processing"))).scalars().all()
+            for job in jobs:
+                err = ApiError(
+                    MANAGEMENT_RESTARTED,
+                    "The management node restarted while the API ran",
+                    "the operation was rolled back or settled by recovery; check the resource",
+                )
+                job.state = "Done"
+                job.result = reply_for(job.apiName, err)
+        if jobs:
+            log.warning("answered %d jobs orphaned by a restart", len(jobs))
+        return len(jobs)
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, default=str, separators=(",", ":"))

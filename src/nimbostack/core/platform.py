@@ -1,0 +1,53 @@
+"""Everything a handler needs, in one place: database, config, sessions, jobs, queues, agents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nimbostack.core.agents import AgentClient
+from nimbostack.core.deadline import ApiTimeouts
+from nimbostack.core.globalconfig import GlobalConfigStore
+from nimbostack.core.jobs import Jobs
+from nimbostack.core.queues import SerialQueues
+from nimbostack.db.engine import Database
+
+
+@dataclass
+class Settings:
+    data_dir: Path
+    db_url: str
+    port: int = 8080
+    host: str = "0.0.0.0"
+    # the URL agents use to push events back; derived from port when empty
+    management_url: str = ""
+    # where KVM host agents listen, unless a host says otherwise
+    agent_port: int = 7070
+    # the simulator agent that serves every AddSimulatorHost host
+    simulator_agent_url: str = "http://127.0.0.1:7071"
+    quick_wait: float = 0.2
+    background: bool = True  # pings, expunge, GC loops (tests may turn them off)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Platform:
+    def __init__(self, settings: Settings) -> None:
+        from nimbostack.api.auth import Auth
+
+        self.settings = settings
+        self.db = Database(settings.db_url)
+        self.config = GlobalConfigStore(self.db)
+        self.jobs = Jobs(self.db)
+        self.queues = SerialQueues()
+        self.timeouts = ApiTimeouts()
+        self.timeouts.load(settings.data_dir / "zstack.properties")
+        self.agents = AgentClient()
+        self.auth = Auth(self)
+
+    @property
+    def management_url(self) -> str:
+        return self.settings.management_url or f"http://127.0.0.1:{self.settings.port}"
+
+    async def close(self) -> None:
+        await self.agents.close()
+        await self.db.close()

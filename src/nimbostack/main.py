@@ -1,0 +1,175 @@
+"""``nimbostack``: the management node, the host agent, the all-in-one and the shell."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+EPILOG = """\
+examples:
+  nimbostack up                                  all-in-one: management node + local agent
+  nimbostack server --data-dir /var/lib/nimbostack --port 8080
+  nimbostack server --db postgresql+asyncpg://nimbo:pw@localhost/nimbo
+  nimbostack agent --driver simulator --port 7071   one process for many simulated hosts
+  nimbostack agent --driver libvirt --port 7070     a real KVM host
+  nimbostack cli LogInByAccount accountName=admin password=password
+  nimbostack cli QueryVmInstance state=Running fields=uuid,name
+"""
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("NIMBOSTACK_DATA_DIR", "./data"),
+        help="where the SQLite database, zstack.properties and logs live (default ./data)",
+    )
+    p.add_argument("--port", type=int, default=8080, help="HTTP port of the API (default 8080)")
+    p.add_argument("--listen", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument(
+        "--db",
+        default=None,
+        help="SQLAlchemy async URL; default an SQLite file in the data dir, e.g. postgresql+asyncpg://user:pw@host/db",
+    )
+    p.add_argument(
+        "--simulator-agent-url",
+        default="http://127.0.0.1:7071",
+        help="the simulator agent serving every AddSimulatorHost host",
+    )
+    p.add_argument("--agent-port", type=int, default=7070, help="port of KVM host agents (default 7070)")
+    p.add_argument(
+        "--management-url", default="", help="URL agents use to reach this node (default http://127.0.0.1:PORT)"
+    )
+
+
+def _settings(a: argparse.Namespace) -> Any:
+    from nimbostack.core.platform import Settings
+    from nimbostack.db.engine import sqlite_url
+
+    data = Path(a.data_dir).resolve()
+    return Settings(
+        data_dir=data,
+        db_url=a.db or sqlite_url(data),
+        port=a.port,
+        host=a.listen,
+        management_url=a.management_url,
+        agent_port=a.agent_port,
+        simulator_agent_url=a.simulator_agent_url,
+    )
+
+
+def _agent_app(driver: str, domain_type: str, host_ip: str) -> Any:
+    from nimbostack.agent.server import Agent, create_app
+    from nimbostack.agent.storage import LocalStorage
+
+    if driver == "simulator":
+        from nimbostack.agent.drivers.simulator import SimulatorDriver
+
+        def make(host_uuid: str, body: dict[str, Any]) -> Any:
+            sim = body.get("simulator") or {}
+            cpu, mem = int(sim.get("cpuCapacity") or 8 * 2600), int(sim.get("memoryCapacity") or 16 << 30)
+            return SimulatorDriver(cpu_num=max(1, cpu // 2600), cpu_speed=2600, memory=mem, host_ip=host_ip)
+
+        return create_app(Agent(make, LocalStorage(simulate=True), multi_host=True))
+    from nimbostack.agent.drivers.libvirt_driver import LibvirtDriver
+
+    def make_libvirt(host_uuid: str, body: dict[str, Any]) -> Any:
+        return LibvirtDriver(domain_type=domain_type, host_ip=host_ip)
+
+    return create_app(Agent(make_libvirt, LocalStorage(simulate=False), multi_host=False))
+
+
+async def _serve(apps: list[tuple[Any, str, int]]) -> None:
+    import uvicorn
+
+    servers = [
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"))
+        for app, host, port in apps
+    ]
+    for srv in servers:
+        srv.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: [setattr(s, "should_exit", True) for s in servers])
+    await asyncio.gather(*(s.serve() for s in servers))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cli"]:
+        from nimbostack.cli import main as cli_main
+
+        return cli_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="nimbostack",
+        description="An IaaS cloud platform in the line of ZStack.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser(
+        "up",
+        help="all-in-one: management node (SQLite) + one local host agent",
+        description="Start the management node on an SQLite file in --data-dir and a host agent on "
+        "this machine, in one process. Then: nimbostack cli LogInByAccount "
+        "accountName=admin password=password",
+    )
+    _server_args(up)
+    up.add_argument(
+        "--driver",
+        choices=["simulator", "libvirt"],
+        default="simulator",
+        help="hypervisor driver of the local agent (default simulator)",
+    )
+    up.add_argument(
+        "--domain-type",
+        choices=["auto", "kvm", "qemu"],
+        default="auto",
+        help="libvirt domain type: auto tries KVM and falls back to QEMU/TCG",
+    )
+    server = sub.add_parser("server", help="the management node only")
+    _server_args(server)
+    agent = sub.add_parser("agent", help="a host agent")
+    agent.add_argument("--driver", choices=["simulator", "libvirt"], default="libvirt")
+    agent.add_argument("--port", type=int, default=None, help="default 7070 (libvirt) or 7071 (simulator)")
+    agent.add_argument("--listen", default="0.0.0.0")
+    agent.add_argument("--host-ip", default="127.0.0.1", help="the IP console clients use to reach this host")
+    agent.add_argument("--domain-type", choices=["auto", "kvm", "qemu"], default="auto")
+    sub.add_parser("cli", help="the >>> shell (nimbostack cli --help)", add_help=False)
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from nimbostack.api.app import create_app
+
+    if a.command == "server":
+        asyncio.run(_serve([(create_app(_settings(a)), a.listen, a.port)]))
+    elif a.command == "agent":
+        port = a.port or (7071 if a.driver == "simulator" else 7070)
+        asyncio.run(_serve([(_agent_app(a.driver, a.domain_type, a.host_ip), a.listen, port)]))
+    elif a.command == "up":
+        settings = _settings(a)
+        agent_port = 7071 if a.driver == "simulator" else a.agent_port
+        settings.simulator_agent_url = f"http://127.0.0.1:{agent_port}"
+        print(
+            f"nimbostack all-in-one: API http://127.0.0.1:{a.port}/zstack/api, data in {settings.data_dir}, "
+            f"{a.driver} agent on port {agent_port}",
+            flush=True,
+        )
+        asyncio.run(
+            _serve(
+                [
+                    (_agent_app(a.driver, a.domain_type, "127.0.0.1"), "127.0.0.1", agent_port),
+                    (create_app(settings), a.listen, a.port),
+                ]
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

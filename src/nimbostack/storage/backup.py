@@ -1,0 +1,241 @@
+"""Backup storage and images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, func, select
+
+from nimbostack.api.common import (
+    ENABLE_DISABLE,
+    add_creation_tags,
+    disown,
+    inv,
+    load,
+    new_uuid,
+    own,
+    register_queries,
+    state_event,
+    update_fields,
+)
+from nimbostack.api.dispatch import ApiContext, api
+from nimbostack.core.errors import invalid, not_allowed
+from nimbostack.db import models as m
+from nimbostack.db import query
+
+# What a simulator backup storage reports for every image it "downloads".
+SIMULATED_IMAGE_SIZE = 1 << 30
+
+
+async def _bs_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
+    refs = (
+        await s.execute(
+            select(m.BackupStorageZoneRef).where(m.BackupStorageZoneRef.backupStorageUuid.in_([r.uuid for r in rows]))
+        )
+    ).scalars()
+    by: dict[str, list[str]] = {}
+    for ref in refs:
+        by.setdefault(ref.backupStorageUuid, []).append(ref.zoneUuid)
+    for row, out in zip(rows, invs, strict=True):
+        out["attachedZoneUuids"] = by.get(row.uuid, [])
+        if row.type != "Sftp":
+            out.pop("hostname", None)
+            out.pop("username", None)
+
+
+async def _image_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
+    refs = (
+        await s.execute(
+            select(m.ImageBackupStorageRef).where(m.ImageBackupStorageRef.imageUuid.in_([r.uuid for r in rows]))
+        )
+    ).scalars()
+    by: dict[str, list[dict[str, Any]]] = {}
+    for ref in refs:
+        by.setdefault(ref.imageUuid, []).append(
+            query.plain(ref, ["imageUuid", "backupStorageUuid", "installPath", "status", "createDate", "lastOpDate"])
+        )
+    for row, out in zip(rows, invs, strict=True):
+        out["backupStorageRefs"] = by.get(row.uuid, [])
+
+
+query.register(
+    query.QueryTarget(
+        "QueryObjectBackupStorageInventory",
+        m.BackupStorage,
+        "SftpBackupStorageInventory",
+        scope="admin",
+        extra=_bs_extra,
+        joins={
+            "zone": query.Join("uuid", "QueryObjectBackupStorageZoneRefInventory", "backupStorageUuid"),
+            "image": query.Join("uuid", "QueryObjectImageBackupStorageRefInventory", "backupStorageUuid"),
+        },
+    )
+)
+query.register(query.QueryTarget("QueryObjectBackupStorageZoneRefInventory", m.BackupStorageZoneRef, scope="admin"))
+query.register(query.QueryTarget("QueryObjectImageBackupStorageRefInventory", m.ImageBackupStorageRef, scope="public"))
+query.register(
+    query.QueryTarget(
+        "QueryObjectImageInventory",
+        m.Image,
+        "ImageInventory",
+        scope="public",
+        extra=_image_extra,
+        joins={
+            "backupStorageRefs": query.Join("uuid", "QueryObjectImageBackupStorageRefInventory", "imageUuid"),
+            "backupStorage": query.Join("uuid", "QueryObjectImageBackupStorageRefInventory", "imageUuid"),
+        },
+    )
+)
+register_queries("QueryBackupStorage", "QueryImage")
+
+
+@api("AddSimulatorBackupStorage", admin=True)
+async def add_simulator_bs(ctx: ApiContext) -> dict[str, Any]:
+    total = ctx.int("totalCapacity", 1 << 44, minimum=0)
+    async with ctx.p.db.tx() as s:
+        row = m.BackupStorage(
+            uuid=new_uuid(ctx),
+            name=ctx.req("name"),
+            description=ctx.str("description"),
+            url=ctx.req("url"),
+            type="SimulatorBackupStorage",
+            totalCapacity=total,
+            availableCapacity=ctx.int("availableCapacity", total, minimum=0),
+        )
+        s.add(row)
+        await add_creation_tags(s, ctx, row.uuid, "BackupStorageVO")
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectBackupStorageInventory", row)}
+
+
+@api("AttachBackupStorageToZone", admin=True)
+async def attach_bs(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        bs = await load(s, m.BackupStorage, ctx.req("backupStorageUuid"), ctx, "BackupStorage")
+        zone = await load(s, m.Zone, ctx.req("zoneUuid"), ctx, "Zone")
+        if not (
+            await s.execute(
+                select(m.BackupStorageZoneRef).where(
+                    m.BackupStorageZoneRef.backupStorageUuid == bs.uuid, m.BackupStorageZoneRef.zoneUuid == zone.uuid
+                )
+            )
+        ).first():
+            s.add(m.BackupStorageZoneRef(backupStorageUuid=bs.uuid, zoneUuid=zone.uuid))
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectBackupStorageInventory", bs)}
+
+
+@api("DetachBackupStorageFromZone", admin=True)
+async def detach_bs(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        bs = await load(s, m.BackupStorage, ctx.req("backupStorageUuid"), ctx, "BackupStorage")
+        await s.execute(
+            delete(m.BackupStorageZoneRef).where(
+                m.BackupStorageZoneRef.backupStorageUuid == bs.uuid,
+                m.BackupStorageZoneRef.zoneUuid == ctx.req("zoneUuid"),
+            )
+        )
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectBackupStorageInventory", bs)}
+
+
+@api("ChangeBackupStorageState", admin=True)
+async def change_bs_state(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        bs = await load(s, m.BackupStorage, ctx.req("uuid"), ctx, "BackupStorage")
+        bs.state = state_event(ctx.req("stateEvent"), ENABLE_DISABLE)
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectBackupStorageInventory", bs)}
+
+
+@api("DeleteBackupStorage", admin=True)
+async def delete_bs(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        bs = await load(s, m.BackupStorage, ctx.req("uuid"), ctx, "BackupStorage")
+        n = (
+            await s.execute(
+                select(func.count())
+                .select_from(m.ImageBackupStorageRef)
+                .where(m.ImageBackupStorageRef.backupStorageUuid == bs.uuid)
+            )
+        ).scalar_one()
+        if n:
+            raise not_allowed(f"backup storage {bs.uuid} still holds {n} images; delete them first")
+        await s.delete(bs)
+        await disown(s, [bs.uuid])
+    return {}
+
+
+_FORMATS = {"qcow2", "raw", "iso"}
+
+
+@api("AddImage")
+async def add_image(ctx: ApiContext) -> dict[str, Any]:
+    fmt = ctx.req("format")
+    if fmt not in _FORMATS:
+        raise invalid(f"format must be one of {', '.join(sorted(_FORMATS))}, got {fmt!r}")
+    media = ctx.str("mediaType") or ("ISO" if fmt == "iso" else "RootVolumeTemplate")
+    bs_uuids = ctx.list("backupStorageUuids")
+    if not bs_uuids:
+        raise invalid("backupStorageUuids must name at least one backup storage")
+    async with ctx.p.db.tx() as s:
+        stores = [await load(s, m.BackupStorage, u, ctx, "BackupStorage") for u in bs_uuids]
+        for bs in stores:
+            if bs.state != "Enabled":
+                raise not_allowed(f"backup storage {bs.uuid} is {bs.state}")
+        row = m.Image(
+            uuid=new_uuid(ctx),
+            name=ctx.req("name"),
+            description=ctx.str("description"),
+            url=ctx.req("url"),
+            mediaType=media,
+            guestOsType=ctx.str("guestOsType"),
+            format=fmt,
+            platform=ctx.str("platform", "Linux"),
+            system=ctx.bool("system"),
+            type=ctx.str("type", "zstack"),
+            status="Downloading",
+        )
+        s.add(row)
+        own(s, ctx, row.uuid, "ImageVO")
+        await add_creation_tags(s, ctx, row.uuid, "ImageVO")
+        for bs in stores:
+            s.add(m.ImageBackupStorageRef(imageUuid=row.uuid, backupStorageUuid=bs.uuid, status="Downloading"))
+    # Only the simulator store exists so far; it "downloads" at once.
+    async with ctx.p.db.tx() as s:
+        row = await load(s, m.Image, row.uuid, ctx)
+        row.status, row.size, row.actualSize = "Ready", SIMULATED_IMAGE_SIZE, SIMULATED_IMAGE_SIZE
+        for ref in (
+            await s.execute(select(m.ImageBackupStorageRef).where(m.ImageBackupStorageRef.imageUuid == row.uuid))
+        ).scalars():
+            ref.status = "Ready"
+            ref.installPath = f"{ref.backupStorageUuid}/images/{row.uuid}.{fmt}"
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
+
+
+@api("UpdateImage")
+async def update_image(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        row = await load(s, m.Image, ctx.req("uuid"), ctx, "Image", owned=True)
+        update_fields(row, ctx, ("name", "description", "guestOsType", "platform"))
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
+
+
+@api("ChangeImageState")
+async def change_image_state(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        row = await load(s, m.Image, ctx.req("uuid"), ctx, "Image", owned=True)
+        row.state = state_event(ctx.req("stateEvent"), ENABLE_DISABLE)
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
+
+
+@api("DeleteImage")
+async def delete_image(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        row = await load(s, m.Image, ctx.req("uuid"), ctx, "Image", owned=True)
+        await s.delete(row)
+        await disown(s, [row.uuid])
+    return {}

@@ -1,0 +1,225 @@
+"""Data volumes: created NotInstantiated, made real on the VM's host at first attach."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from nimbostack.agent.driver import DiskSpec
+from nimbostack.api.common import add_creation_tags, disown, inv, load, new_uuid, own, register_queries, update_fields
+from nimbostack.api.dispatch import ApiContext, api
+from nimbostack.compute.vm import agent
+from nimbostack.core.errors import invalid, not_allowed
+from nimbostack.db import models as m
+from nimbostack.db import query
+from nimbostack.storage import primary
+
+query.register(
+    query.QueryTarget(
+        "QueryObjectVolumeInventory",
+        m.Volume,
+        "VolumeInventory",
+        scope="owned",
+        joins={
+            "vmInstance": query.Join("vmInstanceUuid", "QueryObjectVmInstanceInventory", "uuid"),
+            "primaryStorage": query.Join("primaryStorageUuid", "QueryObjectPrimaryStorageInventory", "uuid"),
+            "diskOffering": query.Join("diskOfferingUuid", "QueryObjectDiskOfferingInventory", "uuid"),
+            "image": query.Join("rootImageUuid", "QueryObjectImageInventory", "uuid"),
+        },
+    )
+)
+register_queries("QueryVolume")
+
+MAX_DATA_VOLUMES = 24
+
+
+async def _volume(ctx: ApiContext, uuid: str | None = None) -> m.Volume:
+    async with ctx.p.db.tx() as s:
+        return await load(s, m.Volume, uuid or ctx.req("uuid"), ctx, "Volume", owned=True)
+
+
+async def _out(ctx: ApiContext, uuid: str) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        return {"inventory": await inv(s, "QueryObjectVolumeInventory", await s.get(m.Volume, uuid))}
+
+
+@api("CreateDataVolume")
+async def create_data_volume(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        offering = await load(s, m.DiskOffering, ctx.req("diskOfferingUuid"), ctx, "DiskOffering")
+        vol = m.Volume(
+            uuid=new_uuid(ctx),
+            name=ctx.req("name"),
+            description=ctx.str("description"),
+            diskOfferingUuid=offering.uuid,
+            type="Data",
+            size=offering.diskSize,
+            status="NotInstantiated",
+        )
+        s.add(vol)
+        own(s, ctx, vol.uuid, "VolumeVO")
+        await add_creation_tags(s, ctx, vol.uuid, "VolumeVO")
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectVolumeInventory", vol)}
+
+
+@api("UpdateVolume")
+async def update_volume(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        vol = await load(s, m.Volume, ctx.req("uuid"), ctx, "Volume", owned=True)
+        update_fields(vol, ctx)
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectVolumeInventory", vol)}
+
+
+@api("AttachDataVolumeToVm")
+async def attach_data_volume(ctx: ApiContext) -> dict[str, Any]:
+    p = ctx.p
+    vol = await _volume(ctx, ctx.req("volumeUuid"))
+    async with p.db.tx() as s:
+        vm = await load(s, m.VmInstance, ctx.req("vmInstanceUuid"), ctx, "VmInstance", owned=True)
+    async with p.queues.serial(vm.uuid), p.queues.serial(vol.uuid):
+        async with p.db.tx() as s:
+            vol = await load(s, m.Volume, vol.uuid, ctx)
+            vm = await load(s, m.VmInstance, vm.uuid, ctx)
+            if vol.type != "Data":
+                raise not_allowed(f"volume {vol.uuid} is a {vol.type} volume; only data volumes attach")
+            if vol.vmInstanceUuid:
+                raise not_allowed(f"volume {vol.uuid} is already attached to VM {vol.vmInstanceUuid}")
+            if vol.status not in ("Ready", "NotInstantiated") or vol.state != "Enabled":
+                raise not_allowed(f"volume {vol.uuid} is {vol.state}/{vol.status}")
+            if vm.state not in ("Running", "Stopped"):
+                raise not_allowed(f"VM {vm.uuid} is {vm.state}; attach needs it Running or Stopped")
+            root = await s.get(m.Volume, vm.rootVolumeUuid)
+            where = vm.hostUuid or (root.hostUuid if root else None)
+            if vol.hostUuid and where and vol.hostUuid != where:
+                raise not_allowed(
+                    f"volume {vol.uuid} lives on host {vol.hostUuid}'s local storage and VM {vm.uuid} "
+                    f"on host {where}; migrate the volume first (LocalStorageMigrateVolume)"
+                )
+            used = set((await s.execute(select(m.Volume.deviceId).where(m.Volume.vmInstanceUuid == vm.uuid))).scalars())
+            device_id = next(i for i in range(1, MAX_DATA_VOLUMES + 2) if i not in used)
+            if device_id > MAX_DATA_VOLUMES:
+                raise not_allowed(f"VM {vm.uuid} already has {MAX_DATA_VOLUMES} data volumes")
+            instantiate = vol.status == "NotInstantiated"
+            if instantiate:
+                assert where and root is not None
+                ps_uuid = await primary.reserve_on_host(
+                    s, vm.clusterUuid or "", where, vol.size, vol.uuid, "VolumeVO", root.primaryStorageUuid
+                )
+                ps = await s.get(m.PrimaryStorage, ps_uuid)
+                vol.primaryStorageUuid, vol.hostUuid = ps_uuid, where
+                vol.installPath = f"{ps.url}/dataVolumes/acct-{ctx.caller.account_uuid}/vol-{vol.uuid}/{vol.uuid}.qcow2"
+                vol.status = "Creating"
+            ps_path = (await s.get(m.PrimaryStorage, vol.primaryStorageUuid)).url
+        try:
+            if instantiate:
+                await agent(
+                    p,
+                    where,
+                    "/storage/local/create-empty",
+                    {"path": ps_path, "installPath": vol.installPath, "size": vol.size},
+                )
+            if vm.state == "Running":
+                disk = DiskSpec(
+                    vol.uuid, vol.installPath or "", device_id, vol.format, await p.config.get("kvm", "vm.cacheMode")
+                )
+                await agent(p, vm.hostUuid, "/vm/attach-disk", {"vmUuid": vm.uuid, "disk": disk.__dict__})
+        except BaseException:
+            async with p.db.tx() as s:
+                row = await s.get(m.Volume, vol.uuid)
+                if instantiate:
+                    await primary.release(s, vol.uuid)
+                    row.status, row.primaryStorageUuid, row.hostUuid, row.installPath = (
+                        "NotInstantiated",
+                        None,
+                        None,
+                        None,
+                    )
+            if instantiate:
+                await agent(p, where, "/storage/local/delete", {"path": ps_path, "installPath": vol.installPath})
+            raise
+        async with p.db.tx() as s:
+            row = await s.get(m.Volume, vol.uuid)
+            row.status, row.vmInstanceUuid, row.deviceId = "Ready", vm.uuid, device_id
+    return await _out(ctx, vol.uuid)
+
+
+@api("DetachDataVolumeFromVm")
+async def detach_data_volume(ctx: ApiContext) -> dict[str, Any]:
+    p = ctx.p
+    vol = await _volume(ctx)
+    if not vol.vmInstanceUuid:
+        raise not_allowed(f"volume {vol.uuid} is not attached to a VM")
+    if vol.type != "Data":
+        raise not_allowed(f"volume {vol.uuid} is a root volume; it cannot be detached")
+    async with p.queues.serial(vol.vmInstanceUuid), p.queues.serial(vol.uuid):
+        async with p.db.tx() as s:
+            vm = await s.get(m.VmInstance, vol.vmInstanceUuid)
+        if vm is not None and vm.state not in ("Running", "Stopped"):
+            raise not_allowed(f"VM {vm.uuid} is {vm.state}; detach needs it Running or Stopped")
+        if vm is not None and vm.state == "Running":
+            disk = DiskSpec(vol.uuid, vol.installPath or "", vol.deviceId or 0, vol.format)
+            await agent(p, vm.hostUuid, "/vm/detach-disk", {"vmUuid": vm.uuid, "disk": disk.__dict__})
+        async with p.db.tx() as s:
+            row = await s.get(m.Volume, vol.uuid)
+            row.vmInstanceUuid, row.deviceId = None, None
+    return await _out(ctx, vol.uuid)
+
+
+async def expunge_volume(ctx: ApiContext, vol: m.Volume) -> None:
+    if vol.installPath and vol.hostUuid and vol.primaryStorageUuid:
+        async with ctx.p.db.tx() as s:
+            ps = await s.get(m.PrimaryStorage, vol.primaryStorageUuid)
+        await agent(ctx.p, vol.hostUuid, "/storage/local/delete", {"path": ps.url, "installPath": vol.installPath})
+    async with ctx.p.db.tx() as s:
+        await primary.release(s, vol.uuid)
+        row = await s.get(m.Volume, vol.uuid)
+        if row is not None:
+            await s.delete(row)
+        await disown(s, [vol.uuid])
+
+
+@api("DeleteDataVolume")
+async def delete_data_volume(ctx: ApiContext) -> dict[str, Any]:
+    vol = await _volume(ctx)
+    if vol.type != "Data":
+        raise invalid(f"volume {vol.uuid} is a root volume; destroy its VM instead")
+    async with ctx.p.queues.serial(vol.uuid):
+        vol = await _volume(ctx, vol.uuid)
+        if vol.vmInstanceUuid:
+            raise not_allowed(f"volume {vol.uuid} is attached to VM {vol.vmInstanceUuid}; detach it first")
+        if vol.status == "Deleted":
+            return {}
+        if await ctx.p.config.get("volume", "deletionPolicy") == "Direct" or vol.status == "NotInstantiated":
+            await expunge_volume(ctx, vol)
+        else:
+            async with ctx.p.db.tx() as s:
+                row = await s.get(m.Volume, vol.uuid)
+                row.status, row.deleteDate = "Deleted", datetime.utcnow()
+    return {}
+
+
+@api("ExpungeDataVolume")
+async def expunge_data_volume(ctx: ApiContext) -> dict[str, Any]:
+    vol = await _volume(ctx)
+    async with ctx.p.queues.serial(vol.uuid):
+        vol = await _volume(ctx, vol.uuid)
+        if vol.status != "Deleted":
+            raise not_allowed(f"volume {vol.uuid} is {vol.status}; only a Deleted volume is expunged")
+        await expunge_volume(ctx, vol)
+    return {}
+
+
+@api("RecoverDataVolume")
+async def recover_data_volume(ctx: ApiContext) -> dict[str, Any]:
+    vol = await _volume(ctx)
+    async with ctx.p.queues.serial(vol.uuid):
+        async with ctx.p.db.tx() as s:
+            row = await load(s, m.Volume, vol.uuid, ctx)
+            if row.status != "Deleted":
+                raise not_allowed(f"volume {vol.uuid} is {row.status}; only a Deleted volume is recovered")
+            row.status, row.deleteDate = ("Ready" if row.installPath else "NotInstantiated"), None
+    return await _out(ctx, vol.uuid)
