@@ -142,8 +142,14 @@ def test_valid_values(spec: ApiSpec) -> None:
 
 
 def test_repeated_list_parameter_accumulates(spec: ApiSpec) -> None:
-    req = parse(spec, "CreateZone name=z systemTags=a systemTags=b,c")
-    assert req.params["systemTags"] == ["a", "b", "c"]
+    req = parse(spec, "CreateZone name=z systemTags=a::1 systemTags=b::2,c::3")
+    assert req.params["systemTags"] == ["a::1", "b::2", "c::3"]
+
+
+def test_system_tag_values_keep_their_commas(spec: ApiSpec) -> None:
+    # the release notes' own userdata example holds "[foo,bar]"
+    req = parse(spec, "CreateZone name=z systemTags='userdata::a: [foo,bar]\\n,sshkey::ssh-rsa AAA k'")
+    assert req.params["systemTags"] == ["userdata::a: [foo,bar]\\n", "sshkey::ssh-rsa AAA k"]
 
 
 def test_body_carries_session(spec: ApiSpec) -> None:

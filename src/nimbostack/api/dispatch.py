@@ -21,6 +21,7 @@ from nimbostack.core.errors import (
     invalid,
 )
 from nimbostack.core.jobs import dumps
+from nimbostack.core.tagsplit import join_tag_pieces
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -104,6 +105,8 @@ class ApiContext:
         if value is None:
             return []
         if isinstance(value, str):
+            if name == "systemTags":
+                return join_tag_pieces(value.split(","))
             return [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list):
             return value

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nimbostack.cli.spec import ApiSpec, Command, Field, QueryObject, suggest
+from nimbostack.core.tagsplit import join_tag_pieces
 
 # Commands whose ``password`` travels as its SHA-512 hex digest.
 HASHED_PASSWORD_COMMANDS = frozenset(
@@ -150,6 +151,8 @@ def convert_value(command: Command, fld: Field, value: str) -> Any:
                 f"{command.name}: parameter '{fld.name}' is not valid JSON: {value!r} "
                 f'(write a comma list a,b or a JSON array \'["a", "b"]\')'
             )
+    if fld.name == "systemTags":
+        return join_tag_pieces(value.split(","))
     if fld.is_list:
         return split_list(value)
     if fld.valid_values and value not in fld.valid_values:
