@@ -15,8 +15,9 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
+from nimbostack.agent.backup import BackupStore
 from nimbostack.agent.driver import DiskSpec, DriverError, HypervisorDriver, NicSpec, VmSpec
 from nimbostack.agent.storage import LocalStorage
 
@@ -31,6 +32,7 @@ class Agent:
         self.storage = storage
         self.multi_host = multi_host  # simulator: one driver per host uuid
         self.drivers: dict[str, HypervisorDriver] = {}
+        self.backup = BackupStore()
         self.management_url: str | None = None
         self._http = httpx.AsyncClient(timeout=10)
         self._pending_events: list[dict[str, Any]] = []
@@ -210,6 +212,28 @@ async def _ls_delete(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+@command("/bs/connect")
+async def _bs_connect(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    total, available = await a.backup.capacity(b["path"])
+    return {"totalCapacity": total, "availableCapacity": available}
+
+
+@command("/bs/download")
+async def _bs_download(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    return await a.backup.download(b["path"], b["imageUuid"], b["url"], b["format"], b.get("md5"))
+
+
+@command("/bs/progress")
+async def _bs_progress(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    return {"progress": a.backup.progress.get(b["imageUuid"])}
+
+
+@command("/bs/delete")
+async def _bs_delete(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.backup.delete(b["path"], b["installPath"])
+    return {}
+
+
 def create_app(agent: Agent) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
@@ -217,6 +241,15 @@ def create_app(agent: Agent) -> FastAPI:
         await agent.close()
 
     app = FastAPI(title="nimbostack host agent", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    @app.get("/bs/file")
+    async def bs_file(root: str, path: str) -> Response:
+        """Primary storages fetch images from here (the only GET of the wire)."""
+        try:
+            return FileResponse(agent.backup.file(root, path))
+        except DriverError as err:
+            return JSONResponse({"success": False, "error": {"code": err.code, "description": err.description,
+                                                             "details": err.details}}, status_code=404)
 
     @app.post("/{path:path}")
     async def dispatch(path: str, request: Request) -> JSONResponse:

@@ -98,9 +98,10 @@ def create_app(settings: Settings) -> FastAPI:
                 },
                 status_code=404,
             )
-        job_state, result = found
+        job_state, result, progress = found
         if job_state == "Processing":
-            return JSONResponse({"state": "Processing", "uuid": job_uuid})
+            extra = {"progress": progress} if progress else {}
+            return JSONResponse({"state": "Processing", "uuid": job_uuid, **extra})
         return JSONResponse({"state": "Done", "result": result})
 
     @app.post("/agent/events")

@@ -60,11 +60,15 @@ query.register(
 register_queries("QueryHost")
 
 
+def agent_port_of(tags: list[str], default: int) -> int:
+    """``agentPort::N`` lets several agents share one machine (tests, or a host behind NAT)."""
+    return int(tag_value(tags, "agentPort::") or default)
+
+
 def _agent_url(platform: Platform, hypervisor: str, management_ip: str, tags: list[str]) -> str:
     if hypervisor == "Simulator":
         return platform.settings.simulator_agent_url
-    port = tag_value(tags, "agentPort::") or str(platform.settings.agent_port)
-    return f"http://{management_ip}:{port}"
+    return f"http://{management_ip}:{agent_port_of(tags, platform.settings.agent_port)}"
 
 
 async def connect(platform: Platform, host_uuid: str) -> m.Host:

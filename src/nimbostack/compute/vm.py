@@ -211,10 +211,7 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
                 )
             ).scalar_one()
             bridges[nic.uuid] = bridge_name(l2, await system_tags(s, l2.uuid))
-        iso_path = None
-        if vm.isoUuid:
-            iso = await s.get(m.Image, vm.isoUuid)
-            iso_path = iso.url if iso else None
+    iso_path = await cached_image_path(platform, vm.hostUuid, vm.isoUuid) if vm.isoUuid and vm.hostUuid else None
     return VmSpec(
         uuid=vm.uuid,
         name=vm.name,
@@ -240,6 +237,40 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
         cpu_mode=await platform.config.get("kvm", "vm.cpuMode"),
         console_log=None,
     )
+
+
+async def image_source(s: Any, image_uuid: str, zone_uuid: str | None) -> str:
+    """The URL a host fetches the image from: a Ready copy on a backup storage of the zone."""
+    from nimbostack.storage.backup import image_source as source
+
+    rows = (await s.execute(select(m.ImageBackupStorageRef, m.BackupStorage).join(
+        m.BackupStorage, m.BackupStorage.uuid == m.ImageBackupStorageRef.backupStorageUuid).where(
+        m.ImageBackupStorageRef.imageUuid == image_uuid, m.ImageBackupStorageRef.status == "Ready",
+        m.BackupStorage.state == "Enabled"))).all()
+    if zone_uuid:
+        in_zone = set((await s.execute(select(m.BackupStorageZoneRef.backupStorageUuid).where(
+            m.BackupStorageZoneRef.zoneUuid == zone_uuid))).scalars())
+        rows = sorted(rows, key=lambda r: r[1].uuid not in in_zone)
+    if not rows:
+        raise not_allowed(f"image {image_uuid} has no Ready copy on an Enabled backup storage")
+    ref, bs = rows[0]
+    return source(bs, ref)
+
+
+async def cached_image_path(platform: Platform, host_uuid: str, image_uuid: str) -> str:
+    """Make sure the host's primary storage caches the image (an ISO to boot from); return the path."""
+    async with platform.db.tx() as s:
+        host = await s.get(m.Host, host_uuid)
+        ps = (await s.execute(select(m.PrimaryStorage).join(
+            m.PrimaryStorageClusterRef, m.PrimaryStorageClusterRef.primaryStorageUuid == m.PrimaryStorage.uuid).where(
+            m.PrimaryStorageClusterRef.clusterUuid == host.clusterUuid).limit(1))).scalar_one_or_none()
+        if ps is None:
+            raise not_allowed(f"host {host_uuid}'s cluster has no primary storage to cache image {image_uuid}")
+        image = await s.get(m.Image, image_uuid)
+        url = await image_source(s, image_uuid, host.zoneUuid)
+    reply = await agent(platform, host_uuid, "/storage/local/cache-image",
+                        {"path": ps.url, "imageUuid": image_uuid, "imageUrl": url, "md5": image.md5Sum})
+    return str(reply["cachePath"])
 
 
 def bridge_name(l2: m.L2Network, tags: list[str]) -> str:
@@ -365,6 +396,8 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                     row.rootVolumeUuid = vol_uuid
             c["volumes"] = [(v.installPath, v.size, v.type) for v in vols]
             c["ps_path"] = (await s.get(m.PrimaryStorage, vols[0].primaryStorageUuid)).url
+            if image.mediaType != "ISO":
+                c["image_url"] = await image_source(s, image.uuid, chosen.zoneUuid)
             for device_id, l3_uuid in enumerate(l3_uuids):
                 used = await ipam.allocate(s, l3_uuid, static_ips.get(l3_uuid))
                 s.add(
@@ -392,7 +425,7 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
         for path, size, vtype in c["volumes"]:
             body: dict[str, Any] = {"path": c["ps_path"], "installPath": path, "size": size}
             if vtype == "Root" and image.mediaType != "ISO":
-                body.update(imageUuid=image.uuid, imageUrl=image.url, md5=image.md5Sum)
+                body.update(imageUuid=image.uuid, imageUrl=c["image_url"], md5=image.md5Sum)
             else:
                 body["empty"] = True
             await agent(p, c["host"].uuid, "/storage/local/create-root", body)

@@ -22,6 +22,7 @@ class Jobs:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._running: dict[str, asyncio.Task[str]] = {}
+        self._progress: dict[str, str] = {}
 
     async def start(
         self, job_uuid: str, api_name: str, timeout: float, work: Callable[[], Awaitable[str]]
@@ -47,17 +48,24 @@ class Jobs:
             return result
         finally:
             self._running.pop(job_uuid, None)
+            self._progress.pop(job_uuid, None)
 
-    async def result(self, job_uuid: str) -> tuple[str, str | None] | None:
-        """(state, result JSON) or None if unknown."""
+    async def set_progress(self, job_uuid: str, progress: str) -> None:
+        """What a long job reports while it runs (e.g. "42%"); any node answers it from the database."""
+        self._progress[job_uuid] = progress
+        async with self.db.tx() as s:
+            await s.execute(update(Job).where(Job.uuid == job_uuid).values(progress=progress))
+
+    async def result(self, job_uuid: str) -> tuple[str, str | None, str | None] | None:
+        """(state, result JSON, progress) or None if unknown."""
         task = self._running.get(job_uuid)
-        if task is not None and not task.done():
-            return "Processing", None
+        if task is not None and not task.done():  # polled on this node: no database read
+            return "Processing", None, self._progress.get(job_uuid)
         async with self.db.tx() as s:
             job = await s.get(Job, job_uuid)
         if job is None:
             return None
-        return job.state, job.result
+        return job.state, job.result, job.progress
 
     def in_flight(self) -> int:
         return len(self._running)

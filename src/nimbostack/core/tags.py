@@ -48,6 +48,8 @@ SYSTEM_TAGS: dict[str, list[tuple[str, re.Pattern[str]]]] = {
     ],
     "HostVO": [("agentPort::{port}", re.compile(r"agentPort::\d{1,5}"))],
     "L2NetworkVO": [("bridge::{name}", re.compile(r"bridge::[A-Za-z0-9_.-]{1,15}"))],
+    "ImageVO": [("md5::{hex digest the download must match}", re.compile(r"md5::[0-9a-fA-F]{32}"))],
+    "BackupStorageVO": [("agentPort::{port}", re.compile(r"agentPort::\d{1,5}"))],
 }
 SYSTEM_TAGS["KVMHostVO"] = SYSTEM_TAGS["HostVO"]
 

@@ -111,6 +111,7 @@ class Job(Base):
     apiName: Mapped[str] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(16), index=True)  # Processing | Done
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress: Mapped[str | None] = mapped_column(String(64), nullable=True)  # e.g. "42%" while downloading
     createDate: Mapped[datetime] = mapped_column(DateTime, default=datetime.utcnow)
     deadline: Mapped[datetime] = mapped_column(DateTime)
 
@@ -280,6 +281,8 @@ class BackupStorage(Base, Resource):
     availableCapacity: Mapped[int] = mapped_column(BigInteger, default=0)
     hostname: Mapped[str | None] = mapped_column(String(255), nullable=True)
     username: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # the agent that keeps this store's files (empty for the simulator store)
+    agentUrl: Mapped[str] = mapped_column(String(512), default="")
 
 
 class BackupStorageZoneRef(Base, Stamped):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 
 from nimbostack.api.common import (
     ENABLE_DISABLE,
@@ -19,7 +21,8 @@ from nimbostack.api.common import (
     update_fields,
 )
 from nimbostack.api.dispatch import ApiContext, api
-from nimbostack.core.errors import invalid, not_allowed
+from nimbostack.core.errors import ApiError, invalid, not_allowed
+from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
 from nimbostack.db import query
 
@@ -106,6 +109,36 @@ async def add_simulator_bs(ctx: ApiContext) -> dict[str, Any]:
         await add_creation_tags(s, ctx, row.uuid, "BackupStorageVO")
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectBackupStorageInventory", row)}
+
+
+@api("AddSftpBackupStorage", admin=True)
+async def add_sftp_bs(ctx: ApiContext) -> dict[str, Any]:
+    """A directory of image files on a host, kept by that host's agent (ZStack's Sftp store; the
+    agent's HTTP wire replaces SSH, the username/password are kept for compatibility)."""
+    from nimbostack.compute.host import agent_port_of
+    from nimbostack.storage.primary import _path
+
+    hostname = ctx.req("hostname")
+    port = agent_port_of([str(t) for t in ctx.list("systemTags")], ctx.p.settings.agent_port)
+    agent_url = f"http://{hostname}:{port}"
+    path = _path(ctx.req("url"))
+    uuid = new_uuid(ctx)
+    reply = await ctx.p.agents.call(agent_url, "/bs/connect", {"hostUuid": uuid, "path": path})
+    async with ctx.p.db.tx() as s:
+        row = m.BackupStorage(uuid=uuid, name=ctx.req("name"), description=ctx.str("description"), url=path,
+                              type="Sftp", hostname=hostname, username=ctx.req("username"), agentUrl=agent_url,
+                              totalCapacity=reply["totalCapacity"], availableCapacity=reply["availableCapacity"])
+        s.add(row)
+        await add_creation_tags(s, ctx, row.uuid, "BackupStorageVO")
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectBackupStorageInventory", row)}
+
+
+def image_source(bs: m.BackupStorage, ref: m.ImageBackupStorageRef) -> str:
+    """Where a primary storage fetches an image from."""
+    from urllib.parse import urlencode
+
+    return f"{bs.agentUrl}/bs/file?{urlencode({'root': bs.url, 'path': ref.installPath})}"
 
 
 @api("AttachBackupStorageToZone", admin=True)
@@ -201,17 +234,50 @@ async def add_image(ctx: ApiContext) -> dict[str, Any]:
         await add_creation_tags(s, ctx, row.uuid, "ImageVO")
         for bs in stores:
             s.add(m.ImageBackupStorageRef(imageUuid=row.uuid, backupStorageUuid=bs.uuid, status="Downloading"))
-    # Only the simulator store exists so far; it "downloads" at once.
+    try:
+        results = [await _download(ctx, bs, row.uuid, row.url, fmt) for bs in stores]
+    except BaseException:
+        async with ctx.p.db.tx() as s:
+            await s.execute(delete(m.Image).where(m.Image.uuid == row.uuid))
+            await disown(s, [row.uuid])
+        raise
     async with ctx.p.db.tx() as s:
         row = await load(s, m.Image, row.uuid, ctx)
-        row.status, row.size, row.actualSize = "Ready", SIMULATED_IMAGE_SIZE, SIMULATED_IMAGE_SIZE
-        for ref in (
-            await s.execute(select(m.ImageBackupStorageRef).where(m.ImageBackupStorageRef.imageUuid == row.uuid))
-        ).scalars():
-            ref.status = "Ready"
-            ref.installPath = f"{ref.backupStorageUuid}/images/{row.uuid}.{fmt}"
+        row.status, row.size, row.actualSize = "Ready", results[0]["size"], results[0]["actualSize"]
+        row.md5Sum = results[0]["md5"]
+        for bs, result in zip(stores, results, strict=True):
+            await s.execute(
+                update(m.ImageBackupStorageRef)
+                .where(m.ImageBackupStorageRef.imageUuid == row.uuid,
+                       m.ImageBackupStorageRef.backupStorageUuid == bs.uuid)
+                .values(status="Ready", installPath=result["installPath"])
+            )
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
+
+
+async def _download(ctx: ApiContext, bs: m.BackupStorage, image_uuid: str, url: str, fmt: str) -> dict[str, Any]:
+    """Have the store fetch the image; its progress becomes the job's progress."""
+    if bs.type == "SimulatorBackupStorage":  # "downloads" at once
+        return {"size": SIMULATED_IMAGE_SIZE, "actualSize": SIMULATED_IMAGE_SIZE, "md5": None,
+                "installPath": f"{bs.url}/images/{image_uuid}.{fmt}"}
+    body = {"hostUuid": bs.uuid, "path": bs.url, "imageUuid": image_uuid, "url": url, "format": fmt,
+            "md5": tag_value([str(t) for t in ctx.list("systemTags")], "md5::")}
+    download = asyncio.create_task(ctx.p.agents.call(bs.agentUrl, "/bs/download", body))
+    last = None
+    try:
+        while not download.done():
+            await asyncio.wait({download}, timeout=1.0)
+            if download.done():
+                break
+            with contextlib.suppress(ApiError):
+                reply = await ctx.p.agents.call(bs.agentUrl, "/bs/progress", {"imageUuid": image_uuid}, timeout=5)
+                if reply["progress"] and reply["progress"] != last:
+                    last = reply["progress"]
+                    await ctx.p.jobs.set_progress(ctx.api_uuid, last)
+        return await download
+    finally:
+        download.cancel()
 
 
 @api("UpdateImage")
