@@ -80,7 +80,19 @@ class Api:
 class Running:
     """A management node + simulator agent in a background thread's event loop."""
 
-    def __init__(self, data_dir: Path, db_url: str | None = None, quick_wait: float = 0.2) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        db_url: str | None = None,
+        quick_wait: float = 0.2,
+        port: int | None = None,
+        agent_port: int | None = None,
+        background: bool = False,
+        driver: str = "simulator",
+    ) -> None:
+        """``port``/``agent_port`` reuse a stopped node's ports (a restart on the same data dir);
+        ``background`` runs the pings, the expunger and the GC poll; ``driver`` "libvirt" makes the
+        agent a real KVM host agent."""
         import uvicorn
 
         from nimbostack.api.app import create_app
@@ -88,21 +100,22 @@ class Running:
         from nimbostack.db.engine import sqlite_url
         from nimbostack.main import _agent_app
 
-        self.port, self.agent_port = free_port(), free_port()
+        self.db_url = db_url
+        self.port, self.agent_port = port or free_port(), agent_port or free_port()
         settings = Settings(
             data_dir=data_dir,
             db_url=db_url or sqlite_url(data_dir),
             port=self.port,
             simulator_agent_url=f"http://127.0.0.1:{self.agent_port}",
             quick_wait=quick_wait,
-            background=False,
+            background=background,
         )
         data_dir.mkdir(parents=True, exist_ok=True)
         self.app = create_app(settings)
         self.servers = [
             uvicorn.Server(
                 uvicorn.Config(
-                    _agent_app("simulator", "auto", "127.0.0.1"),
+                    _agent_app(driver, "auto", "127.0.0.1", str(data_dir / "agent")),
                     host="127.0.0.1",
                     port=self.agent_port,
                     log_level="warning",

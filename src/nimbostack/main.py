@@ -63,7 +63,7 @@ def _settings(a: argparse.Namespace) -> Any:
     )
 
 
-def _agent_app(driver: str, domain_type: str, host_ip: str) -> Any:
+def _agent_app(driver: str, domain_type: str, host_ip: str, state_dir: str | None = None) -> Any:
     from nimbostack.agent.server import Agent, create_app
     from nimbostack.agent.storage import LocalStorage
 
@@ -81,10 +81,11 @@ def _agent_app(driver: str, domain_type: str, host_ip: str) -> Any:
     def make_libvirt(host_uuid: str, body: dict[str, Any]) -> Any:
         return LibvirtDriver(domain_type=domain_type, host_ip=host_ip)
 
-    return create_app(Agent(make_libvirt, LocalStorage(simulate=False), multi_host=False))
+    console = str(Path(state_dir or "/var/lib/nimbostack-agent") / "console")
+    return create_app(Agent(make_libvirt, LocalStorage(simulate=False), multi_host=False, console_dir=console))
 
 
-async def _serve(apps: list[tuple[Any, str, int]]) -> None:
+async def _serve(apps: list[tuple[Any, str, int]], after_start: Any = None) -> None:
     import uvicorn
 
     servers = [
@@ -96,7 +97,35 @@ async def _serve(apps: list[tuple[Any, str, int]]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: [setattr(s, "should_exit", True) for s in servers])
-    await asyncio.gather(*(s.serve() for s in servers))
+
+    async def then() -> None:
+        while not all(s.started for s in servers):
+            if any(s.should_exit for s in servers):
+                return
+            await asyncio.sleep(0.05)
+        try:
+            await after_start()
+        except Exception as err:  # the servers keep running; the operator reads why
+            logging.getLogger("nimbostack").error("start-up step failed: %s", err)
+
+    extra = [then()] if after_start else []
+    await asyncio.gather(*(s.serve() for s in servers), *extra)
+
+
+def libvirt_available() -> bool:
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return False
+    import subprocess
+
+    try:
+        return (
+            subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, timeout=10).returncode
+            == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     _server_args(up)
     up.add_argument(
         "--driver",
-        choices=["simulator", "libvirt"],
-        default="simulator",
-        help="hypervisor driver of the local agent (default simulator)",
+        choices=["auto", "simulator", "libvirt"],
+        default="auto",
+        help="hypervisor driver of the local agent: auto uses libvirt when libvirtd answers "
+        "(scripts/start-libvirtd starts it), else the simulator",
     )
     up.add_argument(
         "--domain-type",
@@ -139,10 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     agent.add_argument("--port", type=int, default=None, help="default 7070 (libvirt) or 7071 (simulator)")
     agent.add_argument("--listen", default="0.0.0.0")
     agent.add_argument("--host-ip", default="127.0.0.1", help="the IP console clients use to reach this host")
-    agent.add_argument("--domain-type", choices=["auto", "kvm", "qemu"], default="auto")
+    agent.add_argument(
+        "--domain-type",
+        choices=["auto", "kvm", "qemu"],
+        default="auto",
+        help="libvirt domain type: auto tries KVM and falls back to QEMU/TCG",
+    )
+    agent.add_argument(
+        "--state-dir",
+        default="/var/lib/nimbostack-agent",
+        help="where the agent keeps guests' console logs and network service files",
+    )
     sub.add_parser("cli", help="the >>> shell (nimbostack cli --help)", add_help=False)
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per agent call drowns what matters
 
     from nimbostack.api.app import create_app
 
@@ -150,22 +191,31 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve([(create_app(_settings(a)), a.listen, a.port)]))
     elif a.command == "agent":
         port = a.port or (7071 if a.driver == "simulator" else 7070)
-        asyncio.run(_serve([(_agent_app(a.driver, a.domain_type, a.host_ip), a.listen, port)]))
+        asyncio.run(_serve([(_agent_app(a.driver, a.domain_type, a.host_ip, a.state_dir), a.listen, port)]))
     elif a.command == "up":
+        from nimbostack.bootstrap import bootstrap
+
         settings = _settings(a)
-        agent_port = 7071 if a.driver == "simulator" else a.agent_port
+        driver = a.driver if a.driver != "auto" else ("libvirt" if libvirt_available() else "simulator")
+        agent_port = 7071 if driver == "simulator" else a.agent_port
         settings.simulator_agent_url = f"http://127.0.0.1:{agent_port}"
         print(
             f"nimbostack all-in-one: API http://127.0.0.1:{a.port}/zstack/api, data in {settings.data_dir}, "
-            f"{a.driver} agent on port {agent_port}",
+            f"{driver} agent on port {agent_port}",
             flush=True,
         )
+        hypervisor = "KVM" if driver == "libvirt" else "Simulator"
         asyncio.run(
             _serve(
                 [
-                    (_agent_app(a.driver, a.domain_type, "127.0.0.1"), "127.0.0.1", agent_port),
+                    (
+                        _agent_app(driver, a.domain_type, "127.0.0.1", str(settings.data_dir / "agent")),
+                        "127.0.0.1",
+                        agent_port,
+                    ),
                     (create_app(settings), a.listen, a.port),
-                ]
+                ],
+                lambda: bootstrap(f"http://127.0.0.1:{a.port}", settings.data_dir, hypervisor, agent_port),
             )
         )
     return 0

@@ -51,6 +51,9 @@ class NicSpec:
     netmask: str = ""
     gateway: str = ""
     l3_uuid: str = ""
+    # the L2 behind the bridge, so the agent can create the bridge where it is missing
+    physical_interface: str = ""
+    vlan: int | None = None
 
 
 @dataclass
@@ -82,6 +85,8 @@ class ConsoleAddress:
 RUNNING = "Running"
 STOPPED = "Stopped"
 PAUSED = "Paused"
+# not a state: the guest reset itself (reported so ISO installs can switch to the disk)
+REBOOTED = "Rebooted"
 
 StateListener = Callable[[str, str], Awaitable[None]]  # (vm_uuid, new_state)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,8 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from nimbostack.agent.backup import BackupStore
+from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DiskSpec, DriverError, HypervisorDriver, NicSpec, VmSpec
 from nimbostack.agent.storage import LocalStorage
+from nimbostack.core import deadline
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,9 @@ DriverFactory = Callable[[str, dict[str, Any]], HypervisorDriver]
 
 
 class Agent:
-    def __init__(self, driver_factory: DriverFactory, storage: LocalStorage, multi_host: bool) -> None:
+    def __init__(self, driver_factory: DriverFactory, storage: LocalStorage, multi_host: bool,
+                 console_dir: str | None = None) -> None:
+        self.console_dir = console_dir  # where guests' serial consoles are logged
         self.driver_factory = driver_factory
         self.storage = storage
         self.multi_host = multi_host  # simulator: one driver per host uuid
@@ -36,6 +42,8 @@ class Agent:
         self.management_url: str | None = None
         self._http = httpx.AsyncClient(timeout=10)
         self._pending_events: list[dict[str, Any]] = []
+        # host-side services (e.g. "flat": network namespaces, dnsmasq, metadata), closed with the agent
+        self.extensions: dict[str, Any] = {}
 
     def driver(self, host_uuid: str) -> HypervisorDriver:
         key = host_uuid if self.multi_host else "local"
@@ -72,6 +80,8 @@ class Agent:
             log.warning("could not report %s: %s (the management node reconciles on its next ping)", event, err)
 
     async def close(self) -> None:
+        for ext in self.extensions.values():
+            await ext.close()
         for d in self.drivers.values():
             await d.close()
         await self._http.aclose()
@@ -110,8 +120,17 @@ async def _ping(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
 
 @command("/vm/start")
 async def _start(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    await a.driver(b["hostUuid"]).start_vm(_vm_spec(b["vm"]))
-    return {}
+    spec = _vm_spec(b["vm"])
+    warnings: list[str] = []
+    if not a.multi_host:  # simulated hosts have no bridges
+        for nic in spec.nics:
+            warnings += await ensure_bridge(nic.bridge, nic.physical_interface, nic.vlan)
+        if a.console_dir and not spec.console_log:
+            spec.console_log = str(Path(a.console_dir) / f"{spec.uuid}.log")
+    await a.driver(b["hostUuid"]).start_vm(spec)
+    for w in warnings:
+        log.warning("VM %s: %s", spec.uuid, w)
+    return {"warnings": warnings}
 
 
 @command("/vm/stop")
@@ -235,12 +254,16 @@ async def _bs_delete(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(agent: Agent) -> FastAPI:
+    from nimbostack.agent import guard  # registers /simulator/*; deadlines and simulated faults
+    from nimbostack.agent.flat import commands as _flat  # noqa: F401  (registers /flat/*)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
         yield
         await agent.close()
 
     app = FastAPI(title="nimbostack host agent", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.agent = agent
 
     @app.get("/bs/file")
     async def bs_file(root: str, path: str) -> Response:
@@ -253,6 +276,7 @@ def create_app(agent: Agent) -> FastAPI:
 
     @app.post("/{path:path}")
     async def dispatch(path: str, request: Request) -> JSONResponse:
+        received = time.monotonic()
         fn = COMMANDS.get("/" + path)
         if fn is None:
             return JSONResponse(
@@ -263,6 +287,9 @@ def create_app(agent: Agent) -> FastAPI:
             )
         try:
             body = await request.json()
+            refused = await guard.before(agent, "/" + path, body, request.headers.get(deadline.HEADER), received)
+            if refused is not None:
+                return refused
             result = await fn(agent, body)
             return JSONResponse({"success": True, **result})
         except DriverError as err:

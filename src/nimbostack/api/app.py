@@ -12,15 +12,24 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from nimbostack.api import routes  # noqa: F401  (registers handlers)
-from nimbostack.api.dispatch import Dispatcher
+from nimbostack.api.dispatch import Dispatcher, Route
 from nimbostack.api.openapi import openapi_document
 from nimbostack.compute import host as hostmod
 from nimbostack.compute import recovery, vmsync
-from nimbostack.core.errors import INVALID_ARGUMENT
+from nimbostack.core import expunger, gc
+from nimbostack.core.errors import INVALID_ARGUMENT, ApiError
 from nimbostack.core.platform import Platform, Settings
 from nimbostack.network.l2l3 import seed_providers
 
 log = logging.getLogger(__name__)
+
+
+async def _no_handler(_ctx: Any) -> dict[str, Any]:
+    return {}
+
+
+# the session check of the read-only HTTP endpoints beside the API (GET /gc)
+_ADMIN_READ = Route(_no_handler, admin=True)
 
 
 async def start_platform(settings: Settings) -> Platform:
@@ -42,7 +51,9 @@ def create_app(settings: Settings) -> FastAPI:
         p = await start_platform(settings)
         state["p"] = p
         state["dispatcher"] = Dispatcher(p, settings.quick_wait)
-        tasks = [asyncio.create_task(hostmod.ping_loop(p))] if settings.background else []
+        loops = [hostmod.ping_loop(p), expunger.expunge_loop(p), gc.gc_loop(p)] if settings.background else []
+        loops.append(p.config.refresh_loop())  # always: other nodes' config changes must arrive
+        tasks = [asyncio.create_task(loop) for loop in loops]
         log.info("management node ready on port %s (database %s)", settings.port, settings.db_url.split("://")[0])
         yield
         for t in tasks:
@@ -109,6 +120,23 @@ def create_app(settings: Settings) -> FastAPI:
         ev = await request.json()
         await vmsync.on_event(state["p"], ev["hostUuid"], ev["vmUuid"], ev["state"])
         return JSONResponse({"success": True})
+
+    @app.get("/gc")
+    async def garbage_collector(
+        request: Request, status: str | None = None, hostUuid: str | None = None, resourceUuid: str | None = None
+    ) -> JSONResponse:
+        """The garbage collector's entries (release 1.2 §4), newest first; an admin session in
+        ``Authorization: OAuth <session uuid>`` or ``?session=<uuid>``. Filters: status
+        (Pending | Done), hostUuid, resourceUuid."""
+        p = state["p"]
+        auth = request.headers.get("authorization", "")
+        session = auth.split(" ", 1)[1].strip() if auth.lower().startswith("oauth ") else None
+        try:
+            await p.auth.caller(session or request.query_params.get("session"), _ADMIN_READ)
+        except ApiError as err:
+            return JSONResponse({"success": False, "error": err.to_dict()}, status_code=403)
+        inventories = await gc.entries(p, status, hostUuid, resourceUuid)
+        return JSONResponse({"success": True, "inventories": inventories})
 
     @app.get("/openapi.json")
     async def openapi() -> JSONResponse:

@@ -138,23 +138,24 @@ async def delete_account(ctx: ApiContext) -> dict[str, Any]:
 @api("UpdateGlobalConfig", admin=True)
 async def update_global_config(ctx: ApiContext) -> dict[str, Any]:
     category, name = ctx.req("category"), ctx.req("name")
-    value = ctx.params.get("value")
-    if value is None:
-        value = definition(category, name).default
-    row = await ctx.p.config.update(category, name, value)
+    # no value: back to the default (an apiTimeout config is removed)
+    row = await ctx.p.config.update(category, name, ctx.params.get("value"))
     return {"inventory": query.plain(row, query.TARGETS["QueryObjectGlobalConfigInventory"].fields())}
 
 
 @api("GetGlobalConfig")
 async def get_global_config(ctx: ApiContext) -> dict[str, Any]:
-    category, name = ctx.req("category"), ctx.req("name")
-    definition(category, name)
+    category = ctx.req("category")
+    d = definition(category, ctx.req("name"))
     async with ctx.p.db.tx() as s:
         row = (
             await s.execute(
-                select(m.GlobalConfig).where(m.GlobalConfig.category == category, m.GlobalConfig.name == name)
+                select(m.GlobalConfig).where(m.GlobalConfig.category == category, m.GlobalConfig.name == d.name)
             )
-        ).scalar_one()
+        ).scalar_one_or_none()
+        if row is None:  # an apiTimeout config that was never set
+            row = m.GlobalConfig(category=category, name=d.name, description=d.description,
+                                 defaultValue=d.default, value=d.default)
         return {"inventory": await inv(s, "QueryObjectGlobalConfigInventory", row)}
 
 

@@ -3,5 +3,5 @@
 from nimbostack.api import identity  # noqa: F401
 from nimbostack.compute import host, infra, vm  # noqa: F401
 from nimbostack.core import tags  # noqa: F401
-from nimbostack.network import l2l3  # noqa: F401
+from nimbostack.network import eip, flat, l2l3  # noqa: F401
 from nimbostack.storage import backup, primary, volume  # noqa: F401

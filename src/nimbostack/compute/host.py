@@ -19,6 +19,7 @@ from nimbostack.api.common import (
     update_fields,
 )
 from nimbostack.api.dispatch import ApiContext, api
+from nimbostack.core import gc
 from nimbostack.core.errors import ApiError, invalid, not_allowed
 from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
@@ -111,7 +112,9 @@ async def connect(platform: Platform, host_uuid: str) -> m.Host:
 
 
 # Called after a host (re)connects: primary storage init, network services, GC (plugins add theirs).
-CONNECT_HOOKS: list[Any] = []
+# The GC runs first: what waited for the host (destroy domains, delete files) is done before the
+# storage capacity is read and the network services are pushed.
+CONNECT_HOOKS: list[Any] = [gc.on_host_connect]
 
 
 async def recompute_capacity(platform: Platform, host_uuid: str | None = None) -> None:
@@ -271,6 +274,7 @@ async def delete_host(ctx: ApiContext) -> dict[str, Any]:
                 raise not_allowed(f"host {uuid} still has {vms} VMs; destroy or migrate them first")
             await s.delete(host)
             await disown(s, [uuid])
+    await gc.run(ctx.p, uuid)  # what waited for the host is moot now: its entries are Done
     return {}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import asdict
@@ -14,7 +15,8 @@ from nimbostack.agent.driver import DiskSpec, NicSpec, VmSpec
 from nimbostack.api.common import add_creation_tags, disown, inv, load, new_uuid, own, register_queries, update_fields
 from nimbostack.api.dispatch import ApiContext, api
 from nimbostack.compute.host import HOLDS_CAPACITY
-from nimbostack.core.errors import ALLOCATION_FAILED, ApiError, invalid, not_allowed
+from nimbostack.core import expunger, gc
+from nimbostack.core.errors import ALLOCATION_FAILED, IP_ALLOCATION_FAILED, ApiError, invalid, not_allowed
 from nimbostack.core.flow import FlowChain
 from nimbostack.core.tags import system_tags, tag_value
 from nimbostack.db import models as m
@@ -201,6 +203,7 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
             .scalars()
             .all()
         )
+        l2s: dict[str, m.L2Network] = {}
         bridges: dict[str, str] = {}
         for nic in nics:
             l2 = (
@@ -211,6 +214,7 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
                 )
             ).scalar_one()
             bridges[nic.uuid] = bridge_name(l2, await system_tags(s, l2.uuid))
+            l2s[nic.uuid] = l2
     iso_path = await cached_image_path(platform, vm.hostUuid, vm.isoUuid) if vm.isoUuid and vm.hostUuid else None
     return VmSpec(
         uuid=vm.uuid,
@@ -228,6 +232,8 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
                 n.netmask or "",
                 n.gateway or "",
                 n.l3NetworkUuid,
+                l2s[n.uuid].physicalInterface,
+                l2s[n.uuid].vlan,
             )
             for n in nics
         ],
@@ -235,7 +241,6 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
         boot_order=vm.bootOrder.split(","),
         console_mode=await platform.config.get("kvm", "vm.consoleMode"),
         cpu_mode=await platform.config.get("kvm", "vm.cpuMode"),
-        console_log=None,
     )
 
 
@@ -351,6 +356,9 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
         s.add(vm)
         own(s, ctx, vm.uuid, "VmInstanceVO")
         await add_creation_tags(s, ctx, vm.uuid, "VmInstanceVO")
+        if image.mediaType == "ISO":
+            s.add(m.SystemTag(uuid=new_uuid(), resourceUuid=vm.uuid, resourceType="VmInstanceVO",
+                              tag=ISO_INSTALL_TAG, inherent=True))
     tags = [str(t) for t in ctx.list("systemTags")]
     static_ips = {t.split("::")[1]: t.split("::")[2] for t in tags if t.startswith("staticIp::")}
     cpu = vm.cpuNum * vm.cpuSpeed
@@ -428,12 +436,14 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                 body.update(imageUuid=image.uuid, imageUrl=c["image_url"], md5=image.md5Sum)
             else:
                 body["empty"] = True
-            await agent(p, c["host"].uuid, "/storage/local/create-root", body)
+            # before the call: a command that times out may still have made the file
             c["made"].append(path)
+            await agent(p, c["host"].uuid, "/storage/local/create-root", body)
 
     async def delete_volumes(c: dict[str, Any]) -> None:
         for path in c.get("made", []):
-            await agent(p, c["host"].uuid, "/storage/local/delete", {"path": c["ps_path"], "installPath": path})
+            await gc.call_or_defer(p, gc.DELETE_VOLUME_FILE, c["host"].uuid, "/storage/local/delete",
+                                   {"path": c["ps_path"], "installPath": path})
 
     async def start(c: dict[str, Any]) -> None:
         async with p.db.tx() as s:
@@ -445,7 +455,7 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
         await agent(p, c["host"].uuid, "/vm/start", {"vm": asdict(spec)})
 
     async def unstart(c: dict[str, Any]) -> None:
-        await agent(p, c["host"].uuid, "/vm/destroy", {"vmUuid": vm.uuid})
+        await gc.call_or_defer(p, gc.DESTROY_VM, c["host"].uuid, "/vm/destroy", {"vmUuid": vm.uuid}, vm.uuid)
 
     chain = (
         FlowChain("create-vm")
@@ -593,12 +603,49 @@ async def reboot_vm(ctx: ApiContext) -> dict[str, Any]:
     async with ctx.p.queues.serial(vm.uuid):
         vm = await _vm_for(ctx, vm.uuid)
         _need_state(vm, "Running")
+        if await _installing_from_iso(ctx.p, vm.uuid):
+            await boot_from_disk_after_install(ctx.p, vm)
+            return await _vm_inv(ctx, vm.uuid)
         await _set_state(ctx.p, vm.uuid, state="Rebooting")
         try:
             await agent(ctx.p, vm.hostUuid, "/vm/reboot", {"vmUuid": vm.uuid})
         finally:
             await _set_state(ctx.p, vm.uuid, state="Running")
         return await _vm_inv(ctx, vm.uuid)
+
+
+# Marks a VM created from an ISO whose boot order is still the install default (CdRom first).
+ISO_INSTALL_TAG = "bootOrder::installingFromIso"
+
+
+async def _installing_from_iso(p: Platform, vm_uuid: str) -> bool:
+    async with p.db.tx() as s:
+        return ISO_INSTALL_TAG in await system_tags(s, vm_uuid)
+
+
+async def boot_from_disk_after_install(p: Platform, vm: m.VmInstance) -> None:
+    """The spec's rule: a VM created from an ISO boots from CdRom until it reboots after the
+    install, then from HardDisk. A reset keeps QEMU's boot order, so restart the domain cold."""
+    async with p.db.tx() as s:
+        await s.execute(delete(m.SystemTag).where(m.SystemTag.resourceUuid == vm.uuid,
+                                                  m.SystemTag.tag == ISO_INSTALL_TAG))
+        await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(
+            bootOrder="HardDisk", state="Rebooting"))
+    try:
+        await agent(p, vm.hostUuid, "/vm/stop", {"vmUuid": vm.uuid, "graceful": False, "timeout": 0})
+        await agent(p, vm.hostUuid, "/vm/start", {"vm": asdict(await build_spec(p, vm.uuid))})
+    finally:
+        await _set_state(p, vm.uuid, state="Running")
+
+
+async def on_guest_reboot(p: Platform, vm_uuid: str) -> None:
+    """The guest reset itself; an ISO install is over when that happens."""
+    async with p.queues.serial(vm_uuid):
+        async with p.db.tx() as s:
+            vm = await s.get(m.VmInstance, vm_uuid)
+        if vm is not None and vm.state == "Running" and await _installing_from_iso(p, vm_uuid):
+            log.info("VM %s rebooted after installing from its ISO; it boots from its disk now", vm_uuid)
+            await boot_from_disk_after_install(p, vm)
 
 
 @api("UpdateVmInstance")
@@ -625,44 +672,90 @@ async def destroy_vm(ctx: ApiContext) -> dict[str, Any]:
         vm = await _vm_for(ctx, vm.uuid)
         if vm.state == "Destroyed":
             return {}
-        if vm.state not in ("Running", "Stopped", "Paused", "Unknown", "Created"):
+        if vm.state != "Created":
             _need_state(vm, "Running", "Stopped", "Paused", "Unknown")
-        policy = await p.config.get("vm", "deletionPolicy")
-        if vm.hostUuid and vm.state in ("Running", "Paused", "Unknown"):
-            await _set_state(p, vm.uuid, state="Destroying")
-            try:
-                await agent(p, vm.hostUuid, "/vm/destroy", {"vmUuid": vm.uuid})
-            except BaseException:
-                await _set_state(p, vm.uuid, state=vm.state)
-                raise
-            for hook in STOP_HOOKS:
-                await hook(p, vm.uuid, vm.hostUuid)
-        if policy == "Direct":
-            await expunge(p, vm.uuid)
-        else:
-            async with p.db.tx() as s:
-                await _release_all(s, vm.uuid, release_volumes=False)
-                await s.execute(
-                    update(m.Volume)
-                    .where(m.Volume.vmInstanceUuid == vm.uuid, m.Volume.type == "Data")
-                    .values(vmInstanceUuid=None, deviceId=None)
-                )
-                await s.execute(
-                    update(m.VmInstance)
-                    .where(m.VmInstance.uuid == vm.uuid)
-                    .values(state="Destroyed", destroyDate=datetime.utcnow())
-                )
+        await destroy(p, vm)
         return {}
 
 
+async def destroy(p: Platform, vm: m.VmInstance) -> None:
+    """Destroy the VM by the vm/deletionPolicy. Its host capacity, IPs and NICs are freed at once;
+    Direct expunges it too, Delay and Never keep it Destroyed (recoverable) with its root volume.
+    A host that cannot be reached does not stop it: the domain's destruction goes to the GC."""
+    policy = await p.config.get("vm", "deletionPolicy")
+    if vm.hostUuid and vm.state in ("Running", "Paused", "Unknown", "Created"):
+        await _set_state(p, vm.uuid, state="Destroying")
+        try:
+            await gc.call_or_defer(p, gc.DESTROY_VM, vm.hostUuid, "/vm/destroy", {"vmUuid": vm.uuid}, vm.uuid)
+        except BaseException:
+            await _set_state(p, vm.uuid, state=vm.state)
+            raise
+        for hook in STOP_HOOKS:
+            try:  # the domain is gone: a network service left behind is cleaned on the host's reconnect
+                await hook(p, vm.uuid, vm.hostUuid)
+            except Exception as err:
+                log.warning("VM %s destroyed, but a stop hook failed on host %s: %s", vm.uuid, vm.hostUuid, err)
+    async with p.db.tx() as s:
+        data = list(
+            (
+                await s.execute(
+                    select(m.Volume.uuid).where(m.Volume.vmInstanceUuid == vm.uuid, m.Volume.type == "Data")
+                )
+            ).scalars()
+        )
+        await s.execute(
+            update(m.Volume)
+            .where(m.Volume.vmInstanceUuid == vm.uuid, m.Volume.type == "Data")
+            .values(vmInstanceUuid=None, deviceId=None)
+        )
+        nics = (
+            (await s.execute(select(m.VmNic).where(m.VmNic.vmInstanceUuid == vm.uuid).order_by(m.VmNic.deviceId)))
+            .scalars()
+            .all()
+        )
+        saved = [{"l3NetworkUuid": n.l3NetworkUuid, "ip": n.ip, "mac": n.mac, "deviceId": n.deviceId} for n in nics]
+        await _release_all(s, vm.uuid, release_volumes=False)
+        await s.execute(
+            update(m.VmInstance)
+            .where(m.VmInstance.uuid == vm.uuid)
+            .values(
+                state="Destroyed",
+                destroyDate=datetime.utcnow(),
+                destroyedNics=json.dumps(saved),
+                lastHostUuid=vm.hostUuid or vm.lastHostUuid,
+            )
+        )
+    if data and await p.config.get("vm", "dataVolume.deleteOnVmDestroy"):
+        from nimbostack.storage.volume import delete_volume
+
+        for vol_uuid in data:
+            async with p.queues.serial(vol_uuid):
+                await delete_volume(p, vol_uuid)
+    if policy == "Direct":
+        try:
+            await expunge(p, vm.uuid)
+        except ApiError as err:  # the VM is Destroyed already; the expunger tries again
+            log.warning("VM %s destroyed, but expunging it failed (the expunger retries): %s", vm.uuid, err)
+
+
 async def expunge(p: Platform, vm_uuid: str) -> None:
-    """Remove the VM's root volume file and every row of it."""
+    """Remove the VM's root volume file (through the GC if its host is unreachable) and every row
+    of it; its data volumes are detached and stay."""
     async with p.db.tx() as s:
         vm = await s.get(m.VmInstance, vm_uuid)
-        root = await s.get(m.Volume, vm.rootVolumeUuid) if vm and vm.rootVolumeUuid else None
+        if vm is None:
+            return
+        root = await s.get(m.Volume, vm.rootVolumeUuid) if vm.rootVolumeUuid else None
         ps = await s.get(m.PrimaryStorage, root.primaryStorageUuid) if root and root.primaryStorageUuid else None
-    if root is not None and ps is not None and root.hostUuid:
-        await agent(p, root.hostUuid, "/storage/local/delete", {"path": ps.url, "installPath": root.installPath})
+    if root is not None and ps is not None and root.hostUuid and root.installPath:
+        await gc.call_or_defer(
+            p,
+            gc.DELETE_VOLUME_FILE,
+            root.hostUuid,
+            "/storage/local/delete",
+            {"path": ps.url, "installPath": root.installPath},
+            root.uuid,
+        )
     async with p.db.tx() as s:
         await s.execute(
             update(m.Volume)
@@ -686,31 +779,109 @@ async def expunge_vm(ctx: ApiContext) -> dict[str, Any]:
     return {}
 
 
+async def _expunge_due(p: Platform, cutoff: datetime) -> list[str]:
+    async with p.db.tx() as s:
+        return list(
+            (
+                await s.execute(
+                    select(m.VmInstance.uuid).where(
+                        m.VmInstance.state == "Destroyed", m.VmInstance.destroyDate < cutoff
+                    )
+                )
+            ).scalars()
+        )
+
+
+async def _expunge_one(p: Platform, vm_uuid: str) -> None:
+    async with p.queues.serial(vm_uuid):
+        async with p.db.tx() as s:
+            vm = await s.get(m.VmInstance, vm_uuid)
+        if vm is not None and vm.state == "Destroyed":
+            await expunge(p, vm_uuid)
+
+
+expunger.register(expunger.Expungeable("vm", _expunge_due, _expunge_one))
+
+
+async def _static_ips(s: Any, vm_uuid: str) -> dict[str, str]:
+    out = {}
+    for tag in await system_tags(s, vm_uuid):
+        parts = tag.split("::")
+        if len(parts) == 3 and parts[0] == "staticIp":
+            out[parts[1]] = parts[2]
+    return out
+
+
+async def _holder(s: Any, l3_uuid: str, ip: str) -> str:
+    vm_uuid = (
+        await s.execute(select(m.VmNic.vmInstanceUuid).where(m.VmNic.l3NetworkUuid == l3_uuid, m.VmNic.ip == ip))
+    ).scalar_one_or_none()
+    return f"VM {vm_uuid}" if vm_uuid else "another user of the network"
+
+
 @api("RecoverVmInstance")
 async def recover_vm(ctx: ApiContext) -> dict[str, Any]:
+    """Destroyed → Stopped with its root volume; a NIC again on each of its L3 networks. A static
+    IP (``staticIp::`` tag) must be free; otherwise the old IP is taken back if free, or a new one."""
     vm = await _vm_for(ctx)
     async with ctx.p.queues.serial(vm.uuid):
         vm = await _vm_for(ctx, vm.uuid)
         _need_state(vm, "Destroyed")
         async with ctx.p.db.tx() as s:
             row = await s.get(m.VmInstance, vm.uuid)
-            l3s = [row.defaultL3NetworkUuid] if row.defaultL3NetworkUuid else []
-            for device_id, l3_uuid in enumerate(l3s):
-                used = await ipam.allocate(s, l3_uuid)
+            root = await s.get(m.Volume, row.rootVolumeUuid) if row.rootVolumeUuid else None
+            if root is None:
+                raise not_allowed(f"VM {vm.uuid} cannot be recovered: its root volume no longer exists")
+            if row.destroyedNics:
+                saved = json.loads(row.destroyedNics)
+            else:  # destroyed before the NICs were kept: its default network
+                saved = [{"l3NetworkUuid": row.defaultL3NetworkUuid}] if row.defaultL3NetworkUuid else []
+            static = await _static_ips(s, vm.uuid)
+            for device_id, old in enumerate(saved):
+                l3_uuid = old["l3NetworkUuid"]
+                if await s.get(m.L3Network, l3_uuid) is None:
+                    raise not_allowed(
+                        f"VM {vm.uuid} cannot be recovered: its L3 network {l3_uuid} no longer exists"
+                    )
+                wanted = static.get(l3_uuid)
+                if wanted:
+                    try:
+                        used = await ipam.allocate(s, l3_uuid, wanted)
+                    except ApiError as err:
+                        if err.code != IP_ALLOCATION_FAILED:
+                            raise
+                        raise ApiError(
+                            IP_ALLOCATION_FAILED,
+                            "The VM's IP is taken",
+                            f"VM {vm.uuid} cannot be recovered: its static IP {wanted} on L3 network {l3_uuid} "
+                            f"is used by {await _holder(s, l3_uuid, wanted)}",
+                        ) from None
+                else:
+                    used = None
+                    if old.get("ip"):
+                        try:
+                            used = await ipam.allocate(s, l3_uuid, old["ip"])
+                        except ApiError:
+                            used = None  # taken meanwhile, or its range is gone: any free IP will do
+                    if used is None:
+                        used = await ipam.allocate(s, l3_uuid)
+                mac = old.get("mac")
+                if not mac or (await s.execute(select(m.VmNic.uuid).where(m.VmNic.mac == mac))).first():
+                    mac = _mac()
                 s.add(
                     m.VmNic(
                         uuid=new_uuid(),
                         vmInstanceUuid=vm.uuid,
                         l3NetworkUuid=l3_uuid,
                         ip=used.ip,
-                        mac=_mac(),
+                        mac=mac,
                         netmask=used.netmask,
                         gateway=used.gateway,
-                        deviceId=device_id,
+                        deviceId=old.get("deviceId", device_id),
                         usedIpUuid=used.uuid,
                     )
                 )
-            row.state, row.destroyDate = "Stopped", None
+            row.state, row.destroyDate, row.destroyedNics, row.hostUuid = "Stopped", None, None, None
         return await _vm_inv(ctx, vm.uuid)
 
 
@@ -737,4 +908,41 @@ async def set_boot_order(ctx: ApiContext) -> dict[str, Any]:
     vm = await _vm_for(ctx)
     async with ctx.p.queues.serial(vm.uuid):
         await _set_state(ctx.p, vm.uuid, bootOrder=",".join(order))
+        async with ctx.p.db.tx() as s:  # an explicit order ends the ISO-install default
+            await s.execute(delete(m.SystemTag).where(m.SystemTag.resourceUuid == vm.uuid,
+                                                      m.SystemTag.tag == ISO_INSTALL_TAG))
+    return await _vm_inv(ctx, vm.uuid)
+
+
+@api("AttachIsoToVmInstance")
+async def attach_iso(ctx: ApiContext) -> dict[str, Any]:
+    vm = await _vm_for(ctx, ctx.req("vmInstanceUuid"))
+    async with ctx.p.db.tx() as s:
+        iso = await load(s, m.Image, ctx.req("isoUuid"), ctx, "Image")
+    if iso.mediaType != "ISO" or iso.status != "Ready":
+        raise invalid(f"image {iso.uuid} is a {iso.mediaType} ({iso.status}); AttachIsoToVmInstance needs a Ready ISO")
+    async with ctx.p.queues.serial(vm.uuid):
+        vm = await _vm_for(ctx, vm.uuid)
+        _need_state(vm, "Running", "Stopped")
+        if vm.isoUuid and vm.isoUuid != iso.uuid:
+            raise not_allowed(f"VM {vm.uuid} already has ISO {vm.isoUuid} attached; detach it first")
+        if vm.state == "Running":
+            path = await cached_image_path(ctx.p, vm.hostUuid, iso.uuid)
+            await agent(ctx.p, vm.hostUuid, "/vm/attach-iso", {"vmUuid": vm.uuid, "isoPath": path})
+        # the boot order stays as it is (spec 1.0 §4.5): SetVmBootOrder changes it
+        await _set_state(ctx.p, vm.uuid, isoUuid=iso.uuid)
+    return await _vm_inv(ctx, vm.uuid)
+
+
+@api("DetachIsoFromVmInstance")
+async def detach_iso(ctx: ApiContext) -> dict[str, Any]:
+    vm = await _vm_for(ctx, ctx.req("vmInstanceUuid"))
+    async with ctx.p.queues.serial(vm.uuid):
+        vm = await _vm_for(ctx, vm.uuid)
+        _need_state(vm, "Running", "Stopped")
+        if vm.isoUuid is None:
+            return await _vm_inv(ctx, vm.uuid)
+        if vm.state == "Running":
+            await agent(ctx.p, vm.hostUuid, "/vm/detach-iso", {"vmUuid": vm.uuid})
+        await _set_state(ctx.p, vm.uuid, isoUuid=None)
     return await _vm_inv(ctx, vm.uuid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,11 @@ STABLE_FROM_HYPERVISOR = ("Running", "Stopped", "Paused")
 
 async def on_event(platform: Platform, host_uuid: str, vm_uuid: str, state: str) -> None:
     """An agent reports that a VM changed state outside (or inside) our control."""
+    if state == "Rebooted":
+        from nimbostack.compute.vm import on_guest_reboot
+
+        asyncio.get_running_loop().create_task(on_guest_reboot(platform, vm_uuid))
+        return
     if state not in STABLE_FROM_HYPERVISOR:
         return
     async with platform.db.tx() as s:

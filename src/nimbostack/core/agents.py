@@ -24,7 +24,10 @@ class AgentClient:
         """POST a command; the timeout is what is left of the current API's deadline."""
         budget = min(timeout, deadline.remaining()) if timeout else deadline.remaining()
         try:
-            resp = await self._http.post(f"{agent_url}{path}", json=body, timeout=budget)
+            # the agent learns the budget too, and does not start a command its caller gave up on
+            resp = await self._http.post(
+                f"{agent_url}{path}", json=body, timeout=budget, headers={deadline.HEADER: f"{budget:.3f}"}
+            )
         except httpx.TimeoutException:
             raise ApiError(
                 TIMEOUT,
@@ -33,6 +36,10 @@ class AgentClient:
             ) from None
         except httpx.HTTPError as err:
             raise ApiError(HOST_DISCONNECTED, "Cannot reach the host agent", f"{agent_url}{path}: {err}") from None
+        if resp.status_code in (502, 503, 504):  # a proxy, or the agent itself, says it cannot serve now
+            raise ApiError(
+                HOST_DISCONNECTED, "Cannot reach the host agent", f"{agent_url}{path}: HTTP {resp.status_code}"
+            )
         if resp.status_code != 200:
             raise ApiError(AGENT_ERROR, "The host agent failed", f"{path}: HTTP {resp.status_code} {resp.text[:300]}")
         data = resp.json()

@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 import contextvars
+import logging
 import re
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 DEFAULT_TIMEOUT = 1800.0  # seconds; like ZStack, half an hour unless configured
+# Rollbacks run after the API's deadline may have passed; they get this long of their own.
+ROLLBACK_GRACE = 60.0
+# The header that carries an agent call's budget (seconds) to the agent, which then refuses to
+# start a command whose caller has already given up.
+HEADER = "X-Nimbo-Timeout"
 
 
 def set_deadline(seconds: float) -> None:
     _deadline.set(time.monotonic() + seconds)
+
+
+@contextmanager
+def grace(seconds: float = ROLLBACK_GRACE) -> Iterator[None]:
+    """A fresh deadline for clean-up work (rollbacks) in the current context, restored after."""
+    token = _deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
 
 
 def remaining(default: float = DEFAULT_TIMEOUT) -> float:
@@ -41,6 +61,9 @@ class ApiTimeouts:
 
     The internal message names are accepted for compatibility; the timeout applies to the whole
     API and everything it causes, which is what those names listed.
+
+    The global config category ``apiTimeout`` (``UpdateGlobalConfig category=apiTimeout
+    name=<API> value=30m``) overrides the file; the file overrides the built-in defaults.
     """
 
     DEFAULTS = {
@@ -51,6 +74,8 @@ class ApiTimeouts:
 
     def __init__(self) -> None:
         self._timeouts: dict[str, float] = dict(self.DEFAULTS)
+        # the apiTimeout global configs (full or short API name → seconds), read on every get
+        self.overrides: Callable[[], dict[str, float]] = dict
 
     def load(self, path: Path) -> None:
         if not path.exists():
@@ -60,14 +85,32 @@ class ApiTimeouts:
             if not line.startswith("ApiTimeout.") or "=" not in line:
                 continue
             key, value = line.split("=", 1)
-            self.set(key.strip()[len("ApiTimeout.") :], value.split(";")[-1])
+            try:
+                self.set(key.strip()[len("ApiTimeout.") :], value.split(";")[-1])
+            except ValueError as err:
+                log.warning("%s: ignoring %r: %s", path, line, err)
 
     def set(self, api: str, duration: str | float) -> None:
         seconds = duration if isinstance(duration, float | int) else parse_duration(duration)
         self._timeouts[_short(api)] = float(seconds)
 
     def get(self, api: str) -> float:
+        short = _short(api)
+        for name, seconds in self.overrides().items():
+            if _short(name) == short:
+                return float(seconds)
+        return self._timeouts.get(short, DEFAULT_TIMEOUT)
+
+    def file_default(self, api: str) -> float:
+        """What the API's timeout is without a global config: zstack.properties or built in."""
         return self._timeouts.get(_short(api), DEFAULT_TIMEOUT)
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def _short(api: str) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from nimbostack.core import deadline
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +41,32 @@ class FlowChain:
                 await flow.run(ctx)
         except BaseException as err:
             log.info("flow chain %s failed at %s: %s; rolling back", self.name, done[-1].name, err)
-            for flow in reversed(done):
-                if flow.rollback is None:
-                    continue
-                try:
-                    await flow.rollback(ctx)
-                except Exception:
-                    # A rollback that fails must not hide the original error; it is logged so the
-                    # operator (and the GC, for host-side leftovers) can act on it.
-                    log.exception("rollback of %s/%s failed", self.name, flow.name)
+            await self._undo(done, ctx)
             raise
         return ctx
+
+    async def _undo(self, done: list[Flow], ctx: dict[str, Any]) -> None:
+        """Roll back in reverse, to the end even when the API's deadline passes meanwhile: the
+        rollback runs as its own task (a cancellation of the API waits for it instead of cutting
+        it short) with a fresh deadline, as the API's own may already be spent."""
+        with deadline.grace():
+            task = asyncio.ensure_future(self._rollback(done, ctx))
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _rollback(self, done: list[Flow], ctx: dict[str, Any]) -> None:
+        for flow in reversed(done):
+            if flow.rollback is None:
+                continue
+            try:
+                await flow.rollback(ctx)
+            except Exception:
+                # A rollback that fails must not hide the original error; it is logged so the
+                # operator can act on it (host-side leftovers of unreachable hosts go to the GC).
+                log.exception("rollback of %s/%s failed", self.name, flow.name)

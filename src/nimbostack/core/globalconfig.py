@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import time
+import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 
-from nimbostack.core.errors import invalid
+from nimbostack.core import deadline
+from nimbostack.core.errors import ApiError, invalid
 from nimbostack.db.engine import Database
 from nimbostack.db.models import GlobalConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,7 @@ class ConfigDef:
     name: str
     default: str
     description: str
-    kind: str = "str"  # str | int | bool
+    kind: str = "str"  # str | int | bool | duration (30s, 10m, 6h → seconds)
     choices: tuple[str, ...] | None = None
     min: int | None = None
 
@@ -38,6 +42,14 @@ class ConfigDef:
             if self.min is not None and value < self.min:
                 raise invalid(f"{self.category}/{self.name}: {value} is less than the minimum {self.min}")
             return value
+        if self.kind == "duration":
+            try:
+                seconds = deadline.parse_duration(text)
+            except ValueError:
+                raise invalid(f"{self.category}/{self.name}: '{text}' is not a duration like 30s, 10m or 6h") from None
+            if seconds <= 0:
+                raise invalid(f"{self.category}/{self.name}: a timeout must be longer than 0")
+            return seconds
         if self.kind == "bool":
             if text.lower() not in ("true", "false"):
                 raise invalid(f"{self.category}/{self.name}: '{text}' is not true or false")
@@ -110,8 +122,35 @@ DEFINITIONS: list[ConfigDef] = [
 
 _BY_KEY = {(d.category, d.name): d for d in DEFINITIONS}
 
+# Per-API timeouts (release 1.2 §3): one config per API that has been given a timeout, named by
+# the API's full message name; created by UpdateGlobalConfig, removed by resetting it (no value).
+API_TIMEOUT = "apiTimeout"
+
+
+def api_timeout_definition(name: str) -> ConfigDef:
+    """``CreateVmInstance``, ``APICreateVmInstanceMsg`` or ``org.zstack.header.vm.APICreateVmInstanceMsg``."""
+    from nimbostack.api import spec
+
+    short = name.strip().rsplit(".", 1)[-1]
+    if short.startswith("API") and short.endswith("Msg"):
+        short = short[3:-3]
+    msg = spec.messages().get(short)
+    if msg is None or ("." in name and spec.by_full_name().get(name.strip()) is None):
+        raise invalid(f"apiTimeout: {name!r} is not an API of the API table (e.g. CreateVmInstance or "
+                      "org.zstack.header.vm.APICreateVmInstanceMsg)")
+    default = deadline.ApiTimeouts.DEFAULTS.get(msg.name, deadline.DEFAULT_TIMEOUT)
+    return ConfigDef(
+        API_TIMEOUT,
+        msg.full_name,
+        deadline.format_duration(default),
+        f"Timeout of {msg.name} and every step and agent call it causes",
+        "duration",
+    )
+
 
 def definition(category: str, name: str) -> ConfigDef:
+    if category == API_TIMEOUT:
+        return api_timeout_definition(name)
     d = _BY_KEY.get((category, name))
     if d is None:
         raise invalid(f"no global config {category}/{name}")
@@ -119,15 +158,16 @@ def definition(category: str, name: str) -> ConfigDef:
 
 
 class GlobalConfigStore:
-    """Values cached in memory and re-read every few seconds, so management nodes that share the
-    database converge without a broker and the hot path never queries for a config."""
+    """Values cached in memory and re-read every few seconds by ``refresh_loop``, so management
+    nodes that share the database converge without a broker. Reading a value never touches the
+    database: callers read configs inside their own transactions, and with SQLite's single
+    connection a read that opened a second transaction would wait for itself."""
 
     REFRESH_SECONDS = 5.0
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self._values: dict[tuple[str, str], Any] = {}
-        self._loaded_at = 0.0
         self._listeners: list[Callable[[str, str, Any], None]] = []
 
     async def seed(self) -> None:
@@ -152,28 +192,61 @@ class GlobalConfigStore:
         values = {}
         for r in rows:
             d = _BY_KEY.get((r.category, r.name))
+            if d is None and r.category == API_TIMEOUT:
+                try:
+                    d = api_timeout_definition(r.name)
+                except ApiError:
+                    continue
             if d is not None:
                 values[(r.category, r.name)] = d.parse(r.value)
         self._values = values
-        self._loaded_at = time.monotonic()
 
     async def get(self, category: str, name: str) -> Any:
-        if time.monotonic() - self._loaded_at > self.REFRESH_SECONDS:
-            await self.refresh()
         return self._values[(category, name)]
+
+    async def refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.REFRESH_SECONDS)
+            try:
+                await self.refresh()
+            except Exception:  # a database hiccup must not stop later refreshes
+                log.exception("refreshing global configs failed")
 
     def cached(self, category: str, name: str) -> Any:
         return self._values[(category, name)]
 
+    def category_values(self, category: str) -> dict[str, Any]:
+        """Every cached value of a category, by name (e.g. the apiTimeout configs that are set)."""
+        return {n: v for (c, n), v in self._values.items() if c == category}
+
     async def update(self, category: str, name: str, raw: Any) -> GlobalConfig:
+        """Set a config; ``raw`` None resets it to its default (an apiTimeout config is removed)."""
         d = definition(category, name)
+        name = d.name
+        if raw is None and category == API_TIMEOUT:
+            async with self.db.tx() as s:
+                row = (
+                    await s.execute(
+                        select(GlobalConfig).where(GlobalConfig.category == category, GlobalConfig.name == name)
+                    )
+                ).scalar_one_or_none()
+                if row is not None:
+                    await s.delete(row)
+            self._values.pop((category, name), None)
+            return GlobalConfig(category=category, name=name, description=d.description, defaultValue=d.default,
+                                value=d.default)
+        if raw is None:
+            raw = d.default
         value = d.parse(raw)
         async with self.db.tx() as s:
             row = (
                 await s.execute(
                     select(GlobalConfig).where(GlobalConfig.category == category, GlobalConfig.name == name)
                 )
-            ).scalar_one()
+            ).scalar_one_or_none()
+            if row is None:  # an apiTimeout config is created when first set
+                row = GlobalConfig(category=category, name=name, description=d.description, defaultValue=d.default)
+                s.add(row)
             row.value = str(raw).strip() if d.kind != "bool" else str(value).lower()
         self._values[(category, name)] = value
         for listener in self._listeners:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nimbostack.core.agents import AgentClient
 from nimbostack.core.deadline import ApiTimeouts
-from nimbostack.core.globalconfig import GlobalConfigStore
+from nimbostack.core.globalconfig import API_TIMEOUT, GlobalConfigStore
 from nimbostack.core.jobs import Jobs
 from nimbostack.core.queues import SerialQueues
 from nimbostack.db.engine import Database
@@ -41,6 +41,8 @@ class Platform:
         self.queues = SerialQueues()
         self.timeouts = ApiTimeouts()
         self.timeouts.load(settings.data_dir / "zstack.properties")
+        # UpdateGlobalConfig category=apiTimeout overrides zstack.properties
+        self.timeouts.overrides = lambda: self.config.category_values(API_TIMEOUT)
         self.agents = AgentClient()
         self.auth = Auth(self)
 

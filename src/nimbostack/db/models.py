@@ -116,6 +116,23 @@ class Job(Base):
     deadline: Mapped[datetime] = mapped_column(DateTime)
 
 
+class GarbageCollector(Base, Stamped):
+    """Host-side work a user operation could not finish because the agent was unreachable
+    (destroy a domain, delete a file); re-run when the host reconnects or by the periodic poll."""
+
+    __tablename__ = "garbage_collector"
+    uuid: Mapped[str] = mapped_column(UUID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))  # e.g. destroy-vm, delete-volume-file
+    # the agent to call: a host, or a backup storage kept by an agent
+    hostUuid: Mapped[str] = mapped_column(UUID, index=True)
+    resourceUuid: Mapped[str | None] = mapped_column(UUID, nullable=True, index=True)
+    path: Mapped[str] = mapped_column(String(255))  # agent command, e.g. /vm/destroy
+    body: Mapped[str] = mapped_column(Text)  # JSON body of the command
+    status: Mapped[str] = mapped_column(String(16), default="Pending", index=True)  # Pending | Done
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # why deferred; then the last failure
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
 # --- compute ------------------------------------------------------------------------------
 
 
@@ -202,6 +219,8 @@ class VmInstance(Base, Resource):
     isoUuid: Mapped[str | None] = mapped_column(UUID, nullable=True)
     # when the VM was destroyed, for the expunger
     destroyDate: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # a Destroyed VM's NICs as JSON [{l3NetworkUuid, ip, mac, deviceId}]: RecoverVmInstance rebuilds them
+    destroyedNics: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class VmNic(Base, Stamped):
@@ -430,3 +449,27 @@ class NetworkServiceL3NetworkRef(Base, Stamped):
     networkServiceProviderUuid: Mapped[str] = mapped_column(UUID, index=True)
     networkServiceType: Mapped[str] = mapped_column(String(64))
     __table_args__ = (UniqueConstraint("l3NetworkUuid", "networkServiceType"),)
+
+
+class Vip(Base, Resource):
+    """A virtual IP taken from a (public) L3 network; an EIP maps it onto a VM NIC's IP."""
+
+    __tablename__ = "vip"
+    l3NetworkUuid: Mapped[str] = mapped_column(UUID, ForeignKey("l3_network.uuid", ondelete="CASCADE"), index=True)
+    ip: Mapped[str] = mapped_column(String(64), index=True)
+    netmask: Mapped[str] = mapped_column(String(64))
+    gateway: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    serviceProvider: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    peerL3NetworkUuid: Mapped[str | None] = mapped_column(UUID, nullable=True)
+    useFor: Mapped[str | None] = mapped_column(String(64), nullable=True)  # "Eip" while an EIP holds it
+    usedIpUuid: Mapped[str | None] = mapped_column(UUID, nullable=True)
+
+
+class Eip(Base, Resource):
+    __tablename__ = "eip"
+    vipUuid: Mapped[str] = mapped_column(UUID, ForeignKey("vip.uuid", ondelete="CASCADE"), unique=True)
+    vmNicUuid: Mapped[str | None] = mapped_column(UUID, nullable=True, index=True)
+    vipIp: Mapped[str] = mapped_column(String(64))
+    guestIp: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")

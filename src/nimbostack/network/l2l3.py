@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -302,6 +303,15 @@ async def delete_l2(ctx: ApiContext) -> dict[str, Any]:
 
 # --- L3 ----------------------------------------------------------------------------------------
 
+_DOMAIN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _dns_domain(value: str | None) -> str | None:
+    # handed to DHCP servers on hosts (dnsmasq's domain option): a DNS name and nothing else
+    if value and (len(value) > 253 or not _DOMAIN.fullmatch(value)):
+        raise invalid(f"dnsDomain {value[:80]!r} is not a DNS domain name")
+    return value
+
 
 @api("CreateL3Network")
 async def create_l3(ctx: ApiContext) -> dict[str, Any]:
@@ -314,7 +324,7 @@ async def create_l3(ctx: ApiContext) -> dict[str, Any]:
             type=ctx.str("type", "L3BasicNetwork"),
             zoneUuid=l2.zoneUuid,
             l2NetworkUuid=l2.uuid,
-            dnsDomain=ctx.str("dnsDomain"),
+            dnsDomain=_dns_domain(ctx.str("dnsDomain")),
             system=ctx.bool("system"),
         )
         s.add(row)
@@ -328,6 +338,7 @@ async def create_l3(ctx: ApiContext) -> dict[str, Any]:
 async def update_l3(ctx: ApiContext) -> dict[str, Any]:
     async with ctx.p.db.tx() as s:
         row = await load(s, m.L3Network, ctx.req("uuid"), ctx, "L3Network", owned=True)
+        _dns_domain(ctx.str("dnsDomain"))
         update_fields(row, ctx)
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectL3NetworkInventory", row)}
@@ -360,6 +371,7 @@ async def delete_l3(ctx: ApiContext) -> dict[str, Any]:
 
 
 L3_DELETE_HOOKS: list[Any] = []  # network service providers clean host-side state here
+L3_SERVICE_HOOKS: list[Any] = []  # (platform, l3 uuid) after services are attached to / detached from an L3
 
 
 def _ip(name: str, value: str) -> ipaddress.IPv4Address:
@@ -575,7 +587,10 @@ async def attach_services(ctx: ApiContext) -> dict[str, Any]:
                         )
                     )
         await s.flush()
-        return {"inventory": await inv(s, "QueryObjectL3NetworkInventory", l3)}
+        out = {"inventory": await inv(s, "QueryObjectL3NetworkInventory", l3)}
+    for hook in L3_SERVICE_HOOKS:
+        await hook(ctx.p, l3.uuid)
+    return out
 
 
 @api("DetachNetworkServiceFromL3Network")
@@ -591,7 +606,10 @@ async def detach_services(ctx: ApiContext) -> dict[str, Any]:
                 )
             )
         await s.flush()
-        return {"inventory": await inv(s, "QueryObjectL3NetworkInventory", l3)}
+        out = {"inventory": await inv(s, "QueryObjectL3NetworkInventory", l3)}
+    for hook in L3_SERVICE_HOOKS:
+        await hook(ctx.p, l3.uuid)
+    return out
 
 
 @api("QueryVirtualRouterVm")

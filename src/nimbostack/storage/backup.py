@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select, update
 
@@ -21,10 +22,14 @@ from nimbostack.api.common import (
     update_fields,
 )
 from nimbostack.api.dispatch import ApiContext, api
+from nimbostack.core import expunger, gc
 from nimbostack.core.errors import ApiError, invalid, not_allowed
 from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
 from nimbostack.db import query
+
+if TYPE_CHECKING:
+    from nimbostack.core.platform import Platform
 
 # What a simulator backup storage reports for every image it "downloads".
 SIMULATED_IMAGE_SIZE = 1 << 30
@@ -298,10 +303,144 @@ async def change_image_state(ctx: ApiContext) -> dict[str, Any]:
         return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
 
 
+# --- deletion policy (release 1.0 §8.3): an image is Deleted when its copies on every backup
+# storage are; a copy is Deleted (kept, recoverable) or, under Direct, removed with its file.
+
+
+async def _refs(s: Any, image_uuid: str, bs_uuids: list[str], status: str | None = None) -> list[Any]:
+    stmt = select(m.ImageBackupStorageRef).where(m.ImageBackupStorageRef.imageUuid == image_uuid)
+    if bs_uuids:
+        stmt = stmt.where(m.ImageBackupStorageRef.backupStorageUuid.in_(bs_uuids))
+    if status:
+        stmt = stmt.where(m.ImageBackupStorageRef.status == status)
+    return list((await s.execute(stmt)).scalars())
+
+
+async def _check_bs(s: Any, image_uuid: str, bs_uuids: list[str]) -> None:
+    held = {r.backupStorageUuid for r in await _refs(s, image_uuid, [])}
+    missing = [u for u in bs_uuids if u not in held]
+    if missing:
+        raise invalid(f"image {image_uuid} has no copy on backup storage {', '.join(missing)}")
+
+
+async def _settle_image(s: Any, image_uuid: str) -> None:
+    """The image's status follows its copies: gone with the last one, Deleted when all are."""
+    row = await s.get(m.Image, image_uuid)
+    if row is None:
+        return
+    refs = await _refs(s, image_uuid, [])
+    if not refs:
+        await s.delete(row)
+        await disown(s, [image_uuid])
+    elif all(r.status == "Deleted" for r in refs):
+        if row.status != "Deleted":
+            row.status, row.deleteDate = "Deleted", datetime.utcnow()
+    elif row.status == "Deleted":
+        row.status, row.deleteDate = "Ready", None
+
+
+async def expunge_image(p: Platform, image_uuid: str, bs_uuids: list[str] | None = None) -> int:
+    """Remove the Deleted copies (on ``bs_uuids`` or all): their files on the backup storage
+    (through the GC if its agent is unreachable) and rows; the image goes with its last copy."""
+    async with p.db.tx() as s:
+        work = [
+            (ref.id, ref.installPath, await s.get(m.BackupStorage, ref.backupStorageUuid))
+            for ref in await _refs(s, image_uuid, bs_uuids or [], "Deleted")
+        ]
+    for _, install_path, bs in work:
+        if bs is not None and bs.agentUrl and install_path:
+            await gc.call_or_defer(p, gc.DELETE_IMAGE_FILE, bs.uuid, "/bs/delete",
+                                   {"path": bs.url, "installPath": install_path}, image_uuid)
+    async with p.db.tx() as s:
+        if work:
+            await s.execute(delete(m.ImageBackupStorageRef).where(
+                m.ImageBackupStorageRef.id.in_([ref_id for ref_id, _, _ in work])))
+        await _settle_image(s, image_uuid)
+    return len(work)
+
+
 @api("DeleteImage")
 async def delete_image(ctx: ApiContext) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
+    """Delete the image's copies on ``backupStorageUuids`` (default: all) by image/deletionPolicy."""
+    p = ctx.p
+    bs_uuids = ctx.list("backupStorageUuids")
+    async with p.db.tx() as s:
         row = await load(s, m.Image, ctx.req("uuid"), ctx, "Image", owned=True)
-        await s.delete(row)
-        await disown(s, [row.uuid])
+    async with p.queues.serial(row.uuid):
+        policy = await p.config.get("image", "deletionPolicy")
+        async with p.db.tx() as s:
+            await _check_bs(s, row.uuid, bs_uuids)
+            for ref in await _refs(s, row.uuid, bs_uuids):
+                ref.status = "Deleted"
+            await s.flush()
+            await _settle_image(s, row.uuid)
+        if policy == "Direct":
+            await expunge_image(p, row.uuid, bs_uuids)
     return {}
+
+
+@api("RecoverImage")
+async def recover_image(ctx: ApiContext) -> dict[str, Any]:
+    """Bring back the Deleted copies on ``backupStorageUuids`` (default: all); the image is Ready."""
+    p = ctx.p
+    bs_uuids = ctx.list("backupStorageUuids")
+    async with p.db.tx() as s:
+        row = await load(s, m.Image, ctx.req("imageUuid"), ctx, "Image", owned=True)
+    async with p.queues.serial(row.uuid):
+        async with p.db.tx() as s:
+            await _check_bs(s, row.uuid, bs_uuids)
+            refs = await _refs(s, row.uuid, bs_uuids, "Deleted")
+            if not refs:
+                where = f" on backup storage {', '.join(bs_uuids)}" if bs_uuids else ""
+                raise not_allowed(f"image {row.uuid} has no Deleted copy{where} to recover")
+            for ref in refs:
+                ref.status = "Ready"
+            await s.flush()
+            await _settle_image(s, row.uuid)
+            row = await s.get(m.Image, row.uuid)
+            await s.flush()
+            return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
+
+
+@api("ExpungeImage")
+async def expunge_image_api(ctx: ApiContext) -> dict[str, Any]:
+    p = ctx.p
+    bs_uuids = ctx.list("backupStorageUuids")
+    async with p.db.tx() as s:
+        row = await load(s, m.Image, ctx.req("imageUuid"), ctx, "Image", owned=True)
+    async with p.queues.serial(row.uuid):
+        async with p.db.tx() as s:
+            await _check_bs(s, row.uuid, bs_uuids)
+            if not await _refs(s, row.uuid, bs_uuids, "Deleted"):
+                where = f" on backup storage {', '.join(bs_uuids)}" if bs_uuids else ""
+                raise not_allowed(f"image {row.uuid} has no Deleted copy{where}; delete it first (DeleteImage)")
+        await expunge_image(p, row.uuid, bs_uuids)
+    return {}
+
+
+async def _expunge_due(p: Platform, cutoff: datetime) -> list[str]:
+    """Images with a copy Deleted before the cutoff (a copy's lastOpDate is when it was deleted)."""
+    async with p.db.tx() as s:
+        return list(
+            (
+                await s.execute(
+                    select(m.ImageBackupStorageRef.imageUuid)
+                    .where(m.ImageBackupStorageRef.status == "Deleted", m.ImageBackupStorageRef.lastOpDate < cutoff)
+                    .distinct()
+                )
+            ).scalars()
+        )
+
+
+async def _expunge_one(p: Platform, image_uuid: str) -> None:
+    period = await p.config.get("image", "expungePeriod")
+    async with p.queues.serial(image_uuid):
+        async with p.db.tx() as s:
+            cutoff = datetime.utcnow().timestamp() - period
+            due = [r.backupStorageUuid for r in await _refs(s, image_uuid, [], "Deleted")
+                   if r.lastOpDate.timestamp() < cutoff]
+        if due:
+            await expunge_image(p, image_uuid, due)
+
+
+expunger.register(expunger.Expungeable("image", _expunge_due, _expunge_one))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
@@ -11,10 +11,14 @@ from nimbostack.agent.driver import DiskSpec
 from nimbostack.api.common import add_creation_tags, disown, inv, load, new_uuid, own, register_queries, update_fields
 from nimbostack.api.dispatch import ApiContext, api
 from nimbostack.compute.vm import agent
+from nimbostack.core import expunger, gc
 from nimbostack.core.errors import invalid, not_allowed
 from nimbostack.db import models as m
 from nimbostack.db import query
 from nimbostack.storage import primary
+
+if TYPE_CHECKING:
+    from nimbostack.core.platform import Platform
 
 query.register(
     query.QueryTarget(
@@ -169,17 +173,42 @@ async def detach_data_volume(ctx: ApiContext) -> dict[str, Any]:
     return await _out(ctx, vol.uuid)
 
 
-async def expunge_volume(ctx: ApiContext, vol: m.Volume) -> None:
-    if vol.installPath and vol.hostUuid and vol.primaryStorageUuid:
-        async with ctx.p.db.tx() as s:
-            ps = await s.get(m.PrimaryStorage, vol.primaryStorageUuid)
-        await agent(ctx.p, vol.hostUuid, "/storage/local/delete", {"path": ps.url, "installPath": vol.installPath})
-    async with ctx.p.db.tx() as s:
+async def expunge_volume(p: Platform, vol_uuid: str) -> None:
+    """Remove the volume's file (through the GC if its host is unreachable), give its primary
+    storage capacity back and drop its row."""
+    async with p.db.tx() as s:
+        vol = await s.get(m.Volume, vol_uuid)
+        if vol is None:
+            return
+        ps = await s.get(m.PrimaryStorage, vol.primaryStorageUuid) if vol.primaryStorageUuid else None
+    if vol.installPath and vol.hostUuid and ps is not None:
+        await gc.call_or_defer(
+            p,
+            gc.DELETE_VOLUME_FILE,
+            vol.hostUuid,
+            "/storage/local/delete",
+            {"path": ps.url, "installPath": vol.installPath},
+            vol.uuid,
+        )
+    async with p.db.tx() as s:
         await primary.release(s, vol.uuid)
         row = await s.get(m.Volume, vol.uuid)
         if row is not None:
             await s.delete(row)
         await disown(s, [vol.uuid])
+
+
+async def delete_volume(p: Platform, vol_uuid: str) -> None:
+    """Delete a detached data volume by volume/deletionPolicy: Direct expunges it, Delay and
+    Never mark it Deleted (its file and capacity kept, RecoverDataVolume brings it back)."""
+    async with p.db.tx() as s:
+        row = await s.get(m.Volume, vol_uuid)
+        if row is None or row.status == "Deleted":
+            return
+        if await p.config.get("volume", "deletionPolicy") != "Direct":
+            row.status, row.deleteDate = "Deleted", datetime.utcnow()
+            return
+    await expunge_volume(p, vol_uuid)
 
 
 @api("DeleteDataVolume")
@@ -191,14 +220,7 @@ async def delete_data_volume(ctx: ApiContext) -> dict[str, Any]:
         vol = await _volume(ctx, vol.uuid)
         if vol.vmInstanceUuid:
             raise not_allowed(f"volume {vol.uuid} is attached to VM {vol.vmInstanceUuid}; detach it first")
-        if vol.status == "Deleted":
-            return {}
-        if await ctx.p.config.get("volume", "deletionPolicy") == "Direct" or vol.status == "NotInstantiated":
-            await expunge_volume(ctx, vol)
-        else:
-            async with ctx.p.db.tx() as s:
-                row = await s.get(m.Volume, vol.uuid)
-                row.status, row.deleteDate = "Deleted", datetime.utcnow()
+        await delete_volume(ctx.p, vol.uuid)
     return {}
 
 
@@ -209,13 +231,15 @@ async def expunge_data_volume(ctx: ApiContext) -> dict[str, Any]:
         vol = await _volume(ctx, vol.uuid)
         if vol.status != "Deleted":
             raise not_allowed(f"volume {vol.uuid} is {vol.status}; only a Deleted volume is expunged")
-        await expunge_volume(ctx, vol)
+        await expunge_volume(ctx.p, vol.uuid)
     return {}
 
 
 @api("RecoverDataVolume")
 async def recover_data_volume(ctx: ApiContext) -> dict[str, Any]:
     vol = await _volume(ctx)
+    if vol.type != "Data":
+        raise not_allowed(f"volume {vol.uuid} is a root volume; it is recovered with its VM (RecoverVmInstance)")
     async with ctx.p.queues.serial(vol.uuid):
         async with ctx.p.db.tx() as s:
             row = await load(s, m.Volume, vol.uuid, ctx)
@@ -223,3 +247,27 @@ async def recover_data_volume(ctx: ApiContext) -> dict[str, Any]:
                 raise not_allowed(f"volume {vol.uuid} is {row.status}; only a Deleted volume is recovered")
             row.status, row.deleteDate = ("Ready" if row.installPath else "NotInstantiated"), None
     return await _out(ctx, vol.uuid)
+
+
+async def _expunge_due(p: Platform, cutoff: datetime) -> list[str]:
+    async with p.db.tx() as s:
+        return list(
+            (
+                await s.execute(
+                    select(m.Volume.uuid).where(
+                        m.Volume.type == "Data", m.Volume.status == "Deleted", m.Volume.deleteDate < cutoff
+                    )
+                )
+            ).scalars()
+        )
+
+
+async def _expunge_one(p: Platform, vol_uuid: str) -> None:
+    async with p.queues.serial(vol_uuid):
+        async with p.db.tx() as s:
+            vol = await s.get(m.Volume, vol_uuid)
+        if vol is not None and vol.status == "Deleted":
+            await expunge_volume(p, vol_uuid)
+
+
+expunger.register(expunger.Expungeable("volume", _expunge_due, _expunge_one))

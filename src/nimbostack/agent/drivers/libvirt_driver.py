@@ -27,6 +27,7 @@ import libvirt
 
 from nimbostack.agent.driver import (
     PAUSED,
+    REBOOTED,
     RUNNING,
     STOPPED,
     ConsoleAddress,
@@ -59,6 +60,7 @@ BOOT_DEVICES = {"HardDisk": "hd", "CdRom": "cdrom", "Network": "network"}
 CDROM_TARGET = "hdc"
 CDROM_BUS = "ide"
 
+MEDIA_CHANGE_ATTEMPTS = 5
 # How long detach_disk waits for the guest to release a hot-unplugged disk.
 DETACH_TIMEOUT = 20.0
 # Guests that were still booting when the ACPI button was pressed never saw it; press again.
@@ -460,7 +462,6 @@ class LibvirtDriver:
         self.uri = uri
         self.host_ip = host_ip
         self.console_listen = console_listen
-        self._requested_type = domain_type
         self._domain_type: str | None = None if domain_type == "auto" else domain_type
         self.domain_type_reason = "" if domain_type == "auto" else "forced by configuration"
         self._domcaps: dict[str, ET.Element] = {}
@@ -515,15 +516,19 @@ class LibvirtDriver:
                 conn.setKeepAlive(5, 3)
             except libvirt.libvirtError:
                 pass
-            self._lifecycle_cb = conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
-            )
-            self._reboot_cb = conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None
-            )
-            conn.registerCloseCallback(self._on_connection_closed, None)
-            reconnected = self._ever_connected
             self._conn = conn
+            try:
+                self._lifecycle_cb = conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+                )
+                self._reboot_cb = conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None
+                )
+                conn.registerCloseCallback(self._on_connection_closed, None)
+            except libvirt.libvirtError as e:
+                self._drop_connection()
+                raise _translate(e, "subscribe to libvirt domain events") from None
+            reconnected = self._ever_connected
             self._ever_connected = True
         if reconnected:
             # Events sent while we were disconnected are lost; compare states instead.
@@ -632,9 +637,16 @@ class LibvirtDriver:
         try:
             vm = vm_uuid_of_domain(dom.name(), dom.UUIDString())
             if vm is not None:
-                self._call_on_loop(lambda: self._reboots.__setitem__(vm, self._reboots.get(vm, 0) + 1))
+                self._call_on_loop(lambda: self._on_guest_reset(vm))
         except Exception:
             log.exception("failed to handle a libvirt reboot event")
+
+    def _on_guest_reset(self, vm_uuid: str) -> None:
+        self._reboots[vm_uuid] = self._reboots.get(vm_uuid, 0) + 1
+        # A reboot the guest chose (not ours) is news for the management node: a VM installed
+        # from an ISO switches to booting from its disk after that first reboot.
+        if vm_uuid not in self._rebooting and self._queue is not None:
+            self._queue.put_nowait((vm_uuid, REBOOTED))
 
     def _on_state_event(self, vm_uuid: str, event: int, state: str) -> None:
         # SHUTDOWN is reported rather than waiting for STOPPED, which comes a second or more later
@@ -678,7 +690,7 @@ class LibvirtDriver:
                 await self._run("reconnect to libvirt", lambda conn: None)
                 return
             except DriverError as e:
-                log.warning("%s; retrying in %.0f s", e, delay)
+                log.warning("%s; retrying in %.1f s", e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -814,8 +826,7 @@ class LibvirtDriver:
 
         await self._run(f"start VM {spec.uuid}", start)
 
-    # The timeout parameter is part of the HypervisorDriver protocol.
-    async def stop_vm(self, vm_uuid: str, graceful: bool = True, timeout: float = 60) -> None:  # noqa: ASYNC109
+    async def stop_vm(self, vm_uuid: str, graceful: bool = True, timeout: float = 60) -> None:
         name = domain_name(vm_uuid)
         action = f"stop VM {vm_uuid}"
 
@@ -1078,7 +1089,16 @@ class LibvirtDriver:
             if active:
                 # FORCE ejects even when the guest locked the tray (a mounted ISO).
                 flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE
-            dom.updateDeviceFlags(xml, flags)
+            for attempt in range(MEDIA_CHANGE_ATTEMPTS):
+                try:
+                    dom.updateDeviceFlags(xml, flags)
+                    return
+                except libvirt.libvirtError as e:
+                    # A forced eject does not wait for the tray: a guest probing the drive can
+                    # close it again before libvirt removes the medium. Trying again wins.
+                    if "tray" not in (e.get_error_message() or "").lower() or attempt == MEDIA_CHANGE_ATTEMPTS - 1:
+                        raise
+                    time.sleep(0.3)
 
         await self._run(action, change)
 

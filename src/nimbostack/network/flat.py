@@ -1,0 +1,382 @@
+"""The Flat network service provider on the management node: distributed DHCP and userdata.
+
+Every host runs, per Flat L3 network, its own DHCP server and metadata service (agent side:
+``nimbostack.agent.flat``) that know only the VMs running on that host. This module decides what
+each host serves and pushes it as the full desired state of one L3 network on one host
+(``/flat/apply``, idempotent), whenever that changes:
+
+* before a VM starts on a host and after it stops or is destroyed (vm.START_HOOKS / STOP_HOOKS);
+* when a VM's ``userdata::`` / ``sshkey::`` / ``hostname::`` tags change (tags.TAG_LISTENERS);
+* when a host (re)connects (host.CONNECT_HOOKS): the upgrade walkthrough (1.0 §13) switches an
+  L3 network from the VirtualRouter provider to Flat and reconnects the hosts;
+* when Flat services are attached to or detached from an L3 network, or it is deleted
+  (``/flat/release`` on every host).
+
+Flat acts only on the services the L3 network takes from it (NetworkServiceL3NetworkRef): an L3
+may take DHCP and Userdata from Flat and SNAT/EIP from the VirtualRouter provider."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, select
+
+from nimbostack.agent.flat import validate
+from nimbostack.compute import host as hostmod
+from nimbostack.compute import vm as vmmod
+from nimbostack.core import tags as tagmod
+from nimbostack.core.errors import ApiError
+from nimbostack.core.tags import system_tags, tag_value
+from nimbostack.db import models as m
+from nimbostack.network import ipam, l2l3
+
+if TYPE_CHECKING:
+    from nimbostack.api.dispatch import ApiContext
+    from nimbostack.core.platform import Platform
+
+log = logging.getLogger(__name__)
+
+PROVIDER_TYPE = "Flat"
+SERVICES = ("DHCP", "Userdata")
+DHCP_USED_FOR = "DHCP"
+# VM states in which a VM's NICs are served on its host (Stopping/Destroying VMs are on their way out)
+ACTIVE = ("Starting", "Running", "Rebooting", "Pausing", "Paused", "Resuming", "Unknown", "Migrating")
+# Hook functions may want extra per-VM fields (the EIP module adds publicIp); (s, vm_uuids) -> {vm: {..}}
+ENTRY_EXTRAS: list[Any] = []
+
+
+async def flat_services(s: Any, l3_uuid: str) -> set[str]:
+    """The services the L3 network takes from the Flat provider."""
+    rows = await s.execute(
+        select(m.NetworkServiceL3NetworkRef.networkServiceType)
+        .join(
+            m.NetworkServiceProvider,
+            m.NetworkServiceProvider.uuid == m.NetworkServiceL3NetworkRef.networkServiceProviderUuid,
+        )
+        .where(m.NetworkServiceL3NetworkRef.l3NetworkUuid == l3_uuid, m.NetworkServiceProvider.type == PROVIDER_TYPE)
+    )
+    return set(rows.scalars())
+
+
+async def _flat_l3s(s: Any, l3_uuids: set[str]) -> dict[str, set[str]]:
+    """{l3: Flat's DHCP/Userdata services} for the L3 networks among ``l3_uuids`` that have any."""
+    if not l3_uuids:
+        return {}
+    rows = await s.execute(
+        select(m.NetworkServiceL3NetworkRef.l3NetworkUuid, m.NetworkServiceL3NetworkRef.networkServiceType)
+        .join(
+            m.NetworkServiceProvider,
+            m.NetworkServiceProvider.uuid == m.NetworkServiceL3NetworkRef.networkServiceProviderUuid,
+        )
+        .where(
+            m.NetworkServiceL3NetworkRef.l3NetworkUuid.in_(l3_uuids),
+            m.NetworkServiceProvider.type == PROVIDER_TYPE,
+            m.NetworkServiceL3NetworkRef.networkServiceType.in_(SERVICES),
+        )
+    )
+    out: dict[str, set[str]] = defaultdict(set)
+    for l3, svc in rows:
+        out[l3].add(svc)
+    return dict(out)
+
+
+# --- the DHCP server's IP ----------------------------------------------------------------------
+
+
+async def dhcp_ip(p: Platform, l3_uuid: str) -> m.UsedIp | None:
+    """The L3 network's DHCP server IP: taken once from its IP ranges, kept as a UsedIp row."""
+    async with p.queues.serial(f"flat-dhcp-ip:{l3_uuid}"):
+        async with p.db.tx() as s:
+            rows = await _dhcp_rows(s, l3_uuid)
+            if rows:
+                return rows[0]
+            if not (await s.execute(select(m.IpRange.uuid).where(m.IpRange.l3NetworkUuid == l3_uuid))).first():
+                return None
+            used = await ipam.allocate(s, l3_uuid)
+            used.usedFor = DHCP_USED_FOR
+            await s.flush()
+        async with p.db.tx() as s:
+            # another management node may have raced us: keep the oldest, give back the rest
+            rows = await _dhcp_rows(s, l3_uuid)
+            if len(rows) > 1:
+                await ipam.release(s, [r.uuid for r in rows[1:]])
+            return rows[0] if rows else None
+
+
+async def _dhcp_rows(s: Any, l3_uuid: str) -> list[m.UsedIp]:
+    rows = await s.execute(
+        select(m.UsedIp)
+        .where(m.UsedIp.l3NetworkUuid == l3_uuid, m.UsedIp.usedFor == DHCP_USED_FOR)
+        .order_by(m.UsedIp.createDate, m.UsedIp.uuid)
+    )
+    return list(rows.scalars())
+
+
+async def release_dhcp_ip(p: Platform, l3_uuid: str) -> None:
+    async with p.db.tx() as s:
+        await s.execute(delete(m.UsedIp).where(m.UsedIp.l3NetworkUuid == l3_uuid, m.UsedIp.usedFor == DHCP_USED_FOR))
+
+
+# --- what one host serves on one L3 network ----------------------------------------------------
+
+
+def hostname_of(vm: m.VmInstance, tags: list[str]) -> str:
+    wanted = tag_value(tags, "hostname::")
+    if wanted:
+        try:
+            return validate.hostname(wanted)
+        except ValueError:
+            log.warning("VM %s: hostname tag %r is not a DNS name; using its name", vm.uuid, wanted[:80])
+    return validate.safe_hostname(vm.name or "", f"vm-{vm.uuid[:8]}")
+
+
+def userdata_of(tags: list[str]) -> str | None:
+    raw = tag_value(tags, "userdata::")
+    # the tag stores newlines as the two characters \ and n (the spec's minified YAML)
+    return raw.replace("\\n", "\n") if raw else None
+
+
+def ssh_keys_of(vm_uuid: str, tags: list[str]) -> list[str]:
+    keys = []
+    for t in tags:
+        if t.startswith("sshkey::"):
+            try:
+                keys.append(validate.ssh_key(t[len("sshkey::") :]))
+            except ValueError:
+                log.warning("VM %s: sshkey tag is not an OpenSSH public key line; not served", vm_uuid)
+    return keys
+
+
+async def desired_state(
+    p: Platform, host_uuid: str, l3_uuid: str, services: set[str], exclude: str | None = None
+) -> dict[str, Any] | None:
+    """The body of ``/flat/apply`` for one L3 network on one host (None: nothing can be served)."""
+    used = await dhcp_ip(p, l3_uuid)
+    if used is None:
+        log.warning("L3 network %s has no IP range: no DHCP server IP, Flat services not applied", l3_uuid)
+        return None
+    async with p.db.tx() as s:
+        l3 = await s.get(m.L3Network, l3_uuid)
+        if l3 is None:
+            return None
+        l2 = await s.get(m.L2Network, l3.l2NetworkUuid)
+        bridge = vmmod.bridge_name(l2, await system_tags(s, l2.uuid))
+        dns = list(
+            (
+                await s.execute(
+                    select(m.L3NetworkDns.dns)
+                    .where(m.L3NetworkDns.l3NetworkUuid == l3_uuid)
+                    .order_by(m.L3NetworkDns.id)
+                )
+            ).scalars()
+        )
+        rows = (
+            await s.execute(
+                select(m.VmNic, m.VmInstance)
+                .join(m.VmInstance, m.VmInstance.uuid == m.VmNic.vmInstanceUuid)
+                .where(
+                    m.VmNic.l3NetworkUuid == l3_uuid,
+                    m.VmInstance.hostUuid == host_uuid,
+                    m.VmInstance.state.in_(ACTIVE),
+                )
+                .order_by(m.VmNic.ip)
+            )
+        ).all()
+        rows = [(nic, vm) for nic, vm in rows if vm.uuid != exclude and nic.ip and nic.mac]
+        vm_uuids = sorted({vm.uuid for _, vm in rows})
+        tags: dict[str, list[str]] = defaultdict(list)
+        if vm_uuids:
+            for ruuid, tag in await s.execute(
+                select(m.SystemTag.resourceUuid, m.SystemTag.tag)
+                .where(m.SystemTag.resourceUuid.in_(vm_uuids))
+                .order_by(m.SystemTag.createDate, m.SystemTag.uuid)
+            ):
+                tags[ruuid].append(tag)
+        extras: dict[str, dict[str, Any]] = defaultdict(dict)
+        for extra in ENTRY_EXTRAS:
+            for vm_uuid, fields in (await extra(s, l3_uuid, vm_uuids)).items():
+                extras[vm_uuid].update(fields)
+    vms = []
+    for nic, vm in rows:
+        t = tags.get(vm.uuid, [])
+        entry: dict[str, Any] = {
+            "vmUuid": vm.uuid,
+            "nicUuid": nic.uuid,
+            "mac": nic.mac,
+            "ip": nic.ip,
+            "hostname": hostname_of(vm, t),
+            "isDefault": vm.defaultL3NetworkUuid in (None, l3_uuid),
+            "userdata": userdata_of(t) if "Userdata" in services else None,
+            "sshKeys": ssh_keys_of(vm.uuid, t) if "Userdata" in services else [],
+            "zoneUuid": vm.zoneUuid,
+        }
+        entry.update(extras.get(vm.uuid, {}))
+        vms.append(entry)
+    domain = l3.dnsDomain
+    try:
+        domain = validate.domain(domain)
+    except ValueError:
+        log.warning("L3 network %s: dnsDomain %r is not a DNS name; not offered by DHCP", l3_uuid, domain)
+        domain = None
+    return {
+        "hostUuid": host_uuid,
+        "l3": {
+            "uuid": l3.uuid,
+            "bridge": bridge,
+            "physicalInterface": l2.physicalInterface,
+            "vlan": l2.vlan if l2.type == "L2VlanNetwork" else None,
+            "dhcpServerIp": used.ip,
+            "netmask": used.netmask,
+            "gateway": used.gateway,
+            "dns": dns,
+            "dnsDomain": domain,
+            "services": sorted(services),
+        },
+        "vms": vms,
+    }
+
+
+async def push(p: Platform, host_uuid: str, l3_uuid: str, exclude: str | None = None) -> dict[str, Any] | None:
+    """Compute and send the desired state of one L3 network on one host, one push at a time per
+    (host, L3) so a slower, older push never overwrites a newer one."""
+    async with p.queues.serial(f"flat:{host_uuid}:{l3_uuid}"):
+        async with p.db.tx() as s:
+            services = await flat_services(s, l3_uuid) & set(SERVICES)
+        if not services:
+            return None
+        body = await desired_state(p, host_uuid, l3_uuid, services, exclude)
+        if body is None:
+            return None
+        await vmmod.agent(p, host_uuid, "/flat/apply", {k: v for k, v in body.items() if k != "hostUuid"})
+        return body
+
+
+async def release_everywhere(p: Platform, l3_uuid: str) -> None:
+    """``/flat/release`` of one L3 network on every connected host (a no-op where it never was)."""
+    async with p.db.tx() as s:
+        hosts = (await s.execute(select(m.Host.uuid, m.Host.agentUrl).where(m.Host.status == "Connected"))).all()
+    sem = asyncio.Semaphore(32)
+
+    async def one(host_uuid: str, url: str) -> None:
+        async with sem, p.queues.serial(f"flat:{host_uuid}:{l3_uuid}"):
+            try:
+                await p.agents.call(url, "/flat/release", {"hostUuid": host_uuid, "l3Uuid": l3_uuid}, timeout=30)
+            except ApiError as err:
+                log.warning("could not release Flat services of L3 %s on host %s: %s", l3_uuid, host_uuid, err)
+
+    await asyncio.gather(*(one(h, u) for h, u in hosts))
+
+
+async def _vm_flat_l3s(p: Platform, vm_uuid: str) -> dict[str, set[str]]:
+    async with p.db.tx() as s:
+        l3s = set((await s.execute(select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == vm_uuid))).scalars())
+        return await _flat_l3s(s, l3s)
+
+
+# --- hooks -------------------------------------------------------------------------------------
+
+
+async def on_vm_start(p: Platform, vm_uuid: str, host_uuid: str) -> None:
+    """Before the VM boots: its leases and metadata are on its host (a failure fails the start)."""
+    for l3_uuid in sorted(await _vm_flat_l3s(p, vm_uuid)):
+        await push(p, host_uuid, l3_uuid)
+
+
+async def on_vm_stop(p: Platform, vm_uuid: str, host_uuid: str | None) -> None:
+    if not host_uuid:
+        return
+    for l3_uuid in sorted(await _vm_flat_l3s(p, vm_uuid)):
+        try:
+            await push(p, host_uuid, l3_uuid, exclude=vm_uuid)
+        except ApiError as err:
+            log.warning("VM %s stopped but its Flat entries on host %s stay: %s", vm_uuid, host_uuid, err)
+
+
+async def on_tag_change(ctx: ApiContext, resource_type: str, resource_uuid: str) -> None:
+    if resource_type != "VmInstanceVO":
+        return
+    await refresh_vm(ctx.p, resource_uuid)
+
+
+async def refresh_vm(p: Platform, vm_uuid: str) -> None:
+    """Re-push the Flat L3 networks of a running VM (its tags or addresses changed)."""
+    async with p.db.tx() as s:
+        vm = await s.get(m.VmInstance, vm_uuid)
+        if vm is None or not vm.hostUuid or vm.state not in ACTIVE:
+            return
+        host_uuid = vm.hostUuid
+    for l3_uuid in sorted(await _vm_flat_l3s(p, vm_uuid)):
+        try:
+            await push(p, host_uuid, l3_uuid)
+        except ApiError as err:
+            log.warning("could not refresh Flat services of VM %s on host %s: %s", vm_uuid, host_uuid, err)
+
+
+async def on_host_connect(p: Platform, host_uuid: str) -> None:
+    """Re-push every Flat L3 network with VMs on the host; drop what the host no longer needs."""
+    async with p.db.tx() as s:
+        l3s = set(
+            (
+                await s.execute(
+                    select(m.VmNic.l3NetworkUuid)
+                    .join(m.VmInstance, m.VmInstance.uuid == m.VmNic.vmInstanceUuid)
+                    .where(m.VmInstance.hostUuid == host_uuid, m.VmInstance.state.in_(ACTIVE))
+                    .distinct()
+                )
+            ).scalars()
+        )
+        flat = await _flat_l3s(s, l3s)
+    keep = []
+    for l3_uuid in sorted(flat):
+        try:
+            if await push(p, host_uuid, l3_uuid) is not None:
+                keep.append(l3_uuid)
+        except ApiError as err:
+            log.warning("host %s connected, but Flat services of L3 %s failed: %s", host_uuid, l3_uuid, err)
+    try:
+        await vmmod.agent(p, host_uuid, "/flat/sync", {"l3Uuids": keep})
+    except ApiError as err:
+        log.warning("host %s: could not drop stale Flat L3 networks: %s", host_uuid, err)
+
+
+async def on_l3_delete(p: Platform, l3_uuid: str) -> None:
+    await release_everywhere(p, l3_uuid)
+    await release_dhcp_ip(p, l3_uuid)
+
+
+async def on_services_changed(p: Platform, l3_uuid: str) -> None:
+    """Flat services attached (serve the L3's running VMs now) or detached (tear down everywhere)."""
+    async with p.db.tx() as s:
+        services = await flat_services(s, l3_uuid) & set(SERVICES)
+        hosts = set(
+            (
+                await s.execute(
+                    select(m.VmInstance.hostUuid)
+                    .join(m.VmNic, m.VmNic.vmInstanceUuid == m.VmInstance.uuid)
+                    .where(m.VmNic.l3NetworkUuid == l3_uuid, m.VmInstance.state.in_(ACTIVE))
+                    .distinct()
+                )
+            ).scalars()
+        )
+    if not services:
+        await release_everywhere(p, l3_uuid)
+        await release_dhcp_ip(p, l3_uuid)
+        return
+    for host_uuid in sorted(h for h in hosts if h):
+        try:
+            await push(p, host_uuid, l3_uuid)
+        except ApiError as err:
+            log.warning(
+                "Flat services of L3 %s not applied on host %s: %s (ReconnectHost retries)", l3_uuid, host_uuid, err
+            )
+
+
+vmmod.START_HOOKS.append(on_vm_start)
+vmmod.STOP_HOOKS.append(on_vm_stop)
+tagmod.TAG_LISTENERS.append(on_tag_change)
+hostmod.CONNECT_HOOKS.append(on_host_connect)
+l2l3.L3_DELETE_HOOKS.append(on_l3_delete)
+l2l3.L3_SERVICE_HOOKS.append(on_services_changed)
