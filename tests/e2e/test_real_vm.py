@@ -71,9 +71,8 @@ class Zone:
         self.disk = a.call("CreateDiskOffering", name="d", diskSize=64 << 20)["inventory"]["uuid"]
 
     def create(self, name: str, **extra: Any) -> dict[str, Any]:
-        params = {"imageUuid": self.image["uuid"], **extra}
-        return self.api.call("CreateVmInstance", name=name, instanceOfferingUuid=self.offering,
-                             l3NetworkUuids=[self.l3], **params)["inventory"]
+        params = {"imageUuid": self.image["uuid"], "l3NetworkUuids": [self.l3], **extra}
+        return self.api.call("CreateVmInstance", name=name, instanceOfferingUuid=self.offering, **params)["inventory"]
 
     def console(self, vm_uuid: str) -> str:
         path = self.root / "data" / "agent" / "console" / f"{vm_uuid}.log"
@@ -213,3 +212,32 @@ def test_failures_roll_back_and_the_host_stays_usable(zone: Zone) -> None:
     u = zone.create("after-failure")["uuid"]
     assert zone.state(u) == "Running"
     zone.api.call("DestroyVmInstance", uuid=u)
+
+
+def test_flat_dhcp_and_userdata_reach_a_real_guest(zone: Zone) -> None:
+    """The spec's headline: DHCP and userdata from the host the VM runs on, no router VM."""
+    a = zone.api
+    l2 = a.query("QueryL3Network", ("uuid", "=", zone.l3))[0]["l2NetworkUuid"]
+    l3 = a.call("CreateL3Network", name="flat", l2NetworkUuid=l2)["inventory"]["uuid"]
+    a.call("AddIpRange", l3NetworkUuid=l3, name="r", startIp="198.19.8.10", endIp="198.19.8.200",
+           netmask="255.255.255.0", gateway="198.19.8.1")
+    a.call("AddDnsToL3Network", l3NetworkUuid=l3, dns="198.19.8.1")
+    flat = a.query("QueryNetworkServiceProvider", ("type", "=", "Flat"))[0]["uuid"]
+    a.call("AttachNetworkServiceProviderToL2Network", l2NetworkUuid=l2, networkServiceProviderUuid=flat)
+    a.call("AttachNetworkServiceToL3Network", l3NetworkUuid=l3, networkServices={flat: ["DHCP", "Userdata"]})
+    key = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC5x3AoWuiZawxXoBxEcOhhdVAST4kJA root@yyy"
+    vm = zone.create("flat-vm", l3NetworkUuids=[l3],
+                     systemTags=["userdata::#cloud-config\\nhostname: fromuserdata", f"sshkey::{key}",
+                                 "hostname::web-1"])
+    ip = vm["vmNics"][0]["ip"]
+    u = vm["uuid"]
+    line = zone.wait_console(u, r"NIMBO-DHCP \S+ ip=\S+.*", 90)
+    assert f"ip={ip}" in line and "hostname=web-1" in line and "router=198.19.8.1" in line
+    block = zone.wait_console(u, r"NIMBO-USERDATA-BEGIN[\s\S]*?NIMBO-USERDATA-END", 60)
+    assert "#cloud-config\nhostname: fromuserdata" in block.replace("\r", "")
+    keys = zone.wait_console(u, r"NIMBO-SSHKEYS-BEGIN[\s\S]*?NIMBO-SSHKEYS-END", 30)
+    assert key in keys
+    assert re.search(rf"NIMBO-EC2-INSTANCE-ID {u}", zone.wait_console(u, r"NIMBO-EC2-\S+ ?\S*", 30))
+    a.call("DestroyVmInstance", uuid=u)
+    a.call("ExpungeVmInstance", uuid=u)
+    a.call("DeleteL3Network", uuid=l3)

@@ -32,7 +32,7 @@ cmdline_arg() {
 dhcp_iface() {
     _if=$1
     ip link set "$_if" up 2>/dev/null
-    udhcpc -i "$_if" -s /etc/nimbo/udhcpc.script -b \
+    udhcpc -i "$_if" -s /etc/nimbo/udhcpc.script -b -O staticroutes \
         -t "$(cmdline_arg nimbo.dhcp_tries 6)" -T 1 -A 3 \
         -p "$NIMBO_RUN/udhcpc.$_if.pid" >/dev/null 2>&1 </dev/null
     if [ ! -f "$NIMBO_RUN/dhcp.$_if" ]; then

@@ -192,6 +192,16 @@ def render_dnsmasq_conf(l3: L3Conf, inner: str, hosts_file: str, pid_file: str, 
         lines.append(f"dhcp-option=tag:!{DEFAULT_TAG},option:router")
     else:
         lines.append("dhcp-option=option:router")
+    if "Userdata" in l3.services:
+        # RFC 3442 route to 169.254.169.254 via this host's DHCP address: EC2-style metadata then
+        # works on networks whose gateway does not exist (or is not ours). A client that takes
+        # option 121 ignores option 3, so the default NIC gets its default route here too.
+        md = f"{v.METADATA_IP}/32,{l3.dhcp_ip}"
+        if l3.gateway:
+            lines.append(f"dhcp-option=tag:{DEFAULT_TAG},option:classless-static-route,{md},0.0.0.0/0,{l3.gateway}")
+            lines.append(f"dhcp-option=tag:!{DEFAULT_TAG},option:classless-static-route,{md}")
+        else:
+            lines.append(f"dhcp-option=option:classless-static-route,{md}")
     if l3.dns:
         lines.append("dhcp-option=option:dns-server," + ",".join(l3.dns))
     if l3.domain:
