@@ -60,7 +60,7 @@ BOOT_DEVICES = {"HardDisk": "hd", "CdRom": "cdrom", "Network": "network"}
 CDROM_TARGET = "hdc"
 CDROM_BUS = "ide"
 
-MEDIA_CHANGE_ATTEMPTS = 5
+MEDIA_CHANGE_ATTEMPTS = 12
 # How long detach_disk waits for the guest to release a hot-unplugged disk.
 DETACH_TIMEOUT = 20.0
 # Guests that were still booting when the ACPI button was pressed never saw it; press again.
@@ -89,6 +89,12 @@ _STATE_OF_DOMAIN: dict[int, str] = {
     libvirt.VIR_DOMAIN_SHUTOFF: STOPPED,
     libvirt.VIR_DOMAIN_CRASHED: STOPPED,
     libvirt.VIR_DOMAIN_PMSUSPENDED: PAUSED,
+}
+
+# A live migration's source pauses and stops the domain: not a state change of the VM.
+_MIGRATION_EVENTS = {
+    (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED),
+    (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED),
 }
 
 _CONNECTION_ERRORS = {
@@ -255,7 +261,11 @@ def interface_element(nic: NicSpec) -> ET.Element:
 
 
 def build_domain_xml(
-    spec: VmSpec, domain_type: str, console_listen: str = "0.0.0.0", video_model: str | None = None
+    spec: VmSpec,
+    domain_type: str,
+    console_listen: str = "0.0.0.0",
+    video_model: str | None = None,
+    owner: str | None = None,
 ) -> str:
     """The libvirt domain XML of ``spec``. Built with ElementTree so that any VM name, path or
     bridge is escaped rather than interpreted."""
@@ -281,6 +291,8 @@ def build_domain_xml(
     instance = _sub(metadata, f"{{{METADATA_NS}}}instance")
     _sub(instance, f"{{{METADATA_NS}}}uuid", vm)
     _sub(instance, f"{{{METADATA_NS}}}name", spec.name)
+    if owner:  # the host (agent) the domain was started for: several agents may share a libvirtd
+        _sub(instance, f"{{{METADATA_NS}}}host", owner)
 
     kib = str(max(1, spec.memory // 1024))
     _sub(dom, "memory", kib, unit="KiB")
@@ -456,7 +468,11 @@ class LibvirtDriver:
         domain_type: str = "auto",
         host_ip: str = "127.0.0.1",
         console_listen: str = "0.0.0.0",
+        owner: str | None = None,
     ) -> None:
+        """``owner`` (the host uuid) is written into every domain this driver starts, and the
+        driver then reports only its own domains: two agents on one machine share a libvirtd
+        (tests), and a domain that moved to the other host is not reported by both."""
         if domain_type not in ("auto", "kvm", "qemu"):
             raise DriverError("INVALID_ARGUMENT", f"Domain type {domain_type!r} is not auto, kvm or qemu.")
         self.uri = uri
@@ -475,6 +491,10 @@ class LibvirtDriver:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[tuple[str, str]] | None = None
         self._consumer: asyncio.Task[None] | None = None
+        self.owner = owner
+        self._raw: asyncio.Queue[tuple[str, str]] | None = None  # events waiting for the owner check
+        self._filter: asyncio.Task[None] | None = None
+        self._owned: dict[str, bool] = {}  # last known ownership, for domains already gone
         self._background: set[asyncio.Task[Any]] = set()
         self._last_state: dict[str, str] = {}
         self._reboots: dict[str, int] = {}
@@ -565,6 +585,9 @@ class LibvirtDriver:
             self._loop = loop
             self._queue = asyncio.Queue()
             self._consumer = loop.create_task(self._deliver_events())
+            if self.owner:
+                self._raw = asyncio.Queue()
+                self._filter = loop.create_task(self._filter_events())
 
     def _call_on_loop(self, fn: Callable[[], None]) -> None:
         loop = self._loop
@@ -628,6 +651,8 @@ class LibvirtDriver:
             state = _STATE_OF_EVENT.get(event)
             if vm is None or state is None:
                 return
+            if (event, detail) in _MIGRATION_EVENTS:
+                return  # the domain left for another host (or pauses to): the management node moves it
             log.debug("domain %s lifecycle event %s/%s -> %s", dom.name(), event, detail, state)
             self._call_on_loop(lambda: self._on_state_event(vm, event, state))
         except Exception:
@@ -646,7 +671,10 @@ class LibvirtDriver:
         # A reboot the guest chose (not ours) is news for the management node: a VM installed
         # from an ISO switches to booting from its disk after that first reboot.
         if vm_uuid not in self._rebooting and self._queue is not None:
-            self._queue.put_nowait((vm_uuid, REBOOTED))
+            if self._raw is not None:
+                self._raw.put_nowait((vm_uuid, REBOOTED))
+            else:
+                self._queue.put_nowait((vm_uuid, REBOOTED))
 
     def _on_state_event(self, vm_uuid: str, event: int, state: str) -> None:
         # SHUTDOWN is reported rather than waiting for STOPPED, which comes a second or more later
@@ -654,7 +682,36 @@ class LibvirtDriver:
         # libvirt's ACPI reboot is a guest power-off that libvirt turns into a reset.
         if event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN and vm_uuid in self._rebooting:
             return
+        if self._raw is not None:
+            self._raw.put_nowait((vm_uuid, state))
+            return
         self._enqueue(vm_uuid, state)
+
+    async def _filter_events(self) -> None:
+        """With an owner: pass on the events of this driver's own domains only, in order."""
+        raw = self._raw
+        assert raw is not None
+        while True:
+            vm_uuid, state = await raw.get()
+            try:
+                owned = await self._owns(vm_uuid)
+            except DriverError as e:
+                log.warning("cannot tell whether domain of VM %s is ours: %s", vm_uuid, e)
+                owned = self._owned.get(vm_uuid, False)
+            if not owned:
+                continue
+            if state == REBOOTED:
+                if self._queue is not None:
+                    self._queue.put_nowait((vm_uuid, REBOOTED))
+            else:
+                self._enqueue(vm_uuid, state)
+
+    async def _owns(self, vm_uuid: str) -> bool:
+        owner = await self._run("read the domain's owner", lambda conn: _owner_of(conn, domain_name(vm_uuid)))
+        if owner is None:  # gone (destroyed, migrated away): as it was
+            return self._owned.get(vm_hex(vm_uuid), False)
+        owned = self._owned[vm_hex(vm_uuid)] = owner in ("", self.owner)
+        return owned
 
     def _enqueue(self, vm_uuid: str, state: str) -> None:
         # SHUTDOWN is followed by STOPPED, and a fake (ACPI) reboot may report states that
@@ -820,10 +877,12 @@ class LibvirtDriver:
                 return
             domain_type = self._resolve_domain_type(conn)
             video_model = self._check_spec(conn, domain_type, spec)
-            xml = build_domain_xml(spec, domain_type, self.console_listen, video_model)
+            xml = build_domain_xml(spec, domain_type, self.console_listen, video_model, self.owner)
             dom = conn.defineXML(xml)
             dom.create()
 
+        if self.owner:
+            self._owned[vm_hex(spec.uuid)] = True
         await self._run(f"start VM {spec.uuid}", start)
 
     async def stop_vm(self, vm_uuid: str, graceful: bool = True, timeout: float = 60) -> None:
@@ -969,6 +1028,10 @@ class LibvirtDriver:
                 if vm is None:
                     continue
                 try:
+                    if self.owner:
+                        owned = self._owned[vm] = _domain_owner(dom) in ("", self.owner)
+                        if not owned:
+                            continue
                     state = dom.state()[0]
                 except libvirt.libvirtError as e:
                     if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
@@ -1098,9 +1161,71 @@ class LibvirtDriver:
                     # close it again before libvirt removes the medium. Trying again wins.
                     if "tray" not in (e.get_error_message() or "").lower() or attempt == MEDIA_CHANGE_ATTEMPTS - 1:
                         raise
-                    time.sleep(0.3)
+                    time.sleep(min(0.2 * (attempt + 1), 1.0))  # a busy (TCG) guest needs longer
 
         await self._run(action, change)
+
+    async def snapshot_disk(self, vm_uuid: str, disk: DiskSpec, new_path: str) -> None:
+        """An external disk-only snapshot of one disk of the running domain: QEMU creates
+        ``new_path`` (qcow2, backed by the current file) and writes there from now on."""
+        name = domain_name(vm_uuid)
+        target = disk_target(disk.device_id)
+
+        def snapshot(conn: libvirt.virConnect) -> None:
+            dom = _need(conn, name)
+            if not dom.isActive():
+                raise DriverError("VM_NOT_RUNNING", f"VM {vm_uuid} is not running; snapshot its file instead.")
+            current = ET.fromstring(dom.XMLDesc(0))
+            found = _find_disk(current, disk.path, target)
+            if found is None:
+                raise DriverError("VOLUME_NOT_FOUND", f"VM {vm_uuid} has no disk {disk.path}")
+            found_target = found.find("target")
+            dev = found_target.get("dev") if found_target is not None else target
+            snap = ET.Element("domainsnapshot")
+            _sub(snap, "name", f"nimbo-{uuidlib.uuid4().hex}")
+            disks = _sub(snap, "disks")
+            for d in current.findall("devices/disk"):
+                t = d.find("target")
+                if t is None or not t.get("dev"):
+                    continue
+                if t.get("dev") == dev:
+                    el = _sub(disks, "disk", name=dev, snapshot="external", type="file")
+                    _sub(el, "driver", type="qcow2")
+                    _sub(el, "source", file=new_path)
+                else:
+                    _sub(disks, "disk", name=t.get("dev", ""), snapshot="no")
+            flags = (
+                libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+                | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+                | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            )
+            dom.snapshotCreateXML(ET.tostring(snap, encoding="unicode"), flags)
+
+        await self._run(f"snapshot disk {disk.volume_uuid} of VM {vm_uuid}", snapshot)
+
+    async def migrate_vm(self, vm_uuid: str, dest_uri: str, dest_host_uuid: str, dest: object | None) -> None:
+        """Live migration, peer to peer, to the libvirtd at ``dest_uri`` (the disks are on shared
+        storage, so no storage is copied). The destination defines the domain as its own."""
+        name = domain_name(vm_uuid)
+
+        def migrate(conn: libvirt.virConnect) -> None:
+            dom = _need(conn, name)
+            if not dom.isActive():
+                raise DriverError("VM_NOT_RUNNING", f"VM {vm_uuid} is not running; only a running VM migrates live.")
+            xml = set_domain_owner(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), dest_host_uuid)
+            params = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml, libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: xml}
+            flags = (
+                libvirt.VIR_MIGRATE_LIVE
+                | libvirt.VIR_MIGRATE_PEER2PEER
+                | libvirt.VIR_MIGRATE_PERSIST_DEST
+                | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+                | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+            )
+            dom.migrateToURI3(dest_uri, params, flags)
+
+        await self._run(f"migrate VM {vm_uuid} to {dest_uri}", migrate)
+        self._owned[vm_hex(vm_uuid)] = False
+        self._last_state.pop(vm_hex(vm_uuid), None)
 
     async def console_address(self, vm_uuid: str) -> ConsoleAddress:
         name = domain_name(vm_uuid)
@@ -1126,6 +1251,9 @@ class LibvirtDriver:
         if self._consumer is not None:
             self._consumer.cancel()
             self._consumer = None
+        if self._filter is not None:
+            self._filter.cancel()
+            self._filter = None
         self._loop = None
 
         def shut() -> None:
@@ -1153,6 +1281,49 @@ def _need(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
         vm = name[len(DOMAIN_PREFIX) :]
         raise DriverError("VM_NOT_FOUND", f"VM {vm} has no domain on this host.", name)
     return dom
+
+
+def _domain_owner(dom: libvirt.virDomain) -> str:
+    """The host recorded in the domain's metadata; "" when none is (a domain of an older agent)."""
+    try:
+        xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            return ""
+        raise
+    for el in ET.fromstring(xml).iter():
+        if el.tag == "host" or el.tag.endswith("}host"):
+            return (el.text or "").strip()
+    return ""
+
+
+def _owner_of(conn: libvirt.virConnect, name: str) -> str | None:
+    """The domain's owner, or None when there is no such domain."""
+    dom = _lookup(conn, name)
+    if dom is None:
+        return None
+    try:
+        return _domain_owner(dom)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
+
+def set_domain_owner(xml: str, owner: str) -> str:
+    """The domain XML with ``owner`` as the host in nimbostack's metadata (for a migration)."""
+    dom = ET.fromstring(xml)
+    instance = dom.find(f"metadata/{{{METADATA_NS}}}instance")
+    if instance is None:
+        metadata = dom.find("metadata")
+        if metadata is None:
+            metadata = _sub(dom, "metadata")
+        instance = _sub(metadata, f"{{{METADATA_NS}}}instance")
+    host = instance.find(f"{{{METADATA_NS}}}host")
+    if host is None:
+        host = _sub(instance, f"{{{METADATA_NS}}}host")
+    host.text = owner
+    return ET.tostring(dom, encoding="unicode")
 
 
 def _force_off(dom: libvirt.virDomain) -> None:
