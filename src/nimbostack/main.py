@@ -63,7 +63,14 @@ def _settings(a: argparse.Namespace) -> Any:
     )
 
 
-def _agent_app(driver: str, domain_type: str, host_ip: str, state_dir: str | None = None) -> Any:
+def _agent_app(
+    driver: str,
+    domain_type: str,
+    host_ip: str,
+    state_dir: str | None = None,
+    path_map: list[tuple[str, str]] | None = None,
+    migrate_bandwidth: int = 0,
+) -> Any:
     from nimbostack.agent.server import Agent, create_app
     from nimbostack.agent.storage import LocalStorage
 
@@ -79,17 +86,48 @@ def _agent_app(driver: str, domain_type: str, host_ip: str, state_dir: str | Non
     from nimbostack.agent.drivers.libvirt_driver import LibvirtDriver
 
     def make_libvirt(host_uuid: str, body: dict[str, Any]) -> Any:
-        return LibvirtDriver(domain_type=domain_type, host_ip=host_ip)
+        return LibvirtDriver(domain_type=domain_type, host_ip=host_ip, owner=host_uuid)
 
     console = str(Path(state_dir or "/var/lib/nimbostack-agent") / "console")
-    return create_app(Agent(make_libvirt, LocalStorage(simulate=False), multi_host=False, console_dir=console))
+    storage = LocalStorage(simulate=False, bandwidth=migrate_bandwidth)
+    return create_app(Agent(make_libvirt, storage, multi_host=False, console_dir=console, path_map=path_map))
+
+
+def _path_map(items: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        logical, sep, local = item.partition("=")
+        if not sep or not logical.startswith("/") or not local.startswith("/"):
+            raise SystemExit(f"--path-map {item!r}: expected /PATH=/LOCAL/PATH")
+        out.append((logical, local))
+    return out
+
+
+def _bytes(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in units else ""
+    return int(float(text[: len(text) - len(unit)]) * units[unit])
 
 
 async def _serve(apps: list[tuple[Any, str, int]], after_start: Any = None) -> None:
     import uvicorn
 
     servers = [
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"))
+        uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+                # far longer than any client keeps an idle connection (the node's agent client: 2 s):
+                # with uvicorn's 5 s, a busy client could send a command on a connection the server
+                # was closing at that moment, and the command failed with a connection reset
+                timeout_keep_alive=60,
+            )
+        )
         for app, host, port in apps
     ]
     for srv in servers:
@@ -180,6 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         default="/var/lib/nimbostack-agent",
         help="where the agent keeps guests' console logs and network service files",
     )
+    agent.add_argument(
+        "--path-map",
+        action="append",
+        default=[],
+        metavar="/PATH=/LOCAL/PATH",
+        help="use /LOCAL/PATH wherever the management node names /PATH (volumes, images, ISOs), as a "
+        "bind mount would: lets several agents on one machine keep their local storage apart",
+    )
+    agent.add_argument(
+        "--migrate-bandwidth",
+        default="0",
+        metavar="BYTES",
+        help="bytes per second a volume copy from another host may take (e.g. 100M); 0: no limit",
+    )
     sub.add_parser("cli", help="the >>> shell (nimbostack cli --help)", add_help=False)
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -191,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve([(create_app(_settings(a)), a.listen, a.port)]))
     elif a.command == "agent":
         port = a.port or (7071 if a.driver == "simulator" else 7070)
-        asyncio.run(_serve([(_agent_app(a.driver, a.domain_type, a.host_ip, a.state_dir), a.listen, port)]))
+        app = _agent_app(a.driver, a.domain_type, a.host_ip, a.state_dir, _path_map(a.path_map),
+                         _bytes(a.migrate_bandwidth))
+        asyncio.run(_serve([(app, a.listen, port)]))
     elif a.command == "up":
         from nimbostack.bootstrap import bootstrap
 

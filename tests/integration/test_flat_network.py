@@ -366,6 +366,8 @@ def test_distributed_eip_follows_the_vm(node: Running, api: Api) -> None:
     api.call("StopVmInstance", uuid=vm["uuid"])
     assert all(eip_state(node, h["uuid"]) == {} for h in env["hosts"])
     other_host = next(h["uuid"] for h in env["hosts"] if h["uuid"] != vm["hostUuid"])
+    # local storage: the root volume moves first (a VM starts where its volumes are)
+    api.call("LocalStorageMigrateVolume", volumeUuid=vm["rootVolumeUuid"], destHostUuid=other_host)
     vm = api.call("StartVmInstance", uuid=vm["uuid"], hostUuid=other_host)["inventory"]
     assert vm["hostUuid"] == other_host and list(eip_state(node, other_host)) == [vip["uuid"]]
     # disable / enable, detach / attach, delete

@@ -124,6 +124,14 @@ class HypervisorDriver(Protocol):
 
     async def console_address(self, vm_uuid: str) -> ConsoleAddress: ...
 
+    async def snapshot_disk(self, vm_uuid: str, disk: DiskSpec, new_path: str) -> None:
+        """Live external snapshot of one disk of a running VM: ``disk.path`` is frozen and the
+        guest writes to a new qcow2 file ``new_path`` on top of it from now on."""
+
+    async def migrate_vm(self, vm_uuid: str, dest_uri: str, dest_host_uuid: str, dest: object | None) -> None:
+        """Live-migrate a running VM to another host (shared storage). ``dest`` is the
+        destination's driver when both hosts live in this process (the simulator)."""
+
     def on_state_change(self, listener: StateListener) -> None:
         """Register the callback the agent uses to push state changes to the management node."""
 

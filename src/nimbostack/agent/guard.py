@@ -12,7 +12,9 @@
       {"hostUuid": H, "clear": true}                            # remove H's faults ("*" for all)
 
   ``path`` ``*`` matches every command but ``/simulator/*``. ``/simulator/state {hostUuid}`` shows
-  the simulated host: its domains and the files of the simulated storage.
+  the simulated host: its domains and their disks, the files of its simulated local storage and
+  of the simulated shared storage, the live migrations it took part in. ``/simulator/facts
+  {hostUuid, cpuModel}`` changes what the host reports at its next connect.
 """
 
 from __future__ import annotations
@@ -65,8 +67,23 @@ async def _state(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     return {
         "connected": driver is not None,
         "domains": dict(getattr(driver, "domains", {})) if driver is not None else {},
-        "files": sorted(a.storage.files) if a.storage.simulate else [],
+        "disks": {vm: [d.path for d in spec.disks] for vm, spec in getattr(driver, "specs", {}).items()},
+        "files": sorted(a.store(b["hostUuid"]).files) if a.storage.simulate else [],
+        "sharedFiles": sorted(a.store(b["hostUuid"], shared=True).files) if a.storage.simulate else [],
+        "migrations": [m for m in a.migrations if b["hostUuid"] in (m["from"], m["to"])],
     }
+
+
+@command("/simulator/facts")
+async def _facts(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    """Change what a simulated host reports at its next connect, e.g. ``{"cpuModel": "..."}``."""
+    _simulator_only(a)
+    driver = a.drivers.get(b["hostUuid"])
+    if driver is None:
+        raise DriverError("HOST_NOT_CONNECTED", "the simulated host is not connected", b["hostUuid"])
+    if b.get("cpuModel") is not None:
+        driver.facts.cpu_model = str(b["cpuModel"])  # type: ignore[attr-defined]
+    return {}
 
 
 def _match(agent: Agent, host: str, path: str) -> dict[str, Any] | None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 from fastapi import FastAPI, Request
@@ -22,7 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from nimbostack.agent.backup import BackupStore
 from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DiskSpec, DriverError, HypervisorDriver, NicSpec, VmSpec
-from nimbostack.agent.storage import LocalStorage
+from nimbostack.agent.storage import LocalStorage, PullFile
 from nimbostack.core import deadline
 
 log = logging.getLogger(__name__)
@@ -32,11 +34,17 @@ DriverFactory = Callable[[str, dict[str, Any]], HypervisorDriver]
 
 class Agent:
     def __init__(self, driver_factory: DriverFactory, storage: LocalStorage, multi_host: bool,
-                 console_dir: str | None = None) -> None:
+                 console_dir: str | None = None, path_map: list[tuple[str, str]] | None = None) -> None:
         self.console_dir = console_dir  # where guests' serial consoles are logged
         self.driver_factory = driver_factory
         self.storage = storage
         self.multi_host = multi_host  # simulator: one driver per host uuid
+        # (path the management node names, path on this machine), as a bind mount would map them:
+        # several agents on one machine keep their "local" storage apart this way
+        self.path_map = sorted(((_norm(a), _norm(b)) for a, b in path_map or []), key=lambda p: -len(p[0]))
+        self._sim_stores: dict[str, LocalStorage] = {}
+        self.roots: set[str] = set()  # primary storage urls the management node named here
+        self.migrations: list[dict[str, Any]] = []  # simulator: the live migrations it recorded
         self.drivers: dict[str, HypervisorDriver] = {}
         self.backup = BackupStore()
         self.management_url: str | None = None
@@ -44,6 +52,23 @@ class Agent:
         self._pending_events: list[dict[str, Any]] = []
         # host-side services (e.g. "flat": network namespaces, dnsmasq, metadata), closed with the agent
         self.extensions: dict[str, Any] = {}
+
+    def real(self, path: str) -> str:
+        """The path on this machine of a path the management node names (``--path-map``)."""
+        return _remap(path, self.path_map)
+
+    def logical(self, path: str) -> str:
+        """The inverse of ``real``: the path the management node knows."""
+        return _remap(path, sorted(((b, a) for a, b in self.path_map), key=lambda p: -len(p[0])))
+
+    def store(self, host_uuid: str, shared: bool = False) -> LocalStorage:
+        """The files of a host's storage. Real: the one file system. Simulated: one store per
+        simulated host for local storage, one for every host for shared (mounted) storage."""
+        if not self.storage.simulate:
+            return self.storage
+        if not self.multi_host:
+            return self.storage
+        return self._sim_stores.setdefault("*shared*" if shared else host_uuid, LocalStorage(simulate=True))
 
     def driver(self, host_uuid: str) -> HypervisorDriver:
         key = host_uuid if self.multi_host else "local"
@@ -87,11 +112,32 @@ class Agent:
         await self._http.aclose()
 
 
-def _vm_spec(raw: dict[str, Any]) -> VmSpec:
+def _norm(path: str) -> str:
+    return os.path.normpath(path) if path else path
+
+
+def _remap(path: str, pairs: list[tuple[str, str]]) -> str:
+    for src, dst in pairs:
+        if src == "/":
+            return dst.rstrip("/") + path
+        if path == src or path.startswith(src + "/"):
+            return dst + path[len(src):]
+    return path
+
+
+def _vm_spec(a: Agent, raw: dict[str, Any]) -> VmSpec:
     raw = dict(raw)
-    raw["disks"] = [DiskSpec(**d) for d in raw.get("disks", [])]
+    raw["disks"] = [_disk(a, d) for d in raw.get("disks", [])]
     raw["nics"] = [NicSpec(**n) for n in raw.get("nics", [])]
+    if raw.get("iso_path"):
+        raw["iso_path"] = a.real(raw["iso_path"])
     return VmSpec(**raw)
+
+
+def _disk(a: Agent, raw: dict[str, Any]) -> DiskSpec:
+    disk = DiskSpec(**raw)
+    disk.path = a.real(disk.path)
+    return disk
 
 
 Command = Callable[[Agent, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -120,7 +166,7 @@ async def _ping(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
 
 @command("/vm/start")
 async def _start(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    spec = _vm_spec(b["vm"])
+    spec = _vm_spec(a, b["vm"])
     warnings: list[str] = []
     if not a.multi_host:  # simulated hosts have no bridges
         for nic in spec.nics:
@@ -170,19 +216,19 @@ async def _states(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
 
 @command("/vm/attach-disk")
 async def _attach_disk(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    await a.driver(b["hostUuid"]).attach_disk(b["vmUuid"], DiskSpec(**b["disk"]))
+    await a.driver(b["hostUuid"]).attach_disk(b["vmUuid"], _disk(a, b["disk"]))
     return {}
 
 
 @command("/vm/detach-disk")
 async def _detach_disk(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    await a.driver(b["hostUuid"]).detach_disk(b["vmUuid"], DiskSpec(**b["disk"]))
+    await a.driver(b["hostUuid"]).detach_disk(b["vmUuid"], _disk(a, b["disk"]))
     return {}
 
 
 @command("/vm/attach-iso")
 async def _attach_iso(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    await a.driver(b["hostUuid"]).attach_iso(b["vmUuid"], b["isoPath"])
+    await a.driver(b["hostUuid"]).attach_iso(b["vmUuid"], a.real(b["isoPath"]))
     return {}
 
 
@@ -198,37 +244,138 @@ async def _console(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     return {"hostIp": addr.host_ip, "port": addr.port, "protocol": addr.protocol}
 
 
-@command("/storage/local/init")
-async def _ls_init(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    total, available = await a.storage.capacity(b["path"], b.get("simulatedCapacity") or (1 << 40))
+@command("/vm/migrate")
+async def _migrate(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    """Live migration to another host. Real: libvirt migrates the running domain to ``destUri``
+    (peer to peer, shared storage). Simulated: the domain moves to the destination's driver
+    (on this agent) and the move is recorded."""
+    source, dest, vm = b["hostUuid"], b["destHostUuid"], b["vmUuid"]
+    driver = a.driver(source)
+    if a.multi_host:
+        target = a.drivers.get(dest)
+        if target is None:
+            raise DriverError("HOST_NOT_CONNECTED", "the destination host is not connected to this agent", dest)
+        await driver.migrate_vm(vm, b.get("destUri", ""), dest, target)
+        a.migrations.append({"vmUuid": vm, "from": source, "to": dest, "at": time.time()})
+    else:
+        await driver.migrate_vm(vm, b["destUri"], dest, None)
+    return {}
+
+
+# Primary storages kept as files: /storage/local/* (LocalStorage: a share on each host) and
+# /storage/smp/* (SharedMountPoint: one file system every host has mounted) take the same
+# commands; the body's "path" is the storage's url, paths are absolute and inside it.
+StorageCommand = Callable[[Agent, dict[str, Any], LocalStorage, bool], Awaitable[dict[str, Any]]]
+
+
+def storage_command(name: str) -> Callable[[StorageCommand], StorageCommand]:
+    def register(fn: StorageCommand) -> StorageCommand:
+        for prefix, shared in (("/storage/local", False), ("/storage/smp", True)):
+
+            async def run(a: Agent, b: dict[str, Any], fn: StorageCommand = fn, shared: bool = shared
+                          ) -> dict[str, Any]:
+                a.roots.add(_norm(b["path"]))
+                return await fn(a, b, a.store(b["hostUuid"], shared), shared)
+
+            COMMANDS[f"{prefix}/{name}"] = run
+        return fn
+
+    return register
+
+
+@storage_command("init")
+async def _ls_init(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    root = a.real(b["path"])
+    if shared and not st.simulate and not os.path.isdir(root):
+        raise DriverError("STORAGE_NOT_MOUNTED", "the shared mount point is not there",
+                          f"{root} does not exist on this host; mount the shared file system there first")
+    total, available = await st.capacity(root, b.get("simulatedCapacity") or (1 << 40))
+    if not shared:  # a shared file system may be in the middle of another host's copy
+        st.clean_partials(root)
     return {"totalCapacity": total, "availableCapacity": available}
 
 
-@command("/storage/local/create-root")
-async def _ls_root(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    root = b["path"]
+@storage_command("create-root")
+async def _ls_root(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    root, path = a.real(b["path"]), a.real(b["installPath"])
     if b.get("empty"):
-        actual = await a.storage.create_empty(root, b["installPath"], b["size"])
+        actual = await st.create_empty(root, path, b["size"])
     else:
-        cache = await a.storage.cache_image(root, b["imageUuid"], b["imageUrl"], b.get("md5"))
-        actual = await a.storage.create_from_image(root, b["installPath"], cache, b.get("size", 0))
+        cache = await st.cache_image(root, b["imageUuid"], b["imageUrl"], b.get("md5"))
+        actual = await st.create_from_image(root, path, cache, b.get("size", 0))
     return {"actualSize": actual}
 
 
-@command("/storage/local/create-empty")
-async def _ls_empty(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    return {"actualSize": await a.storage.create_empty(b["path"], b["installPath"], b["size"])}
+@storage_command("create-empty")
+async def _ls_empty(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    return {"actualSize": await st.create_empty(a.real(b["path"]), a.real(b["installPath"]), b["size"])}
 
 
-@command("/storage/local/cache-image")
-async def _ls_cache(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    return {"cachePath": await a.storage.cache_image(b["path"], b["imageUuid"], b["imageUrl"], b.get("md5"))}
+@storage_command("cache-image")
+async def _ls_cache(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    cache = await st.cache_image(a.real(b["path"]), b["imageUuid"], b["imageUrl"], b.get("md5"))
+    return {"cachePath": a.logical(cache)}
 
 
-@command("/storage/local/delete")
-async def _ls_delete(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    await a.storage.delete(b["path"], b["installPath"])
+@storage_command("delete")
+async def _ls_delete(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    await st.delete(a.real(b["path"]), a.real(b["installPath"]))
     return {}
+
+
+@storage_command("info")
+async def _ls_info(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    out = await st.info(a.real(b["path"]), a.real(b["installPath"]))
+    if out.get("backing"):
+        out["backing"] = a.logical(str(out["backing"]))
+    return out
+
+
+@storage_command("snapshot")
+async def _ls_snapshot(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    """Take a snapshot: ``installPath`` (the volume's file) is frozen and the volume continues in
+    ``newInstallPath`` on top of it. A running VM switches files live (``vmUuid``, ``disk``)."""
+    root, old, new = a.real(b["path"]), a.real(b["installPath"]), a.real(b["newInstallPath"])
+    if b.get("vmUuid"):
+        disk = _disk(a, b["disk"])
+        await a.driver(b["hostUuid"]).snapshot_disk(b["vmUuid"], disk, new)
+        if st.simulate:
+            st.files[new], st.backing[new] = 0, old
+    else:
+        await st.overlay(root, old, new)
+    return {"size": st.actual_size(old)}
+
+
+@storage_command("overlay")
+async def _ls_overlay(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    await st.overlay(a.real(b["path"]), a.real(b["backing"]), a.real(b["installPath"]))
+    return {}
+
+
+@storage_command("rebase")
+async def _ls_rebase(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    backing = a.real(b["backing"]) if b.get("backing") else None
+    return {"actualSize": await st.rebase(a.real(b["path"]), a.real(b["installPath"]), backing)}
+
+
+@storage_command("pull")
+async def _ls_pull(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    """Copy a volume's files from another host's agent (``sourceUrl``, ``sourceHostUuid``), which
+    serves them at GET /storage/file."""
+    root = a.real(b["path"])
+    files = [
+        PullFile(a.real(f["installPath"]), f["installPath"], a.real(f["backing"]) if f.get("backing") else None,
+                 bool(f.get("skipIfExists")))
+        for f in b["files"]
+    ]
+
+    def fetch(f: PullFile) -> str:
+        query = urlencode({"hostUuid": b["sourceHostUuid"], "root": b["path"], "path": f.source_path})
+        return f"{b['sourceUrl']}/storage/file?{query}"
+
+    source = a.store(b["sourceHostUuid"], shared) if st.simulate else None
+    sizes = await st.pull(root, files, fetch, source)
+    return {"sizes": {a.logical(k): v for k, v in sizes.items()}}
 
 
 @command("/bs/connect")
@@ -270,6 +417,17 @@ def create_app(agent: Agent) -> FastAPI:
         """Primary storages fetch images from here (the only GET of the wire)."""
         try:
             return FileResponse(agent.backup.file(root, path))
+        except DriverError as err:
+            return JSONResponse({"success": False, "error": {"code": err.code, "description": err.description,
+                                                             "details": err.details}}, status_code=404)
+
+    @app.get("/storage/file")
+    async def storage_file(hostUuid: str, root: str, path: str) -> Response:  # noqa: N803
+        """Another host's agent copies a volume's file from here (LocalStorageMigrateVolume)."""
+        try:
+            if _norm(root) not in agent.roots:  # only files of this host's primary storages
+                raise DriverError("STORAGE_ERROR", "not a primary storage of this host", root)
+            return FileResponse(agent.store(hostUuid).file(agent.real(root), agent.real(path)))
         except DriverError as err:
             return JSONResponse({"success": False, "error": {"code": err.code, "description": err.description,
                                                              "details": err.details}}, status_code=404)

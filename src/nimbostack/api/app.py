@@ -23,6 +23,11 @@ from nimbostack.network.l2l3 import seed_providers
 
 log = logging.getLogger(__name__)
 
+# A client polls GET /zstack/api/result/JOB until the job is Done. Holding a poll of a job that runs
+# on this node until it ends (at most this long) answers at once when it ends, and spares a client
+# many polls: under load each poll was a request as costly as the work the job itself did.
+RESULT_WAIT = 1.0
+
 
 async def _no_handler(_ctx: Any) -> dict[str, Any]:
     return {}
@@ -89,7 +94,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/zstack/api/result/{job_uuid}")
     async def zstack_result(job_uuid: str) -> JSONResponse:
-        found = await state["p"].jobs.result(job_uuid)
+        # a poll of a job still running here is held until it ends or RESULT_WAIT passes
+        found = await state["p"].jobs.result(job_uuid, wait=RESULT_WAIT if settings.quick_wait > 0 else 0)
         if found is None:
             return JSONResponse(
                 {

@@ -61,9 +61,13 @@ def by_full_name() -> dict[str, MessageSpec]:
     return {m.full_name: m for m in messages().values()}
 
 
+# replies the table names otherwise than API<Name>Reply
+REPLY_NAMES = {"LocalStorageGetVolumeMigratableHosts": "APILocalStorageGetVolumeMigratableReply"}
+
+
 def reply_name(msg: MessageSpec) -> str:
     """ZStack answers synchronous APIs with ``API<Name>Reply`` and the others with ``API<Name>Event``."""
-    reply = f"API{msg.name}Reply"
+    reply = REPLY_NAMES.get(msg.name, f"API{msg.name}Reply")
     if msg.name.startswith("LogIn"):
         reply = "APILogInReply"
     if reply in table()["messages"]:
@@ -73,7 +77,11 @@ def reply_name(msg: MessageSpec) -> str:
 
 def is_synchronous(msg: MessageSpec) -> bool:
     """Replies come at once; events mean the work may take long and runs as a job."""
-    return msg.name.startswith(("Query", "Get", "LogIn")) or f"API{msg.name}Reply" in table()["messages"]
+    return (
+        msg.name.startswith(("Query", "Get", "LogIn"))
+        or msg.name in REPLY_NAMES
+        or f"API{msg.name}Reply" in table()["messages"]
+    )
 
 
 def query_object(query_msg: str) -> str | None:

@@ -100,6 +100,7 @@ async def connect(platform: Platform, host_uuid: str) -> m.Host:
             host.cpuNum, host.cpuSpeed = facts["cpu_num"], facts["cpu_speed_mhz"]
             host.totalCpuCapacity = facts["cpu_num"] * facts["cpu_speed_mhz"]
             host.totalMemoryCapacity = max(0, facts["total_memory"] - reserved)
+        host.cpuModel = facts.get("cpu_model") or None  # live migration compares it (kvm vm.cpuMode)
         host.status = "Connected"
     await reconcile_vms(platform, host_uuid)
     await recompute_capacity(platform, host_uuid)
@@ -162,6 +163,9 @@ async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> 
         ).first()
         if dup and hypervisor != "Simulator" and not any(t.startswith("agentPort::") for t in ctx.list("systemTags")):
             raise invalid(f"a host with managementIp {ip} already exists")
+        url = _agent_url(ctx.p, hypervisor, ip, [str(t) for t in ctx.list("systemTags")])
+        if hypervisor != "Simulator" and (await s.execute(select(m.Host.uuid).where(m.Host.agentUrl == url))).first():
+            raise invalid(f"a host with managementIp {ip} and this agent port already exists ({url})")
         host = m.Host(
             uuid=uuid,
             name=ctx.req("name"),

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from nimbostack.api.common import disown
 from nimbostack.api.dispatch import reply_for_api
 from nimbostack.compute import host as hostmod
 from nimbostack.compute.vm import _release_all
@@ -30,7 +31,13 @@ async def recover(p: Platform) -> None:
             log.warning("recovery: rolling back the unfinished creation of VM %s", vm.uuid)
             await _release_all(s, vm.uuid, release_volumes=True)
             await s.delete(vm)
+            await disown(s, [vm.uuid])
         await s.flush()
+        # A VM "Starting" that never ran (no lastHostUuid yet) was cut short in the last step of its
+        # creation: once its host tells whether the domain runs, it is kept (Running) or undone.
+        first_starts = [v.uuid for v in stuck if v.state == "Starting" and v.lastHostUuid is None]
+        # a volume migration cut short: the source copy is the volume until the last step says otherwise
+        await s.execute(update(m.Volume).where(m.Volume.status == "Migrating").values(status="Ready"))
         for vm in [v for v in stuck if v.state != "Created"]:
             # Unknown until the host says; the reconcile below sets Running/Stopped from the hypervisor
             vm.state = "Stopped" if vm.state == "Destroying" and not vm.hostUuid else "Unknown"
@@ -40,9 +47,28 @@ async def recover(p: Platform) -> None:
             await hostmod.connect(p, host_uuid)
         except ApiError as err:
             log.warning("recovery: host %s did not answer (%s); it is Disconnected", host_uuid, err.details)
+    await _finish_first_starts(p, first_starts)
     await _settle_unknown(p)
     await hostmod.recompute_capacity(p)
     await _drop_orphan_ips(p)
+
+
+async def _finish_first_starts(p: Platform, vm_uuids: list[str]) -> None:
+    """Creations cut short while starting: a VM its hypervisor runs is created after all; one it
+    does not run is rolled back like a creation that failed (its API already answered an error).
+    A VM whose host did not answer stays Unknown until the host is back."""
+    if not vm_uuids:
+        return
+    async with p.db.tx() as s:
+        vms = (await s.execute(select(m.VmInstance).where(m.VmInstance.uuid.in_(vm_uuids)))).scalars().all()
+        for vm in vms:
+            if vm.state == "Running":
+                vm.lastHostUuid = vm.hostUuid
+            elif vm.state == "Stopped":
+                log.warning("recovery: VM %s never ran; rolling back its unfinished creation", vm.uuid)
+                await _release_all(s, vm.uuid, release_volumes=True)
+                await s.delete(vm)
+                await disown(s, [vm.uuid])
 
 
 async def _settle_unknown(p: Platform) -> None:

@@ -114,7 +114,14 @@ def _mac() -> str:
 
 
 async def _candidate_hosts(
-    s: Any, cpu: int, mem: int, l3_uuids: list[str], zone: str | None, cluster: str | None, host: str | None
+    s: Any,
+    cpu: int,
+    mem: int,
+    l3_uuids: list[str],
+    zone: str | None,
+    cluster: str | None,
+    host: str | None,
+    ps_uuids: set[str] | None = None,
 ) -> list[m.Host]:
     l2s = set((await s.execute(select(m.L3Network.l2NetworkUuid).where(m.L3Network.uuid.in_(l3_uuids)))).scalars())
     stmt = (
@@ -141,6 +148,14 @@ async def _candidate_hosts(
         stmt = stmt.where(m.Host.clusterUuid == cluster)
     if host:
         stmt = stmt.where(m.Host.uuid == host)
+    for ps_uuid in ps_uuids or ():  # the host's cluster must reach every primary storage the VM's volumes are on
+        stmt = stmt.where(
+            m.Host.clusterUuid.in_(
+                select(m.PrimaryStorageClusterRef.clusterUuid).where(
+                    m.PrimaryStorageClusterRef.primaryStorageUuid == ps_uuid
+                )
+            )
+        )
     return list((await s.execute(stmt.order_by(m.Host.availableMemoryCapacity.desc()).limit(8))).scalars())
 
 
@@ -273,7 +288,7 @@ async def cached_image_path(platform: Platform, host_uuid: str, image_uuid: str)
             raise not_allowed(f"host {host_uuid}'s cluster has no primary storage to cache image {image_uuid}")
         image = await s.get(m.Image, image_uuid)
         url = await image_source(s, image_uuid, host.zoneUuid)
-    reply = await agent(platform, host_uuid, "/storage/local/cache-image",
+    reply = await agent(platform, host_uuid, primary.command(ps, "cache-image"),
                         {"path": ps.url, "imageUuid": image_uuid, "imageUrl": url, "md5": image.md5Sum})
     return str(reply["cachePath"])
 
@@ -379,8 +394,8 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
             vols = []
             for device_id, (vtype, size, offering_uuid) in enumerate(sizes):
                 vol_uuid = new_uuid()
-                ps_uuid = await primary.reserve_on_host(s, chosen.clusterUuid, chosen.uuid, size, vol_uuid, "VolumeVO")
-                ps = await s.get(m.PrimaryStorage, ps_uuid)
+                ps = await primary.reserve(s, chosen.clusterUuid, chosen.uuid, size, vol_uuid, "VolumeVO")
+                ps_uuid = ps.uuid
                 folder = "rootVolumes" if vtype == "Root" else "dataVolumes"
                 vol = m.Volume(
                     uuid=vol_uuid,
@@ -393,7 +408,7 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                     type=vtype,
                     size=size,
                     deviceId=device_id,
-                    hostUuid=chosen.uuid,
+                    hostUuid=primary.placement(ps, chosen.uuid),
                     status="Creating",
                     installPath=f"{ps.url}/{folder}/acct-{ctx.caller.account_uuid}/vol-{vol_uuid}/{vol_uuid}.qcow2",
                 )
@@ -402,8 +417,8 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                 vols.append(vol)
                 if vtype == "Root":
                     row.rootVolumeUuid = vol_uuid
-            c["volumes"] = [(v.installPath, v.size, v.type) for v in vols]
-            c["ps_path"] = (await s.get(m.PrimaryStorage, vols[0].primaryStorageUuid)).url
+            c["volumes"] = [(v.installPath, v.size, v.type, v.primaryStorageUuid) for v in vols]
+            c["ps"] = {u: await s.get(m.PrimaryStorage, u) for u in {v.primaryStorageUuid for v in vols}}
             if image.mediaType != "ISO":
                 c["image_url"] = await image_source(s, image.uuid, chosen.zoneUuid)
             for device_id, l3_uuid in enumerate(l3_uuids):
@@ -430,20 +445,21 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
 
     async def create_volumes(c: dict[str, Any]) -> None:
         c["made"] = []
-        for path, size, vtype in c["volumes"]:
-            body: dict[str, Any] = {"path": c["ps_path"], "installPath": path, "size": size}
+        for path, size, vtype, ps_uuid in c["volumes"]:
+            ps = c["ps"][ps_uuid]
+            body: dict[str, Any] = {"path": ps.url, "installPath": path, "size": size}
             if vtype == "Root" and image.mediaType != "ISO":
                 body.update(imageUuid=image.uuid, imageUrl=c["image_url"], md5=image.md5Sum)
             else:
                 body["empty"] = True
             # before the call: a command that times out may still have made the file
-            c["made"].append(path)
-            await agent(p, c["host"].uuid, "/storage/local/create-root", body)
+            c["made"].append((path, ps))
+            await agent(p, c["host"].uuid, primary.command(ps, "create-root"), body)
 
     async def delete_volumes(c: dict[str, Any]) -> None:
-        for path in c.get("made", []):
-            await gc.call_or_defer(p, gc.DELETE_VOLUME_FILE, c["host"].uuid, "/storage/local/delete",
-                                   {"path": c["ps_path"], "installPath": path})
+        for path, ps in c.get("made", []):
+            await gc.call_or_defer(p, gc.DELETE_VOLUME_FILE, c["host"].uuid, primary.command(ps, "delete"),
+                                   {"path": ps.url, "installPath": path})
 
     async def start(c: dict[str, Any]) -> None:
         async with p.db.tx() as s:
@@ -537,14 +553,22 @@ async def start_vm(ctx: ApiContext) -> dict[str, Any]:
             return await _vm_inv(ctx, vm.uuid)
         _need_state(vm, "Stopped")
         cpu = vm.cpuNum * vm.cpuSpeed
-        # a LocalStorage VM can only start where its root volume lives
         async with p.db.tx() as s:
-            root = await s.get(m.Volume, vm.rootVolumeUuid) if vm.rootVolumeUuid else None
-            wanted = ctx.str("hostUuid") or (root.hostUuid if root is not None else None) or vm.lastHostUuid
+            # a VM with volumes on local storage starts where they live; on shared storage anywhere
+            # its storage is attached (its last host first)
+            bound, ps_uuids = await volume_placement(s, vm.uuid)
+            wanted = ctx.str("hostUuid")
+            if wanted and bound and wanted != bound:
+                raise not_allowed(
+                    f"VM {vm.uuid}'s volumes are on the local storage of host {bound}; it cannot start on host "
+                    f"{wanted}. Migrate its root volume there first (LocalStorageMigrateVolume)"
+                )
+            wanted = wanted or bound or (vm.lastHostUuid if not ps_uuids else None)
             l3s = list(
                 (await s.execute(select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == vm.uuid))).scalars()
             )
-            hosts = await _candidate_hosts(s, cpu, vm.memorySize, l3s, None, ctx.str("clusterUuid"), wanted)
+            hosts = await _candidate_hosts(s, cpu, vm.memorySize, l3s, None, ctx.str("clusterUuid"), wanted, ps_uuids)
+            hosts.sort(key=lambda h: h.uuid != vm.lastHostUuid)
             chosen = await _take_host(s, hosts, cpu, vm.memorySize)
             await s.execute(
                 update(m.VmInstance)
@@ -564,6 +588,24 @@ async def start_vm(ctx: ApiContext) -> dict[str, Any]:
             raise
         await _set_state(p, vm.uuid, state="Running", lastHostUuid=chosen.uuid)
         return await _vm_inv(ctx, vm.uuid)
+
+
+async def volume_placement(s: Any, vm_uuid: str) -> tuple[str | None, set[str]]:
+    """(the host the VM's volumes tie it to — local storage — or None; their primary storages)."""
+    vols = (
+        await s.execute(
+            select(m.Volume.hostUuid, m.Volume.primaryStorageUuid).where(
+                m.Volume.vmInstanceUuid == vm_uuid, m.Volume.primaryStorageUuid.is_not(None)
+            )
+        )
+    ).all()
+    hosts = {h for h, _ in vols if h}
+    if len(hosts) > 1:
+        raise not_allowed(
+            f"VM {vm_uuid}'s volumes are on the local storage of several hosts ({', '.join(sorted(hosts))}); "
+            "migrate them to one host first (LocalStorageMigrateVolume)"
+        )
+    return (hosts.pop() if hosts else None), {ps for _, ps in vols}
 
 
 async def stop_on_host(p: Platform, vm: m.VmInstance, graceful: bool = True) -> None:
@@ -746,16 +788,10 @@ async def expunge(p: Platform, vm_uuid: str) -> None:
         if vm is None:
             return
         root = await s.get(m.Volume, vm.rootVolumeUuid) if vm.rootVolumeUuid else None
-        ps = await s.get(m.PrimaryStorage, root.primaryStorageUuid) if root and root.primaryStorageUuid else None
-    if root is not None and ps is not None and root.hostUuid and root.installPath:
-        await gc.call_or_defer(
-            p,
-            gc.DELETE_VOLUME_FILE,
-            root.hostUuid,
-            "/storage/local/delete",
-            {"path": ps.url, "installPath": root.installPath},
-            root.uuid,
-        )
+    if root is not None:
+        from nimbostack.storage.volume import delete_volume_files
+
+        await delete_volume_files(p, root.uuid, vm.lastHostUuid)
     async with p.db.tx() as s:
         await s.execute(
             update(m.Volume)

@@ -44,11 +44,14 @@ async def on_event(platform: Platform, host_uuid: str, vm_uuid: str, state: str)
         vm = await s.get(m.VmInstance, vm_uuid)
         if vm is None or vm.state in TRANSITIONAL or vm.state in ("Destroyed",):
             return
-        if vm.state != state or vm.hostUuid != host_uuid:
-            log.info("VM %s is %s on host %s (was %s)", vm_uuid, state, host_uuid, vm.state)
-            vm.state = state
-            vm.hostUuid = host_uuid
-            vm.lastHostUuid = host_uuid
+        if state == "Stopped" and vm.hostUuid and vm.hostUuid != host_uuid:
+            return  # a copy left on another host (migrated, or started elsewhere since) stopped
+        if vm.state == state and vm.hostUuid == host_uuid:
+            return  # nothing changed (e.g. the event of a start this node has just finished)
+        log.info("VM %s is %s on host %s (was %s)", vm_uuid, state, host_uuid, vm.state)
+        vm.state = state
+        vm.hostUuid = host_uuid
+        vm.lastHostUuid = host_uuid
     from nimbostack.compute.host import recompute_capacity
 
     await recompute_capacity(platform, host_uuid)
@@ -71,5 +74,5 @@ async def apply_host_states(platform: Platform, host_uuid: str, states: dict[str
             if vm_uuid in known or actual != "Running":
                 continue
             vm = await s.get(m.VmInstance, vm_uuid)
-            if vm is not None and vm.state == "Stopped":
+            if vm is not None and vm.state in ("Stopped", "Unknown"):
                 vm.state, vm.hostUuid, vm.lastHostUuid = "Running", host_uuid, host_uuid

@@ -14,18 +14,31 @@ log = logging.getLogger(__name__)
 
 
 class AgentClient:
+    # httpcore's pool bookkeeping walks every connection of the pool (and, for each idle one, every
+    # connection again) on each request, so one pool of a few hundred connections cost milliseconds
+    # per call under load. Several small pools, the least busy one taken, keep the same 400 calls
+    # in flight at a fraction of the cost.
+    POOLS, PER_POOL = 16, 25
+
     def __init__(self) -> None:
-        limits = httpx.Limits(max_connections=400, max_keepalive_connections=100)
-        self._http = httpx.AsyncClient(limits=limits, timeout=None)
+        # idle connections are dropped long before the agent's keep-alive (60 s) ends, so a command
+        # is never sent on a connection the agent is closing at that very moment
+        limits = httpx.Limits(
+            max_connections=self.PER_POOL, max_keepalive_connections=self.PER_POOL, keepalive_expiry=2.0
+        )
+        self._pools = [httpx.AsyncClient(limits=limits, timeout=None) for _ in range(self.POOLS)]
+        self._busy = [0] * self.POOLS
 
     async def call(
         self, agent_url: str, path: str, body: dict[str, Any], timeout: float | None = None
     ) -> dict[str, Any]:
         """POST a command; the timeout is what is left of the current API's deadline."""
         budget = min(timeout, deadline.remaining()) if timeout else deadline.remaining()
+        pool = min(range(self.POOLS), key=self._busy.__getitem__)
+        self._busy[pool] += 1
         try:
             # the agent learns the budget too, and does not start a command its caller gave up on
-            resp = await self._http.post(
+            resp = await self._pools[pool].post(
                 f"{agent_url}{path}", json=body, timeout=budget, headers={deadline.HEADER: f"{budget:.3f}"}
             )
         except httpx.TimeoutException:
@@ -35,7 +48,11 @@ class AgentClient:
                 f"{path} on {agent_url} took longer than {budget:.1f} s",
             ) from None
         except httpx.HTTPError as err:
-            raise ApiError(HOST_DISCONNECTED, "Cannot reach the host agent", f"{agent_url}{path}: {err}") from None
+            # some transport errors have no message: name at least their kind
+            why = str(err) or type(err).__name__
+            raise ApiError(HOST_DISCONNECTED, "Cannot reach the host agent", f"{agent_url}{path}: {why}") from None
+        finally:
+            self._busy[pool] -= 1
         if resp.status_code in (502, 503, 504):  # a proxy, or the agent itself, says it cannot serve now
             raise ApiError(
                 HOST_DISCONNECTED, "Cannot reach the host agent", f"{agent_url}{path}: HTTP {resp.status_code}"
@@ -53,4 +70,5 @@ class AgentClient:
         return data
 
     async def close(self) -> None:
-        await self._http.aclose()
+        for client in self._pools:
+            await client.aclose()

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nimbostack.core.errors import HOST_DISCONNECTED, ApiError
@@ -64,8 +64,20 @@ async def _vm_back_on_host(s: AsyncSession, gc: m.GarbageCollector, body: dict[s
 
 @check(DELETE_VOLUME_FILE)
 async def _volume_file_in_use(s: AsyncSession, gc: m.GarbageCollector, body: dict[str, Any]) -> str | None:
-    used = (await s.execute(select(m.Volume.uuid).where(m.Volume.installPath == body.get("installPath")))).first()
-    return f"volume {used[0]} uses {body.get('installPath')} again" if used else None
+    # the same path on another host's local storage is another file (a migrated volume's old copy)
+    path = body.get("installPath")
+    here = or_(m.Volume.hostUuid == gc.hostUuid, m.Volume.hostUuid.is_(None))
+    used = (await s.execute(select(m.Volume.uuid).where(m.Volume.installPath == path, here))).first()
+    if used:
+        return f"volume {used[0]} uses {path} again"
+    snap = (
+        await s.execute(
+            select(m.VolumeSnapshot.uuid)
+            .join(m.Volume, m.Volume.uuid == m.VolumeSnapshot.volumeUuid)
+            .where(m.VolumeSnapshot.primaryStorageInstallPath == path, here)
+        )
+    ).first()
+    return f"snapshot {snap[0]} uses {path} again" if snap else None
 
 
 @check(DELETE_IMAGE_FILE)

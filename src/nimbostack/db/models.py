@@ -173,6 +173,8 @@ class Host(Base, Resource):
     # capacity declared by AddSimulatorHost
     simCpuCapacity: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     simMemoryCapacity: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # the CPU model the agent reported at connect; live migration compares it (kvm vm.cpuMode)
+    cpuModel: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 class InstanceOffering(Base, Resource):
@@ -288,6 +290,44 @@ class LocalStorageResourceRef(Base, Stamped):
     hostUuid: Mapped[str] = mapped_column(UUID, index=True)
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     resourceType: Mapped[str] = mapped_column(String(64))
+
+
+class PrimaryStorageResourceRef(Base, Stamped):
+    """Capacity a volume or snapshot holds on a pooled primary storage (SharedMountPoint): one
+    pool for every host, unlike LocalStorageResourceRef's per-host shares."""
+
+    __tablename__ = "primary_storage_resource_ref"
+    resourceUuid: Mapped[str] = mapped_column(UUID, primary_key=True)
+    primaryStorageUuid: Mapped[str] = mapped_column(UUID, index=True)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    resourceType: Mapped[str] = mapped_column(String(64))
+
+
+class VolumeSnapshotTree(Base, Stamped):
+    __tablename__ = "volume_snapshot_tree"
+    uuid: Mapped[str] = mapped_column(UUID, primary_key=True)
+    volumeUuid: Mapped[str] = mapped_column(UUID, index=True)
+    current: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class VolumeSnapshot(Base, Resource):
+    """A qcow2 snapshot: the file the volume was written to until the snapshot was taken (the
+    volume then continues in a new overlay on top of it). ``latest``: the volume's current
+    file is backed by this snapshot."""
+
+    __tablename__ = "volume_snapshot"
+    volumeUuid: Mapped[str] = mapped_column(UUID, index=True)
+    treeUuid: Mapped[str | None] = mapped_column(UUID, nullable=True)
+    parentUuid: Mapped[str | None] = mapped_column(UUID, nullable=True)
+    primaryStorageUuid: Mapped[str | None] = mapped_column(UUID, nullable=True, index=True)
+    primaryStorageInstallPath: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    volumeType: Mapped[str] = mapped_column(String(16))
+    format: Mapped[str] = mapped_column(String(16), default="qcow2")
+    type: Mapped[str] = mapped_column(String(32), default="Hypervisor")
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    status: Mapped[str] = mapped_column(String(32), default="Ready")
+    latest: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class BackupStorage(Base, Resource):

@@ -88,6 +88,12 @@ async def _flat_l3s(s: Any, l3_uuids: set[str]) -> dict[str, set[str]]:
 
 async def dhcp_ip(p: Platform, l3_uuid: str) -> m.UsedIp | None:
     """The L3 network's DHCP server IP: taken once from its IP ranges, kept as a UsedIp row."""
+    # every VM start asks; only taking the IP needs the queue (through it, all starts on the L3
+    # went one at a time)
+    async with p.db.tx() as s:
+        rows = await _dhcp_rows(s, l3_uuid)
+    if rows:
+        return rows[0]
     async with p.queues.serial(f"flat-dhcp-ip:{l3_uuid}"):
         async with p.db.tx() as s:
             rows = await _dhcp_rows(s, l3_uuid)

@@ -1,5 +1,6 @@
-"""Primary storage. LocalStorage: each host of the attached clusters keeps its share of the
-storage under the same path; capacity is tracked per host and reserved before volumes are made."""
+"""Primary storage: the APIs, and placement for the VM and volume flows. What differs between
+types (LocalStorage: a share on each host; SharedMountPoint: one pool every host mounts) is in
+``storage/backend.py``; this module only asks the backend of each primary storage."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import posixpath
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select
 
 from nimbostack.api.common import (
     ENABLE_DISABLE,
@@ -25,6 +26,7 @@ from nimbostack.compute import host as hostmod
 from nimbostack.core.errors import STORAGE_ALLOCATION_FAILED, ApiError, invalid, not_allowed
 from nimbostack.db import models as m
 from nimbostack.db import query
+from nimbostack.storage import backend
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -61,7 +63,15 @@ query.register(
     )
 )
 query.register(
-    query.QueryTarget("QueryObjectLocalStorageResourceRefInventory", m.LocalStorageResourceRef, scope="admin")
+    query.QueryTarget(
+        "QueryObjectLocalStorageResourceRefInventory",
+        m.LocalStorageResourceRef,
+        scope="admin",
+        joins={
+            "volume": query.Join("resourceUuid", "QueryObjectVolumeInventory", "uuid"),
+            "snapshot": query.Join("resourceUuid", "QueryObjectVolumeSnapshotInventory", "uuid"),
+        },
+    )
 )
 register_queries("QueryPrimaryStorage", "QueryLocalStorageResourceRef")
 
@@ -92,58 +102,34 @@ async def add_local_ps(ctx: ApiContext) -> dict[str, Any]:
         return {"inventory": await inv(s, "QueryObjectPrimaryStorageInventory", row)}
 
 
+@api("AddSharedMountPointPrimaryStorage", admin=True)
+async def add_smp_ps(ctx: ApiContext) -> dict[str, Any]:
+    """Release 1.2: a directory every host of the attached clusters has mounted (NFS, GlusterFS,
+    OCFS2 ...); checked on each host when the storage is attached to its cluster."""
+    async with ctx.p.db.tx() as s:
+        zone = await load(s, m.Zone, ctx.req("zoneUuid"), ctx, "Zone")
+        path = _path(ctx.req("url"))
+        row = m.PrimaryStorage(
+            uuid=new_uuid(ctx),
+            name=ctx.req("name"),
+            description=ctx.str("description"),
+            zoneUuid=zone.uuid,
+            url=path,
+            mountPath=path,
+            type="SharedMountPoint",
+        )
+        s.add(row)
+        await add_creation_tags(s, ctx, row.uuid, "PrimaryStorageVO")
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectPrimaryStorageInventory", row)}
+
+
 async def init_host_share(platform: Platform, ps_uuid: str, host_uuid: str) -> None:
-    """Ask the host for its capacity under the storage path and record its share."""
+    """The host (re)connected or its cluster got the storage: the backend checks and measures it."""
     async with platform.db.tx() as s:
         ps = await s.get(m.PrimaryStorage, ps_uuid)
-        host = await s.get(m.Host, host_uuid)
-        assert ps is not None and host is not None
-        url, path = host.agentUrl, ps.url
-    reply = await platform.agents.call(url, "/storage/local/init", {"hostUuid": host_uuid, "path": path})
-    async with platform.db.tx() as s:
-        ref = (
-            await s.execute(
-                select(m.LocalStorageHostRef).where(
-                    m.LocalStorageHostRef.primaryStorageUuid == ps_uuid, m.LocalStorageHostRef.hostUuid == host_uuid
-                )
-            )
-        ).scalar_one_or_none()
-        if ref is None:
-            ref = m.LocalStorageHostRef(primaryStorageUuid=ps_uuid, hostUuid=host_uuid)
-            s.add(ref)
-        ref.totalCapacity = ref.totalPhysicalCapacity = reply["totalCapacity"]
-        ref.availablePhysicalCapacity = reply["availableCapacity"]
-        used = (
-            await s.execute(
-                select(func.coalesce(func.sum(m.LocalStorageResourceRef.size), 0)).where(
-                    m.LocalStorageResourceRef.primaryStorageUuid == ps_uuid,
-                    m.LocalStorageResourceRef.hostUuid == host_uuid,
-                )
-            )
-        ).scalar_one()
-        ref.availableCapacity = ref.totalCapacity - int(used)
-        await s.flush()
-        await _sum_capacity(s, ps_uuid)
-
-
-async def _sum_capacity(s: Any, ps_uuid: str) -> None:
-    total, avail, ptotal, pavail = (
-        await s.execute(
-            select(
-                func.coalesce(func.sum(m.LocalStorageHostRef.totalCapacity), 0),
-                func.coalesce(func.sum(m.LocalStorageHostRef.availableCapacity), 0),
-                func.coalesce(func.sum(m.LocalStorageHostRef.totalPhysicalCapacity), 0),
-                func.coalesce(func.sum(m.LocalStorageHostRef.availablePhysicalCapacity), 0),
-            ).where(m.LocalStorageHostRef.primaryStorageUuid == ps_uuid)
-        )
-    ).one()
-    await s.execute(
-        update(m.PrimaryStorage)
-        .where(m.PrimaryStorage.uuid == ps_uuid)
-        .values(
-            totalCapacity=total, availableCapacity=avail, totalPhysicalCapacity=ptotal, availablePhysicalCapacity=pavail
-        )
-    )
+        assert ps is not None
+    await backend.of(ps).init_host(platform, ps_uuid, host_uuid)
 
 
 async def _on_host_connect(platform: Platform, host_uuid: str) -> None:
@@ -154,7 +140,10 @@ async def _on_host_connect(platform: Platform, host_uuid: str) -> None:
                 await s.execute(
                     select(m.PrimaryStorageClusterRef.primaryStorageUuid)
                     .join(m.PrimaryStorage, m.PrimaryStorage.uuid == m.PrimaryStorageClusterRef.primaryStorageUuid)
-                    .where(m.PrimaryStorageClusterRef.clusterUuid == cluster, m.PrimaryStorage.type == "LocalStorage")
+                    .where(
+                        m.PrimaryStorageClusterRef.clusterUuid == cluster,
+                        m.PrimaryStorage.type.in_(list(backend.BACKENDS)),
+                    )
                 )
             )
             .scalars()
@@ -269,7 +258,39 @@ async def delete_ps(ctx: ApiContext) -> dict[str, Any]:
     return {}
 
 
-# --- reservation, used by the VM and volume flows ----------------------------------------------
+# --- placement, used by the VM and volume flows -----------------------------------------------
+
+
+async def reserve(
+    s: Any,
+    cluster_uuid: str,
+    host_uuid: str | None,
+    size: int,
+    resource_uuid: str,
+    resource_type: str,
+    ps_uuid: str | None = None,
+) -> m.PrimaryStorage:
+    """Hold ``size`` bytes for a volume or snapshot made through ``host_uuid`` on a primary storage
+    attached to ``cluster_uuid`` (``ps_uuid``: that one only), inside the caller's transaction."""
+    stmt = (
+        select(m.PrimaryStorage)
+        .join(m.PrimaryStorageClusterRef, m.PrimaryStorageClusterRef.primaryStorageUuid == m.PrimaryStorage.uuid)
+        .where(
+            m.PrimaryStorageClusterRef.clusterUuid == cluster_uuid,
+            m.PrimaryStorage.state == "Enabled",
+            m.PrimaryStorage.type.in_(list(backend.BACKENDS)),
+        )
+    )
+    if ps_uuid:
+        stmt = stmt.where(m.PrimaryStorage.uuid == ps_uuid)
+    for ps in (await s.execute(stmt.order_by(m.PrimaryStorage.availableCapacity.desc()))).scalars().all():
+        if await backend.of(ps).reserve(s, ps, host_uuid, size, resource_uuid, resource_type):
+            return ps
+    raise ApiError(
+        STORAGE_ALLOCATION_FAILED,
+        "No primary storage has enough capacity",
+        f"no primary storage of host {host_uuid} has {size} bytes free",
+    )
 
 
 async def reserve_on_host(
@@ -281,64 +302,45 @@ async def reserve_on_host(
     resource_type: str,
     ps_uuid: str | None = None,
 ) -> str:
-    """Reserve ``size`` bytes on a LocalStorage share of ``host_uuid`` (inside the caller's
-    transaction); returns the primary storage uuid."""
-    stmt = (
-        select(m.LocalStorageHostRef)
-        .join(
-            m.PrimaryStorageClusterRef,
-            m.PrimaryStorageClusterRef.primaryStorageUuid == m.LocalStorageHostRef.primaryStorageUuid,
-        )
-        .join(m.PrimaryStorage, m.PrimaryStorage.uuid == m.LocalStorageHostRef.primaryStorageUuid)
-        .where(
-            m.PrimaryStorageClusterRef.clusterUuid == cluster_uuid,
-            m.LocalStorageHostRef.hostUuid == host_uuid,
-            m.PrimaryStorage.state == "Enabled",
-            m.LocalStorageHostRef.availableCapacity >= size,
-        )
-    )
-    if ps_uuid:
-        stmt = stmt.where(m.LocalStorageHostRef.primaryStorageUuid == ps_uuid)
-    ref = (await s.execute(stmt.order_by(m.LocalStorageHostRef.availableCapacity.desc()).limit(1))).scalar_one_or_none()
-    if ref is None:
-        raise ApiError(
-            STORAGE_ALLOCATION_FAILED,
-            "No primary storage has enough capacity",
-            f"no primary storage of host {host_uuid} has {size} bytes free",
-        )
-    ref.availableCapacity -= size
-    await s.execute(
-        update(m.PrimaryStorage)
-        .where(m.PrimaryStorage.uuid == ref.primaryStorageUuid)
-        .values(availableCapacity=m.PrimaryStorage.availableCapacity - size)
-    )
-    s.add(
-        m.LocalStorageResourceRef(
-            resourceUuid=resource_uuid,
-            primaryStorageUuid=ref.primaryStorageUuid,
-            hostUuid=host_uuid,
-            size=size,
-            resourceType=resource_type,
-        )
-    )
-    return ref.primaryStorageUuid
+    """``reserve``, answering the primary storage's uuid."""
+    return (await reserve(s, cluster_uuid, host_uuid, size, resource_uuid, resource_type, ps_uuid)).uuid
 
 
 async def release(s: Any, resource_uuid: str) -> None:
-    ref = await s.get(m.LocalStorageResourceRef, resource_uuid)
-    if ref is None:
-        return
-    await s.execute(
-        update(m.LocalStorageHostRef)
-        .where(
-            m.LocalStorageHostRef.primaryStorageUuid == ref.primaryStorageUuid,
-            m.LocalStorageHostRef.hostUuid == ref.hostUuid,
-        )
-        .values(availableCapacity=m.LocalStorageHostRef.availableCapacity + ref.size)
+    """Give back what a volume or snapshot holds, on whichever storage; idempotent."""
+    for b in backend.BACKENDS.values():
+        if await b.release(s, resource_uuid):
+            return
+
+
+def placement(ps: m.PrimaryStorage, host_uuid: str | None) -> str | None:
+    """Volume.hostUuid of a volume made on ``ps`` through ``host_uuid``."""
+    return backend.of(ps).placement(host_uuid)
+
+
+def command(ps: m.PrimaryStorage, name: str) -> str:
+    """The agent command ``name`` of the storage's type (``/storage/local/create-root`` ...)."""
+    return backend.of(ps).command(name)
+
+
+async def file_host(s: Any, ps: m.PrimaryStorage, volume_host: str | None, preferred: str | None = None) -> str | None:
+    """The host whose agent reaches a volume's files: its own host on LocalStorage; on shared
+    storage the ``preferred`` host when it can, else a Connected host of an attached cluster
+    (else any host of one: work for it then waits for the GC)."""
+    if backend.of(ps).host_bound:
+        return volume_host
+    attached = select(m.PrimaryStorageClusterRef.clusterUuid).where(
+        m.PrimaryStorageClusterRef.primaryStorageUuid == ps.uuid
     )
-    await s.execute(
-        update(m.PrimaryStorage)
-        .where(m.PrimaryStorage.uuid == ref.primaryStorageUuid)
-        .values(availableCapacity=m.PrimaryStorage.availableCapacity + ref.size)
-    )
-    await s.delete(ref)
+    hosts = (
+        await s.execute(select(m.Host).where(m.Host.clusterUuid.in_(attached)).order_by(m.Host.uuid))
+    ).scalars().all()
+    for wanted in (
+        lambda h: h.uuid == preferred and h.status == "Connected",
+        lambda h: h.status == "Connected",
+        lambda h: True,
+    ):
+        for h in hosts:
+            if wanted(h):
+                return h.uuid
+    return None

@@ -31,6 +31,8 @@ query.register(
             "primaryStorage": query.Join("primaryStorageUuid", "QueryObjectPrimaryStorageInventory", "uuid"),
             "diskOffering": query.Join("diskOfferingUuid", "QueryObjectDiskOfferingInventory", "uuid"),
             "image": query.Join("rootImageUuid", "QueryObjectImageInventory", "uuid"),
+            "snapshot": query.Join("uuid", "QueryObjectVolumeSnapshotInventory", "volumeUuid"),
+            "localStorageHostRef": query.Join("uuid", "QueryObjectLocalStorageResourceRefInventory", "resourceUuid"),
         },
     )
 )
@@ -109,21 +111,25 @@ async def attach_data_volume(ctx: ApiContext) -> dict[str, Any]:
                 raise not_allowed(f"VM {vm.uuid} already has {MAX_DATA_VOLUMES} data volumes")
             instantiate = vol.status == "NotInstantiated"
             if instantiate:
-                assert where and root is not None
-                ps_uuid = await primary.reserve_on_host(
+                assert root is not None
+                ps = await primary.reserve(
                     s, vm.clusterUuid or "", where, vol.size, vol.uuid, "VolumeVO", root.primaryStorageUuid
                 )
-                ps = await s.get(m.PrimaryStorage, ps_uuid)
-                vol.primaryStorageUuid, vol.hostUuid = ps_uuid, where
+                vol.primaryStorageUuid, vol.hostUuid = ps.uuid, primary.placement(ps, where)
                 vol.installPath = f"{ps.url}/dataVolumes/acct-{ctx.caller.account_uuid}/vol-{vol.uuid}/{vol.uuid}.qcow2"
                 vol.status = "Creating"
-            ps_path = (await s.get(m.PrimaryStorage, vol.primaryStorageUuid)).url
+            ps = await s.get(m.PrimaryStorage, vol.primaryStorageUuid)
+            ps_path = ps.url
+            # the agent that makes the file: the volume's host (local storage), else the VM's
+            file_host = await primary.file_host(s, ps, vol.hostUuid, where or vm.lastHostUuid)
         try:
             if instantiate:
+                if file_host is None:
+                    raise not_allowed(f"no host reaches primary storage {ps.uuid} to make volume {vol.uuid}")
                 await agent(
                     p,
-                    where,
-                    "/storage/local/create-empty",
+                    file_host,
+                    primary.command(ps, "create-empty"),
                     {"path": ps_path, "installPath": vol.installPath, "size": vol.size},
                 )
             if vm.state == "Running":
@@ -142,8 +148,9 @@ async def attach_data_volume(ctx: ApiContext) -> dict[str, Any]:
                         None,
                         None,
                     )
-            if instantiate:
-                await agent(p, where, "/storage/local/delete", {"path": ps_path, "installPath": vol.installPath})
+            if instantiate and file_host:
+                await gc.call_or_defer(p, gc.DELETE_VOLUME_FILE, file_host, primary.command(ps, "delete"),
+                                       {"path": ps_path, "installPath": vol.installPath})
             raise
         async with p.db.tx() as s:
             row = await s.get(m.Volume, vol.uuid)
@@ -173,23 +180,35 @@ async def detach_data_volume(ctx: ApiContext) -> dict[str, Any]:
     return await _out(ctx, vol.uuid)
 
 
-async def expunge_volume(p: Platform, vol_uuid: str) -> None:
-    """Remove the volume's file (through the GC if its host is unreachable), give its primary
-    storage capacity back and drop its row."""
+async def delete_volume_files(p: Platform, vol_uuid: str, preferred_host: str | None = None) -> None:
+    """Remove the volume's file and its snapshots' files (through the GC where the host is
+    unreachable); the snapshots' rows and capacity go with them. The volume's row stays."""
+    from nimbostack.storage.snapshot import drop_snapshots
+
     async with p.db.tx() as s:
         vol = await s.get(m.Volume, vol_uuid)
         if vol is None:
             return
         ps = await s.get(m.PrimaryStorage, vol.primaryStorageUuid) if vol.primaryStorageUuid else None
-    if vol.installPath and vol.hostUuid and ps is not None:
+        host = await primary.file_host(s, ps, vol.hostUuid, preferred_host) if ps is not None else None
+    if ps is None or host is None:
+        return
+    if vol.installPath:
         await gc.call_or_defer(
-            p,
-            gc.DELETE_VOLUME_FILE,
-            vol.hostUuid,
-            "/storage/local/delete",
-            {"path": ps.url, "installPath": vol.installPath},
-            vol.uuid,
+            p, gc.DELETE_VOLUME_FILE, host, primary.command(ps, "delete"),
+            {"path": ps.url, "installPath": vol.installPath}, vol.uuid,
         )
+    await drop_snapshots(p, vol_uuid, host, ps)
+
+
+async def expunge_volume(p: Platform, vol_uuid: str) -> None:
+    """Remove the volume's file and snapshots (through the GC if its host is unreachable), give
+    its primary storage capacity back and drop its row."""
+    async with p.db.tx() as s:
+        vol = await s.get(m.Volume, vol_uuid)
+        if vol is None:
+            return
+    await delete_volume_files(p, vol_uuid)
     async with p.db.tx() as s:
         await primary.release(s, vol.uuid)
         row = await s.get(m.Volume, vol.uuid)

@@ -1001,6 +1001,8 @@ class LibvirtDriver:
             dom = _lookup(conn, name)
             if dom is None:
                 return
+            if self.owner and _domain_owner(dom) not in ("", self.owner):
+                return  # started for another host since (it shares this libvirtd): not ours to destroy
             _force_off(dom)
             flags = (
                 libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE

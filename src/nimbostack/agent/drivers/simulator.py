@@ -91,6 +91,25 @@ class SimulatorDriver:
         self._need(vm_uuid)
         return ConsoleAddress(self.host_ip, self._ports[vm_uuid], self.specs[vm_uuid].console_mode)
 
+    async def snapshot_disk(self, vm_uuid: str, disk: DiskSpec, new_path: str) -> None:
+        self._need(vm_uuid)
+        for d in self.specs[vm_uuid].disks:
+            if d.volume_uuid == disk.volume_uuid:
+                d.path = new_path
+                return
+        raise DriverError("VOLUME_NOT_FOUND", f"VM {vm_uuid} has no disk {disk.volume_uuid}")
+
+    async def migrate_vm(self, vm_uuid: str, dest_uri: str, dest_host_uuid: str, dest: object | None) -> None:
+        self._need(vm_uuid)
+        if self.domains[vm_uuid] not in (RUNNING, PAUSED):
+            raise DriverError("VM_NOT_RUNNING", f"VM {vm_uuid} is {self.domains[vm_uuid]}; only a running VM migrates")
+        if not isinstance(dest, SimulatorDriver):
+            raise DriverError("HOST_NOT_CONNECTED", f"destination host {dest_host_uuid} is not simulated here")
+        spec = self.specs.pop(vm_uuid)
+        self.domains.pop(vm_uuid)
+        self._ports.pop(vm_uuid, None)
+        await dest.start_vm(spec)
+
     def on_state_change(self, listener: StateListener) -> None:
         self._listeners.append(listener)
 

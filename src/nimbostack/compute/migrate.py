@@ -1,0 +1,152 @@
+"""Live migration of a running VM to another host: MigrateVm, GetVmMigrationCandidateHosts.
+
+The VM's volumes must be on storage both hosts reach (SharedMountPoint); on LocalStorage the VM
+is stopped, its root volume moved (LocalStorageMigrateVolume) and the VM started again. With
+``kvm vm.cpuMode`` host-model or host-passthrough the guest sees its host's CPU, so hosts whose
+CPU models differ (as their agents reported at connect) are refused (release 1.0 §9).
+
+Real hosts: the source agent asks libvirt to migrate the domain peer to peer to
+``qemu+tcp://<destination managementIp>/system`` (libvirtd must listen on TCP there, as for
+ZStack). Simulated hosts: the simulator agent moves the domain and records the move."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+
+from nimbostack.api.common import inv, load
+from nimbostack.api.dispatch import ApiContext, api
+from nimbostack.compute import vm as vmmod
+from nimbostack.core.errors import ALLOCATION_FAILED, ApiError, not_allowed
+from nimbostack.core.flow import FlowChain
+from nimbostack.db import models as m
+from nimbostack.storage import backend
+
+if TYPE_CHECKING:
+    from nimbostack.core.platform import Platform
+
+log = logging.getLogger(__name__)
+
+CPU_MODE_WARNING = (
+    "setting this value to host-model or host-passthrough may break live migration if CPU models are "
+    "different on two hosts"
+)
+
+
+async def _check_storage(s: Any, vm: m.VmInstance) -> set[str]:
+    """The VM's primary storages; refuses storage that ties volumes to one host."""
+    vols = (await s.execute(select(m.Volume).where(m.Volume.vmInstanceUuid == vm.uuid))).scalars().all()
+    ps_uuids: set[str] = set()
+    for vol in vols:
+        ps = await s.get(m.PrimaryStorage, vol.primaryStorageUuid) if vol.primaryStorageUuid else None
+        if ps is None:
+            continue
+        if ps.type not in backend.BACKENDS or backend.of(ps).host_bound:
+            raise not_allowed(
+                f"VM {vm.uuid} cannot migrate live: its {vol.type.lower()} volume {vol.uuid} is on {ps.type} primary "
+                f"storage {ps.uuid}, which only host {vol.hostUuid} reaches. Stop the VM, move its volumes with "
+                "LocalStorageMigrateVolume and start it on the other host"
+            )
+        ps_uuids.add(ps.uuid)
+    return ps_uuids
+
+
+async def _candidates(p: Platform, s: Any, vm: m.VmInstance, dest_uuid: str | None) -> list[m.Host]:
+    if vm.state != "Running":
+        raise not_allowed(f"VM {vm.uuid} is {vm.state}; only a Running VM migrates live (StartVmInstance "
+                          "hostUuid= starts a stopped one elsewhere)")
+    ps_uuids = await _check_storage(s, vm)
+    source = await s.get(m.Host, vm.hostUuid)
+    assert source is not None
+    l3s = list((await s.execute(select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == vm.uuid))).scalars())
+    cpu = vm.cpuNum * vm.cpuSpeed
+    hosts = await vmmod._candidate_hosts(s, cpu, vm.memorySize, l3s, vm.zoneUuid, None, dest_uuid, ps_uuids)
+    hosts = [h for h in hosts if h.uuid != source.uuid and h.hypervisorType == source.hypervisorType]
+    mode = await p.config.get("kvm", "vm.cpuMode")
+    if dest_uuid:
+        dest = await s.get(m.Host, dest_uuid)
+        if dest is None:
+            raise ApiError("SYS.1006", "Unable to find the resource", f"Host[uuid:{dest_uuid}] does not exist")
+        if dest.uuid == source.uuid:
+            raise not_allowed(f"VM {vm.uuid} runs on host {dest.uuid} already")
+        if dest.hypervisorType != source.hypervisorType:
+            raise not_allowed(f"host {dest.uuid} is a {dest.hypervisorType} host; VM {vm.uuid} runs on "
+                              f"{source.hypervisorType}")
+        if dest.hypervisorType != "Simulator" and dest.managementIp == source.managementIp:
+            raise not_allowed(
+                f"hosts {source.uuid} and {dest.uuid} are one machine (managementIp {dest.managementIp}); live "
+                "migration moves a VM between two machines' hypervisors"
+            )
+        if mode in ("host-model", "host-passthrough") and (dest.cpuModel or "") != (source.cpuModel or ""):
+            raise not_allowed(
+                f"kvm vm.cpuMode is {mode}: {CPU_MODE_WARNING} (host {source.uuid}: {source.cpuModel or 'unknown'}; "
+                f"host {dest.uuid}: {dest.cpuModel or 'unknown'}). Set vm.cpuMode to none, or pick a host with "
+                "the same CPU model"
+            )
+        if not hosts:
+            raise ApiError(
+                ALLOCATION_FAILED,
+                "The VM cannot migrate to this host",
+                f"host {dest.uuid} must be Connected and Enabled, in an Enabled cluster that reaches the VM's L3 "
+                f"networks and primary storage, with {cpu} MHz CPU and {vm.memorySize} bytes memory free",
+            )
+    elif mode in ("host-model", "host-passthrough"):
+        hosts = [h for h in hosts if (h.cpuModel or "") == (source.cpuModel or "")]
+    return hosts
+
+
+@api("GetVmMigrationCandidateHosts")
+async def candidate_hosts(ctx: ApiContext) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        vm = await load(s, m.VmInstance, ctx.req("vmInstanceUuid"), ctx, "VmInstance", owned=True)
+        hosts = await _candidates(ctx.p, s, vm, None)
+        return {"inventories": [await inv(s, "QueryObjectHostInventory", h) for h in hosts]}
+
+
+@api("MigrateVm")
+async def migrate_vm(ctx: ApiContext) -> dict[str, Any]:
+    p = ctx.p
+    async with p.db.tx() as s:
+        vm = await load(s, m.VmInstance, ctx.req("vmInstanceUuid"), ctx, "VmInstance", owned=True)
+    async with p.queues.serial(vm.uuid):
+        cpu = vm.cpuNum * vm.cpuSpeed
+
+        async def reserve(c: dict[str, Any]) -> None:
+            async with p.db.tx() as s:
+                row = await load(s, m.VmInstance, vm.uuid, ctx)
+                hosts = await _candidates(p, s, row, ctx.str("hostUuid"))
+                dest = await vmmod._take_host(s, hosts, cpu, row.memorySize)
+                c.update(source=row.hostUuid, dest=dest.uuid, dest_ip=dest.managementIp, cluster=dest.clusterUuid)
+                row.state = "Migrating"
+
+        async def unreserve(c: dict[str, Any]) -> None:
+            async with p.db.tx() as s:
+                await vmmod._give_back_host(s, c["dest"], cpu, vm.memorySize)
+                await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(state="Running"))
+
+        async def move(c: dict[str, Any]) -> None:
+            await vmmod.agent(p, c["source"], "/vm/migrate", {
+                "vmUuid": vm.uuid, "destHostUuid": c["dest"], "destUri": f"qemu+tcp://{c['dest_ip']}/system"})
+
+        async def switch(c: dict[str, Any]) -> None:
+            async with p.db.tx() as s:
+                await vmmod._give_back_host(s, c["source"], cpu, vm.memorySize)
+                await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(
+                    state="Running", hostUuid=c["dest"], lastHostUuid=c["dest"], clusterUuid=c["cluster"]))
+
+        c = await (
+            FlowChain("migrate-vm").then("reserve", reserve, unreserve).then("migrate", move).then("switch", switch)
+            .run({})
+        )
+        source, dest_uuid = c["source"], c["dest"]
+        # network services follow the VM: its entries on the new host, gone from the old one
+        for hook, host in [(h, dest_uuid) for h in vmmod.START_HOOKS] + [(h, source) for h in vmmod.STOP_HOOKS]:
+            try:
+                await hook(p, vm.uuid, host)
+            except Exception as err:
+                log.warning("VM %s migrated to host %s, but a network hook failed on host %s: %s",
+                            vm.uuid, dest_uuid, host, err)
+        async with p.db.tx() as s:
+            return {"inventory": await inv(s, "QueryObjectVmInstanceInventory", await s.get(m.VmInstance, vm.uuid))}
