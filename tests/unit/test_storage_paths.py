@@ -59,7 +59,7 @@ def test_a_volume_chain_is_copied_parents_first_with_its_backing() -> None:
 
 
 def test_migration_rewrites_the_domain_owner() -> None:
-    pytest.importorskip("libvirt")
+    pytest.importorskip("libvirt", reason="libvirt-python is not installed: .ci/run installs it (.[libvirt])")
     from nimbostack.agent.driver import VmSpec
     from nimbostack.agent.drivers.libvirt_driver import build_domain_xml, set_domain_owner
 
