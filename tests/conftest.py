@@ -25,6 +25,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.2) -> Any:
+    """The first true value of ``predicate()``, asked every ``every`` s; fails after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
 class ApiError(Exception):
     def __init__(self, error: dict[str, Any]) -> None:
         super().__init__(json.dumps(error))
@@ -89,10 +100,12 @@ class Running:
         agent_port: int | None = None,
         background: bool = False,
         driver: str = "simulator",
+        listen: str = "127.0.0.1",
     ) -> None:
         """``port``/``agent_port`` reuse a stopped node's ports (a restart on the same data dir);
         ``background`` runs the pings, the expunger and the GC poll; ``driver`` "libvirt" makes the
-        agent a real KVM host agent."""
+        agent a real KVM host agent; ``listen`` is the management node's address (agents on other
+        machines push their events there)."""
         import uvicorn
 
         from nimbostack.api.app import create_app
@@ -106,6 +119,7 @@ class Running:
             data_dir=data_dir,
             db_url=db_url or sqlite_url(data_dir),
             port=self.port,
+            management_url=f"http://{listen}:{self.port}",
             simulator_agent_url=f"http://127.0.0.1:{self.agent_port}",
             quick_wait=quick_wait,
             background=background,
@@ -121,7 +135,7 @@ class Running:
                     log_level="warning",
                 )
             ),
-            uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")),
+            uvicorn.Server(uvicorn.Config(self.app, host=listen, port=self.port, log_level="warning")),
         ]
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -131,7 +145,7 @@ class Running:
             if time.time() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the management node did not start")
             time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{listen}:{self.port}"
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Api, Running, free_port
+from tests.conftest import Api, Running, free_port, wait_for
 
 sys.path.insert(0, os.path.dirname(__file__))
 from image_fixtures import tiny_image_dir  # noqa: E402, F401  (pytest fixture)
@@ -29,16 +29,6 @@ pytestmark = pytest.mark.e2e
 pytest.importorskip("libvirt", reason="libvirt-python is not installed: .ci/run installs it")
 if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode != 0:
     pytest.skip("libvirtd not running: run scripts/start-libvirtd", allow_module_level=True)
-
-
-def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 class Zone:

@@ -9,9 +9,8 @@ for every host, as in real life; host 2 keeps its share elsewhere with ``--path-
 (what a bind mount would do), so the two shares are two directories here. The SharedMountPoint
 directory is not mapped: both hosts see the same files, as with NFS.
 
-Not tested for real here: live migration (MigrateVm) — both "hosts" share one libvirtd, and
-libvirt cannot migrate a domain to itself; the refusal is tested, the move on simulated hosts
-(tests/integration/test_migration.py)."""
+Live migration (MigrateVm) needs two libvirtds: here both "hosts" share one, so its refusal is
+tested; the move itself runs between two machines of their own in test_live_migration.py."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Api, ApiError, Running, free_port
+from tests.conftest import Api, ApiError, Running, free_port, wait_for
 
 sys.path.insert(0, os.path.dirname(__file__))
 from image_fixtures import tiny_image_dir  # noqa: E402, F401  (pytest fixture)
@@ -42,16 +41,6 @@ if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=T
 
 NIMBOSTACK = Path(sys.executable).with_name("nimbostack")
 BANDWIDTH = 40 << 20  # host 2 copies at most 40 MiB/s: a 240 MiB volume takes ~6 s, time to kill it
-
-
-def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def virsh(*args: str) -> subprocess.CompletedProcess[str]:

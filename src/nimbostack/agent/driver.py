@@ -128,9 +128,12 @@ class HypervisorDriver(Protocol):
         """Live external snapshot of one disk of a running VM: ``disk.path`` is frozen and the
         guest writes to a new qcow2 file ``new_path`` on top of it from now on."""
 
-    async def migrate_vm(self, vm_uuid: str, dest_uri: str, dest_host_uuid: str, dest: object | None) -> None:
+    async def migrate_vm(
+        self, vm_uuid: str, dest_uri: str, dest_host_uuid: str, dest: object | None, console_log: str | None = None
+    ) -> None:
         """Live-migrate a running VM to another host (shared storage). ``dest`` is the
-        destination's driver when both hosts live in this process (the simulator)."""
+        destination's driver when both hosts live in this process (the simulator);
+        ``console_log`` where the destination logs the guest's serial console."""
 
     def on_state_change(self, listener: StateListener) -> None:
         """Register the callback the agent uses to push state changes to the management node."""

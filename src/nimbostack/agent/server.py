@@ -164,19 +164,35 @@ async def _ping(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     return {"connected": key in a.drivers}
 
 
-@command("/vm/start")
-async def _start(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    spec = _vm_spec(a, b["vm"])
+async def _plug(a: Agent, spec: VmSpec) -> list[str]:
+    """What a VM needs on this host besides its domain: its L2 bridges, a console log."""
     warnings: list[str] = []
     if not a.multi_host:  # simulated hosts have no bridges
         for nic in spec.nics:
             warnings += await ensure_bridge(nic.bridge, nic.physical_interface, nic.vlan)
-        if a.console_dir and not spec.console_log:
-            spec.console_log = str(Path(a.console_dir) / f"{spec.uuid}.log")
-    await a.driver(b["hostUuid"]).start_vm(spec)
+        if a.console_dir:
+            Path(a.console_dir).mkdir(parents=True, exist_ok=True)
+            spec.console_log = spec.console_log or str(Path(a.console_dir) / f"{spec.uuid}.log")
     for w in warnings:
         log.warning("VM %s: %s", spec.uuid, w)
+    return warnings
+
+
+@command("/vm/start")
+async def _start(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    spec = _vm_spec(a, b["vm"])
+    warnings = await _plug(a, spec)
+    await a.driver(b["hostUuid"]).start_vm(spec)
     return {"warnings": warnings}
+
+
+@command("/vm/prepare-migration")
+async def _prepare_migration(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    """On the destination, before a live migration: the incoming domain plugs into bridges that
+    must exist already (libvirt does not create them)."""
+    spec = _vm_spec(a, b["vm"])
+    warnings = await _plug(a, spec)
+    return {"warnings": warnings, "consoleLog": spec.console_log}
 
 
 @command("/vm/stop")
@@ -258,7 +274,7 @@ async def _migrate(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
         await driver.migrate_vm(vm, b.get("destUri", ""), dest, target)
         a.migrations.append({"vmUuid": vm, "from": source, "to": dest, "at": time.time()})
     else:
-        await driver.migrate_vm(vm, b["destUri"], dest, None)
+        await driver.migrate_vm(vm, b["destUri"], dest, None, b.get("destConsoleLog"))
     return {}
 
 

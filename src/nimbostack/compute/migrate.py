@@ -5,13 +5,19 @@ is stopped, its root volume moved (LocalStorageMigrateVolume) and the VM started
 ``kvm vm.cpuMode`` host-model or host-passthrough the guest sees its host's CPU, so hosts whose
 CPU models differ (as their agents reported at connect) are refused (release 1.0 §9).
 
-Real hosts: the source agent asks libvirt to migrate the domain peer to peer to
+Real hosts: the destination's agent first plugs in what the incoming domain needs (its bridges,
+its console log); then the source agent asks libvirt to migrate the domain peer to peer to
 ``qemu+tcp://<destination managementIp>/system`` (libvirtd must listen on TCP there, as for
-ZStack). Simulated hosts: the simulator agent moves the domain and records the move."""
+ZStack), the memory streaming to ``tcp://<destination managementIp>``. If the source agent fails
+meanwhile, libvirt carries on without it, so the destination decides: a VM running there has
+moved. Network services follow the VM once it runs on the destination. Simulated hosts: the
+simulator agent moves the domain and records the move."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
@@ -28,6 +34,9 @@ if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
 
 log = logging.getLogger(__name__)
+
+# How long a migration whose source agent failed may still take to finish on the destination.
+ARRIVAL_WAIT = 300.0
 
 CPU_MODE_WARNING = (
     "setting this value to host-model or host-passthrough may break live migration if CPU models are "
@@ -97,6 +106,25 @@ async def _candidates(p: Platform, s: Any, vm: m.VmInstance, dest_uuid: str | No
     return hosts
 
 
+async def _arrived(p: Platform, vm_uuid: str, dest_uuid: str) -> bool:
+    """Whether the VM runs on the destination after its source agent failed mid-migration. The
+    hypervisors go on without the agent (libvirt runs the migration itself), so the destination is
+    asked: while its copy is paused the stream is still coming; running means it came, absent
+    means the source kept it. A destination that cannot say counts as not arrived: the VM is
+    rolled back to its source, and the next reconnect of either host corrects that if wrong."""
+    deadline = asyncio.get_running_loop().time() + ARRIVAL_WAIT
+    while True:
+        try:
+            states = (await vmmod.agent(p, dest_uuid, "/vm/states", {}))["states"]
+        except Exception as err:
+            log.warning("VM %s: cannot ask host %s whether the migration finished: %s", vm_uuid, dest_uuid, err)
+            return False
+        state = states.get(vm_uuid)
+        if state != "Paused" or asyncio.get_running_loop().time() > deadline:
+            return state == "Running"
+        await asyncio.sleep(0.5)
+
+
 @api("GetVmMigrationCandidateHosts")
 async def candidate_hosts(ctx: ApiContext) -> dict[str, Any]:
     async with ctx.p.db.tx() as s:
@@ -126,9 +154,21 @@ async def migrate_vm(ctx: ApiContext) -> dict[str, Any]:
                 await vmmod._give_back_host(s, c["dest"], cpu, vm.memorySize)
                 await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(state="Running"))
 
+        async def prepare(c: dict[str, Any]) -> None:
+            spec = asdict(await vmmod.build_spec(p, vm.uuid))
+            reply = await vmmod.agent(p, c["dest"], "/vm/prepare-migration", {"vm": spec})
+            c["console_log"] = reply.get("consoleLog")
+
         async def move(c: dict[str, Any]) -> None:
-            await vmmod.agent(p, c["source"], "/vm/migrate", {
-                "vmUuid": vm.uuid, "destHostUuid": c["dest"], "destUri": f"qemu+tcp://{c['dest_ip']}/system"})
+            try:
+                await vmmod.agent(p, c["source"], "/vm/migrate", {
+                    "vmUuid": vm.uuid, "destHostUuid": c["dest"], "destUri": f"qemu+tcp://{c['dest_ip']}/system",
+                    "destConsoleLog": c["console_log"]})
+            except Exception as err:
+                if not await _arrived(p, vm.uuid, c["dest"]):
+                    raise
+                log.warning("VM %s: the source host's agent failed (%s), but the VM runs on host %s: the "
+                            "migration finished", vm.uuid, getattr(err, "details", err), c["dest"])
 
         async def switch(c: dict[str, Any]) -> None:
             async with p.db.tx() as s:
@@ -137,7 +177,10 @@ async def migrate_vm(ctx: ApiContext) -> dict[str, Any]:
                     state="Running", hostUuid=c["dest"], lastHostUuid=c["dest"], clusterUuid=c["cluster"]))
 
         c = await (
-            FlowChain("migrate-vm").then("reserve", reserve, unreserve).then("migrate", move).then("switch", switch)
+            FlowChain("migrate-vm").then("reserve", reserve, unreserve)
+            .then("prepare", prepare)
+            .then("migrate", move)
+            .then("switch", switch)
             .run({})
         )
         source, dest_uuid = c["source"], c["dest"]

@@ -1205,7 +1205,9 @@ class LibvirtDriver:
 
         await self._run(f"snapshot disk {disk.volume_uuid} of VM {vm_uuid}", snapshot)
 
-    async def migrate_vm(self, vm_uuid: str, dest_uri: str, dest_host_uuid: str, dest: object | None) -> None:
+    async def migrate_vm(
+        self, vm_uuid: str, dest_uri: str, dest_host_uuid: str, dest: object | None, console_log: str | None = None
+    ) -> None:
         """Live migration, peer to peer, to the libvirtd at ``dest_uri`` (the disks are on shared
         storage, so no storage is copied). The destination defines the domain as its own."""
         name = domain_name(vm_uuid)
@@ -1215,13 +1217,24 @@ class LibvirtDriver:
             if not dom.isActive():
                 raise DriverError("VM_NOT_RUNNING", f"VM {vm_uuid} is not running; only a running VM migrates live.")
             xml = set_domain_owner(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), dest_host_uuid)
+            if console_log:
+                xml = set_console_log(xml, console_log)
             params = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml, libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: xml}
+            # the stream goes to the address the management node knows the destination by; left to
+            # itself the destination offers its hostname, which need not resolve from here
+            if dest_ip := urlsplit(dest_uri).hostname:
+                params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{dest_ip}"
             flags = (
                 libvirt.VIR_MIGRATE_LIVE
                 | libvirt.VIR_MIGRATE_PEER2PEER
                 | libvirt.VIR_MIGRATE_PERSIST_DEST
                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
                 | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+                # libvirt calls a disk with host caching safe to migrate only on a filesystem it
+                # knows to be shared (NFS, GlusterFS, ...); a SharedMountPoint is shared because the
+                # operator says so (any cluster filesystem, mounted on every host), and QEMU flushes
+                # the disks before the destination resumes
+                | libvirt.VIR_MIGRATE_UNSAFE
             )
             dom.migrateToURI3(dest_uri, params, flags)
 
@@ -1325,6 +1338,16 @@ def set_domain_owner(xml: str, owner: str) -> str:
     if host is None:
         host = _sub(instance, f"{{{METADATA_NS}}}host")
     host.text = owner
+    return ET.tostring(dom, encoding="unicode")
+
+
+def set_console_log(xml: str, path: str) -> str:
+    """The domain XML logging its serial console to ``path``, appended to: the destination of a
+    migration keeps its own log of the guest, and a guest coming back adds to the old one."""
+    dom = ET.fromstring(xml)
+    for log_el in dom.findall("devices/serial/log"):
+        log_el.set("file", path)
+        log_el.set("append", "on")
     return ET.tostring(dom, encoding="unicode")
 
 

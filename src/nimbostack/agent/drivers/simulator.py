@@ -99,7 +99,9 @@ class SimulatorDriver:
                 return
         raise DriverError("VOLUME_NOT_FOUND", f"VM {vm_uuid} has no disk {disk.volume_uuid}")
 
-    async def migrate_vm(self, vm_uuid: str, dest_uri: str, dest_host_uuid: str, dest: object | None) -> None:
+    async def migrate_vm(
+        self, vm_uuid: str, dest_uri: str, dest_host_uuid: str, dest: object | None, console_log: str | None = None
+    ) -> None:
         self._need(vm_uuid)
         if self.domains[vm_uuid] not in (RUNNING, PAUSED):
             raise DriverError("VM_NOT_RUNNING", f"VM {vm_uuid} is {self.domains[vm_uuid]}; only a running VM migrates")
