@@ -17,6 +17,7 @@ process. Addresses come from 198.18.0.0/15 and never leave this machine."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -141,6 +142,11 @@ class Machine:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+
+    def freeze_agent(self) -> None:
+        """SIGSTOP the agent: requests reach its socket and wait, unanswered (kill it next)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
 
     def start_agent(self) -> None:
         """The agent again (after ``kill_agent``), in the machine's namespaces."""

@@ -1,4 +1,5 @@
-"""Live migration (MigrateVm) of a real guest between two machines (1.0 §9, 1.2 shared mount point).
+"""Live migration (MigrateVm) of a real guest between two machines (1.0 §9, 1.2 shared mount point),
+and an agent killed in the middle of an expunge.
 
 Two hosts that share one libvirtd cannot migrate to each other, so each host here is a
 ``Machine`` (tests/e2e/machine.py): its own network, mount and UTS namespaces, its own libvirtd
@@ -9,7 +10,8 @@ L3 network (DHCP and userdata from the host it runs on).
 
 The reliability case of issue 5: the source agent is killed while libvirt is still streaming the
 guest's memory (throttled to a few MiB/s so it takes seconds); libvirt finishes without it, and
-the management node, asking the destination, records where the VM really is."""
+the management node, asking the destination, records where the VM really is. And an agent killed
+while it holds an expunge request: the garbage collector finishes the deletion when it is back."""
 
 from __future__ import annotations
 
@@ -118,6 +120,13 @@ class Cloud:
 
     def dhcp_macs(self, host: str) -> str:
         return self.machine(host).sh("cat /run/nimbostack/flat/*/dhcp-hosts 2>/dev/null").lower()
+
+    def gc(self, host: str) -> list[dict[str, Any]]:
+        """The garbage collector's pending work for a host."""
+        from nimbostack.core import gc
+
+        assert self.node is not None
+        return self.node.run(gc.entries(self.node.platform, status="Pending", host_uuid=host))
 
     def close(self) -> None:
         for mach in self.machines:
@@ -252,3 +261,43 @@ def test_killing_the_source_agent_mid_migration_leaves_the_vm_where_it_runs(clou
     assert cloud.console(vm).count("NIMBO-READY") == 1
     a.call("DestroyVmInstance", uuid=u)
     assert cloud.runs_on(u) == []
+
+
+def test_an_agent_killed_in_the_middle_of_an_expunge_finishes_it_when_back(cloud: Cloud) -> None:
+    a = cloud.api
+    h1, _ = cloud.hosts
+    mach = cloud.machine(h1)
+    vm = cloud.create("gone", h1)
+    u, root = vm["uuid"], Path(vm["allVolumes"][0]["installPath"])
+    a.call("DestroyVmInstance", uuid=u)  # Delay: the root volume's file stays until expunged
+    assert root.exists()
+
+    mach.freeze_agent()  # the expunge's delete request reaches the agent and is never answered ...
+    outcome: list[Any] = []
+
+    def expunge() -> None:
+        a2 = Api(cloud.api.base)
+        a2.session = a.session
+        try:
+            outcome.append(a2.call("ExpungeVmInstance", uuid=u))
+        except ApiError as err:
+            outcome.append(err)
+
+    t = threading.Thread(target=expunge)
+    t.start()
+    time.sleep(2)
+    assert not outcome and root.exists()
+    mach.kill_agent()  # ... and the agent dies holding it
+    t.join(60)
+    # the user's expunge is done; the file's deletion waits in the GC for the host
+    assert outcome and isinstance(outcome[0], dict) and outcome[0]["success"]
+    assert not a.query("QueryVmInstance", ("uuid", "=", u))
+    assert root.exists()
+    assert [e["body"]["installPath"] for e in cloud.gc(h1)] == [str(root)]
+
+    mach.start_agent()
+    a.call("ReconnectHost", uuid=h1)
+    wait_for(lambda: not root.exists(), 30, "the GC to delete the root volume's file")
+    assert cloud.gc(h1) == []
+    assert not [p for p in cloud.smp.rglob(f"*{vm['allVolumes'][0]['uuid']}*")]
+
