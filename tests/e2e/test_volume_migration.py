@@ -10,7 +10,7 @@ for every host, as in real life; host 2 keeps its share elsewhere with ``--path-
 directory is not mapped: both hosts see the same files, as with NFS.
 
 Live migration (MigrateVm) needs two libvirtds: here both "hosts" share one, so its refusal is
-tested; the move itself runs between two machines of their own in test_live_migration.py."""
+tested; the move itself runs between two machines of their own in test_two_machines.py."""
 
 from __future__ import annotations
 

@@ -123,3 +123,25 @@ def test_data_volume_attach_detach_delete(api: Api) -> None:
     api.call("DeleteDataVolume", uuid=vol["uuid"])
     assert api.query("QueryVolume", ("uuid", "=", vol["uuid"])) == []
     assert api.query("QueryPrimaryStorage")[0]["availableCapacity"] == before
+
+
+def test_ip_address_capacity_counts_ranges_and_what_vms_hold(api: Api) -> None:
+    env = build_zone(api, cidr_start="198.18.0.10", cidr_end="198.18.0.29")
+    l3, zone = env["l3"]["uuid"], env["zone"]["uuid"]
+    rng = api.query("QueryIpRange", ("l3NetworkUuid", "=", l3))[0]["uuid"]
+
+    def capacity(**scope: object) -> tuple[int, int]:
+        reply = api.call("GetIpAddressCapacity", **scope)
+        return reply["totalCapacity"], reply["availableCapacity"]
+
+    assert capacity(l3NetworkUuids=[l3]) == capacity(ipRangeUuids=[rng]) == capacity(zoneUuids=[zone]) == (20, 20)
+    vm = api.call("CreateVmInstance", name="ip", imageUuid=env["image"]["uuid"],
+                  instanceOfferingUuid=env["offering"]["uuid"], l3NetworkUuids=[l3])["inventory"]
+    # the VM's NIC, and the Flat DHCP server's address on the VM's host
+    assert capacity(l3NetworkUuids=[l3]) == (20, 18)
+    assert capacity(all=True)[1] <= 18
+    api.call("DestroyVmInstance", uuid=vm["uuid"])  # frees its IP at once (Delay keeps only the volume)
+    assert capacity(l3NetworkUuids=[l3]) == (20, 19)
+    assert "exactly one" in api.fails("GetIpAddressCapacity")["details"]
+    assert "exactly one" in api.fails("GetIpAddressCapacity", l3NetworkUuids=[l3], zoneUuids=[zone])["details"]
+    assert api.fails("GetIpAddressCapacity", l3NetworkUuids=["0" * 32])["code"] == "SYS.1006"

@@ -1,5 +1,5 @@
-"""Live migration (MigrateVm) of a real guest between two machines (1.0 §9, 1.2 shared mount point),
-and an agent killed in the middle of an expunge.
+"""Hosts that are machines of their own, whose agents can die: live migration (MigrateVm, 1.0 §9,
+1.2 shared mount point) and what an agent killed mid-work, a missing image or a full storage leave.
 
 Two hosts that share one libvirtd cannot migrate to each other, so each host here is a
 ``Machine`` (tests/e2e/machine.py): its own network, mount and UTS namespaces, its own libvirtd
@@ -8,10 +8,12 @@ bridge (198.18.200.0/24) where the management node listens; their volumes are on
 SharedMountPoint directory that both see, as with NFS. The guest is the tiny image, on a Flat
 L3 network (DHCP and userdata from the host it runs on).
 
-The reliability case of issue 5: the source agent is killed while libvirt is still streaming the
-guest's memory (throttled to a few MiB/s so it takes seconds); libvirt finishes without it, and
-the management node, asking the destination, records where the VM really is. And an agent killed
-while it holds an expunge request: the garbage collector finishes the deletion when it is back."""
+An agent is killed while libvirt streams the guest's memory (throttled to a few MiB/s so it
+takes seconds): libvirt finishes without it, and the management node, asking the destination,
+records where the VM really is. An agent killed while it holds an expunge request: the garbage
+collector finishes the deletion when it is back. An agent killed in the middle of a VM creation:
+the creation fails and rolls back; what the dead host could not undo at once is undone when it
+is back (no domain, no volume file, no capacity or IP held)."""
 
 from __future__ import annotations
 
@@ -74,10 +76,12 @@ class Cloud:
                    clusterUuid=cluster)["inventory"]["uuid"]
             for i, m in enumerate(self.machines, 1)
         ]
-        bs = a.call("AddSftpBackupStorage", name="bs", hostname=self.machines[0].ip, username="root", password="x",
-                    url=str(self.root / "bs"))["inventory"]["uuid"]
+        self.bs_dir = self.root / "bs"
+        self.bs = bs = a.call("AddSftpBackupStorage", name="bs", hostname=self.machines[0].ip, username="root",
+                              password="x", url=str(self.bs_dir))["inventory"]["uuid"]
         a.call("AttachBackupStorageToZone", backupStorageUuid=bs, zoneUuid=zone)
-        self.image = a.call("AddImage", name="tiny", url=str(images / "tiny.qcow2"), format="qcow2",
+        self.image_file = images / "tiny.qcow2"
+        self.image = a.call("AddImage", name="tiny", url=str(self.image_file), format="qcow2",
                             backupStorageUuids=[bs])["inventory"]["uuid"]
         l2 = a.call("CreateL2NoVlanNetwork", name="l2", zoneUuid=zone, physicalInterface="nimbonone0",
                     systemTags=["bridge::nbrlive0"])["inventory"]["uuid"]
@@ -95,9 +99,23 @@ class Cloud:
     def machine(self, host_uuid: str) -> Machine:
         return self.machines[self.hosts.index(host_uuid)]
 
-    def create(self, name: str, host: str) -> dict[str, Any]:
+    def create(self, name: str, host: str, **extra: Any) -> dict[str, Any]:
         return self.api.call("CreateVmInstance", name=name, imageUuid=self.image, instanceOfferingUuid=self.offering,
-                             l3NetworkUuids=[self.l3], hostUuid=host)["inventory"]
+                             l3NetworkUuids=[self.l3], hostUuid=host, **extra)["inventory"]
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a failed creation must leave as it found it."""
+        a = self.api
+        return {
+            "vms": sorted(v["uuid"] for v in a.query("QueryVmInstance")),
+            "volumes": sorted(v["uuid"] for v in a.query("QueryVolume")),
+            "files": sorted(str(p.relative_to(self.smp)) for p in self.smp.rglob("*.qcow2")),
+            "hosts": {h["uuid"]: (h["availableCpuCapacity"], h["availableMemoryCapacity"])
+                      for h in a.query("QueryHost")},
+            "storage": a.query("QueryPrimaryStorage", ("uuid", "=", self.ps))[0]["availableCapacity"],
+            "ips": a.call("GetIpAddressCapacity", l3NetworkUuids=[self.l3])["availableCapacity"],
+            "domains": [sorted(m.virsh("list", "--all", "--name").stdout.split()) for m in self.machines],
+        }
 
     def console(self, vm: dict[str, Any]) -> str:
         """The guest's serial log: one file on the shared filesystem, written by whichever host runs it."""
@@ -301,3 +319,65 @@ def test_an_agent_killed_in_the_middle_of_an_expunge_finishes_it_when_back(cloud
     assert cloud.gc(h1) == []
     assert not [p for p in cloud.smp.rglob(f"*{vm['allVolumes'][0]['uuid']}*")]
 
+
+
+def test_an_agent_killed_in_the_middle_of_a_creation_leaves_nothing_behind(cloud: Cloud) -> None:
+    a = cloud.api
+    h1, _ = cloud.hosts
+    mach = cloud.machine(h1)
+    before = cloud.snapshot()
+    mach.freeze_agent()  # the creation's first request to the host is received and never answered ...
+    outcome: list[Any] = []
+
+    def create() -> None:
+        a2 = Api(cloud.api.base)
+        a2.session = a.session
+        try:
+            outcome.append(a2.call("CreateVmInstance", name="cut-short", imageUuid=cloud.image,
+                                   instanceOfferingUuid=cloud.offering, l3NetworkUuids=[cloud.l3], hostUuid=h1))
+        except ApiError as err:
+            outcome.append(err)
+
+    t = threading.Thread(target=create)
+    t.start()
+    time.sleep(2)
+    assert not outcome
+    mach.kill_agent()  # ... the agent dies holding it
+    t.join(60)
+    assert outcome and isinstance(outcome[0], ApiError), outcome
+    assert outcome[0].error["code"] and outcome[0].error["description"]
+
+    mach.start_agent()
+    a.call("ReconnectHost", uuid=h1)
+    wait_for(lambda: not cloud.gc(h1), 30, "the host's leftovers to be cleaned")
+    assert cloud.snapshot() == before
+    # and the host works
+    vm = cloud.create("after", h1)
+    assert vm["state"] == "Running"
+    a.call("DestroyVmInstance", uuid=vm["uuid"])
+    a.call("ExpungeVmInstance", uuid=vm["uuid"])
+
+
+def test_a_missing_image_file_or_a_full_storage_fail_clearly_and_roll_back(cloud: Cloud) -> None:
+    a = cloud.api
+    h1, _ = cloud.hosts
+    before = cloud.snapshot()
+    # an image whose file vanished from the backup storage (never cached on the primary storage yet)
+    lost = a.call("AddImage", name="lost", url=str(cloud.image_file), format="qcow2",
+                  backupStorageUuids=[cloud.bs])["inventory"]
+    for f in cloud.bs_dir.rglob(f"*{lost['uuid']}*"):
+        f.unlink()
+    err = a.fails("CreateVmInstance", name="no-image", imageUuid=lost["uuid"], instanceOfferingUuid=cloud.offering,
+                  l3NetworkUuids=[cloud.l3], hostUuid=h1)
+    assert "image" in (err["description"] + err["details"]).lower(), err
+    assert not list(cloud.smp.rglob(f"*{lost['uuid']}*"))  # no partial download in the image cache
+    a.call("DeleteImage", uuid=lost["uuid"])
+    a.call("ExpungeImage", imageUuid=lost["uuid"])
+    assert cloud.snapshot() == before
+
+    # a data disk bigger than the storage
+    huge = a.call("CreateDiskOffering", name="huge", diskSize=1 << 50)["inventory"]["uuid"]
+    err = a.fails("CreateVmInstance", name="too-big", imageUuid=cloud.image, instanceOfferingUuid=cloud.offering,
+                  l3NetworkUuids=[cloud.l3], hostUuid=h1, dataDiskOfferingUuids=[huge])
+    assert "capacity" in (err["description"] + err["details"]).lower(), err
+    assert cloud.snapshot() == before
