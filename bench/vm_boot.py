@@ -16,6 +16,7 @@ Needs root and a running libvirtd (scripts/start-libvirtd).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import subprocess
@@ -113,6 +114,60 @@ def run_batch(api: Api, env: dict[str, str], console_dir: Path, n: int) -> list[
     return out
 
 
+def libvirt_floor(template_vm: str, n: int, workdir: Path) -> tuple[float, float]:
+    """libvirt alone, without the platform: wall time of 1 and of ``n`` parallel starts of copies of
+    a platform VM's domain (own overlays, no NIC), started paused so no guest competes for the
+    CPUs. What a start costs libvirt and QEMU themselves (libvirt 9.0 reads the guest CPU's ~400
+    properties one QMP qom-get at a time) bounds what the platform can reach."""
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    xml = conn.lookupByName(f"nimbo-{template_vm}").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    xml = re.sub(r"<interface.*?</interface>|<metadata>.*?</metadata>|<sysinfo.*?</sysinfo>|<smbios[^>]*/>", "",
+                 xml, flags=re.S)
+    disk = re.search(r"<source file='([^']*\.qcow2)'", xml)
+    assert disk is not None
+    # the copies are backed by the image the template's root volume is backed by (the VM runs)
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", disk.group(1)],
+                                     capture_output=True, text=True, check=True).stdout)
+    image = info["full-backing-filename"]
+
+    def start(count: int) -> float:
+        doms = []
+        for _ in range(count):
+            u = str(uuid.uuid4())
+            overlay = workdir / f"floor-{u}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", image, str(overlay)],
+                           check=True)
+            x = re.sub(r"<name>.*?</name>", f"<name>floor-{u}</name>", xml)
+            x = re.sub(r"<uuid>.*?</uuid>", f"<uuid>{u}</uuid>", x)
+            x = re.sub(r"file='[^']*\.log'", f"file='{workdir}/floor-{u}.log'", x)
+            doms.append(conn.defineXML(x.replace(disk.group(1), str(overlay))))
+
+        def go(name: str) -> None:
+            own = libvirt.open("qemu:///system")
+            own.lookupByName(name).createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+            own.close()
+
+        threads = [threading.Thread(target=go, args=(d.name(),)) for d in doms]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        for d in doms:
+            if d.isActive():
+                d.destroy()
+            d.undefine()
+        return wall
+
+    try:
+        return start(1), start(n)
+    finally:
+        conn.close()
+
+
 def summary(label: str, rows: list[dict[str, float]]) -> None:
     for key in ("running", "first_line", "lease_and_userdata"):
         values = [r[key] for r in rows]
@@ -149,6 +204,9 @@ def main() -> int:
         print(f"  {a.parallel} parallel all Running within {ratio:.1f}x the time of one")
         for path, times in sorted(AGENT_TIMES.items()):
             print(f"  agent {path:>30}: n={len(times):3d} median {statistics.median(times) * 1000:7.1f} ms")
+        alone, parallel = libvirt_floor(many[0]["uuid"], a.parallel, root)
+        print(f"  libvirt alone (no platform, guests paused): 1 start {alone:.2f} s, {a.parallel} parallel "
+              f"{parallel:.2f} s = {parallel / alone:.1f}x")
     finally:
         for r in one + many:
             subprocess.run(["virsh", "-c", "qemu:///system", "destroy", f"nimbo-{r['uuid']}"], capture_output=True)
