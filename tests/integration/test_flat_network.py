@@ -389,3 +389,32 @@ def test_distributed_eip_follows_the_vm(node: Running, api: Api) -> None:
     assert api.query("QueryVip", ("uuid", "=", vip["uuid"])) == []
     # the VIP's address is free again
     assert api.call("CreateVip", name="v3", l3NetworkUuid=pub["uuid"], requiredIp="198.19.0.77")["inventory"]
+
+
+def test_a_vm_start_adds_its_entries_and_a_host_without_state_gets_the_full_state(node: Running, api: Api) -> None:
+    """A start sends the VM's own entries (/flat/apply-vm); the host then serves exactly what a full
+    push from the records would. An agent that lost its state (restart) gets the full state."""
+    env = build_zone(api)
+    l3, host = env["l3"]["uuid"], env["hosts"][0]["uuid"]
+    first = make_vm(api, env, "a")
+    second = make_vm(api, env, "b")
+    body = flat_state(node, host)[l3]
+    assert [e["vmUuid"] for e in body["vms"]] == [
+        v["uuid"] for v in sorted((first, second), key=lambda v: v["vmNics"][0]["ip"])
+    ]
+    from nimbostack.network import flat
+
+    full = node.run(flat.desired_state(node.platform, host, l3, {"DHCP", "Userdata"}))
+    assert body == full
+    # the agent restarted: nothing to add to, so the next start pushes every running VM
+    svc = node.servers[0].config.app.state.agent.extensions["flat"]
+    svc.simulated.clear()
+    third = make_vm(api, env, "c")
+    assert {e["vmUuid"] for e in flat_state(node, host)[l3]["vms"]} == {v["uuid"] for v in (first, second, third)}
+    # a stale entry holding the new VM's IP (its stop was never pushed) gives way to it
+    stale = dict(flat_state(node, host)[l3]["vms"][0], vmUuid="e" * 32, nicUuid="e" * 32, mac="fa:00:00:00:00:01")
+    api.call("StopVmInstance", uuid=first["uuid"])
+    svc.simulated[host][l3]["vms"].append(dict(stale, ip=first["vmNics"][0]["ip"]))
+    api.call("StartVmInstance", uuid=first["uuid"])
+    served = [e for e in flat_state(node, host)[l3]["vms"] if e["ip"] == first["vmNics"][0]["ip"]]
+    assert [e["vmUuid"] for e in served] == [first["uuid"]]

@@ -49,6 +49,10 @@ class Agent:
         self.backup = BackupStore()
         self.management_url: str | None = None
         self._http = httpx.AsyncClient(timeout=10)
+        # events are posted as tasks of their own; with hundreds at once in httpx's pool, its
+        # bookkeeping (every queued request against every connection, on each request) cost more
+        # than all the agent's other work. A few at a time keep that queue short.
+        self._event_slots = asyncio.Semaphore(8)
         self._pending_events: list[dict[str, Any]] = []
         # host-side services (e.g. "flat": network namespaces, dnsmasq, metadata), closed with the agent
         self.extensions: dict[str, Any] = {}
@@ -100,7 +104,8 @@ class Agent:
 
     async def _post_event(self, event: dict[str, Any]) -> None:
         try:
-            await self._http.post(f"{self.management_url}/agent/events", json=event)
+            async with self._event_slots:
+                await self._http.post(f"{self.management_url}/agent/events", json=event)
         except httpx.HTTPError as err:
             log.warning("could not report %s: %s (the management node reconciles on its next ping)", event, err)
 

@@ -263,13 +263,25 @@ async def image_source(s: Any, image_uuid: str, zone_uuid: str | None) -> str:
     """The URL a host fetches the image from: a Ready copy on a backup storage of the zone."""
     from nimbostack.storage.backup import image_source as source
 
-    rows = (await s.execute(select(m.ImageBackupStorageRef, m.BackupStorage).join(
-        m.BackupStorage, m.BackupStorage.uuid == m.ImageBackupStorageRef.backupStorageUuid).where(
-        m.ImageBackupStorageRef.imageUuid == image_uuid, m.ImageBackupStorageRef.status == "Ready",
-        m.BackupStorage.state == "Enabled"))).all()
+    rows = (
+        await s.execute(
+            select(m.ImageBackupStorageRef, m.BackupStorage)
+            .join(m.BackupStorage, m.BackupStorage.uuid == m.ImageBackupStorageRef.backupStorageUuid)
+            .where(
+                m.ImageBackupStorageRef.imageUuid == image_uuid,
+                m.ImageBackupStorageRef.status == "Ready",
+                m.BackupStorage.state == "Enabled",
+            )
+        )
+    ).all()
     if zone_uuid:
-        in_zone = set((await s.execute(select(m.BackupStorageZoneRef.backupStorageUuid).where(
-            m.BackupStorageZoneRef.zoneUuid == zone_uuid))).scalars())
+        in_zone = set(
+            (
+                await s.execute(
+                    select(m.BackupStorageZoneRef.backupStorageUuid).where(m.BackupStorageZoneRef.zoneUuid == zone_uuid)
+                )
+            ).scalars()
+        )
         rows = sorted(rows, key=lambda r: r[1].uuid not in in_zone)
     if not rows:
         raise not_allowed(f"image {image_uuid} has no Ready copy on an Enabled backup storage")
@@ -281,15 +293,26 @@ async def cached_image_path(platform: Platform, host_uuid: str, image_uuid: str)
     """Make sure the host's primary storage caches the image (an ISO to boot from); return the path."""
     async with platform.db.tx() as s:
         host = await s.get(m.Host, host_uuid)
-        ps = (await s.execute(select(m.PrimaryStorage).join(
-            m.PrimaryStorageClusterRef, m.PrimaryStorageClusterRef.primaryStorageUuid == m.PrimaryStorage.uuid).where(
-            m.PrimaryStorageClusterRef.clusterUuid == host.clusterUuid).limit(1))).scalar_one_or_none()
+        ps = (
+            await s.execute(
+                select(m.PrimaryStorage)
+                .join(
+                    m.PrimaryStorageClusterRef, m.PrimaryStorageClusterRef.primaryStorageUuid == m.PrimaryStorage.uuid
+                )
+                .where(m.PrimaryStorageClusterRef.clusterUuid == host.clusterUuid)
+                .limit(1)
+            )
+        ).scalar_one_or_none()
         if ps is None:
             raise not_allowed(f"host {host_uuid}'s cluster has no primary storage to cache image {image_uuid}")
         image = await s.get(m.Image, image_uuid)
         url = await image_source(s, image_uuid, host.zoneUuid)
-    reply = await agent(platform, host_uuid, primary.command(ps, "cache-image"),
-                        {"path": ps.url, "imageUuid": image_uuid, "imageUrl": url, "md5": image.md5Sum})
+    reply = await agent(
+        platform,
+        host_uuid,
+        primary.command(ps, "cache-image"),
+        {"path": ps.url, "imageUuid": image_uuid, "imageUrl": url, "md5": image.md5Sum},
+    )
     return str(reply["cachePath"])
 
 
@@ -301,19 +324,21 @@ def bridge_name(l2: m.L2Network, tags: list[str]) -> str:
     return name[:15]
 
 
-async def _host_of(platform: Platform, host_uuid: str) -> m.Host:
+async def _agent_url_of(platform: Platform, host_uuid: str) -> str:
+    """The agent URL of a Connected host. Two columns, not the whole row: every agent command of
+    every VM operation asks."""
     async with platform.db.tx() as s:
-        host = await s.get(m.Host, host_uuid)
+        host = (await s.execute(select(m.Host.status, m.Host.agentUrl).where(m.Host.uuid == host_uuid))).first()
     if host is None:
         raise not_allowed(f"host {host_uuid} no longer exists")
     if host.status != "Connected":
-        raise ApiError("HOST.1002", "The VM's host is not connected", f"host {host.uuid} is {host.status}")
-    return host
+        raise ApiError("HOST.1002", "The VM's host is not connected", f"host {host_uuid} is {host.status}")
+    return str(host.agentUrl)
 
 
 async def agent(platform: Platform, host_uuid: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    host = await _host_of(platform, host_uuid)
-    return await platform.agents.call(host.agentUrl, path, {"hostUuid": host_uuid, **body})
+    url = await _agent_url_of(platform, host_uuid)
+    return await platform.agents.call(url, path, {"hostUuid": host_uuid, **body})
 
 
 # --- create ------------------------------------------------------------------------------------
@@ -372,8 +397,15 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
         own(s, ctx, vm.uuid, "VmInstanceVO")
         await add_creation_tags(s, ctx, vm.uuid, "VmInstanceVO")
         if image.mediaType == "ISO":
-            s.add(m.SystemTag(uuid=new_uuid(), resourceUuid=vm.uuid, resourceType="VmInstanceVO",
-                              tag=ISO_INSTALL_TAG, inherent=True))
+            s.add(
+                m.SystemTag(
+                    uuid=new_uuid(),
+                    resourceUuid=vm.uuid,
+                    resourceType="VmInstanceVO",
+                    tag=ISO_INSTALL_TAG,
+                    inherent=True,
+                )
+            )
     tags = [str(t) for t in ctx.list("systemTags")]
     static_ips = {t.split("::")[1]: t.split("::")[2] for t in tags if t.startswith("staticIp::")}
     cpu = vm.cpuNum * vm.cpuSpeed
@@ -385,9 +417,12 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                 s, cpu, vm.memorySize, l3_uuids, ctx.str("zoneUuid"), ctx.str("clusterUuid"), ctx.str("hostUuid")
             )
             chosen = c["host"] = await _take_host(s, hosts, cpu, vm.memorySize)
-            row = await s.get(m.VmInstance, vm.uuid)
-            row.hostUuid, row.clusterUuid, row.zoneUuid = chosen.uuid, chosen.clusterUuid, chosen.zoneUuid
-            row.hypervisorType = "KVM" if chosen.hypervisorType == "KVM" else chosen.hypervisorType
+            placed: dict[str, Any] = {
+                "hostUuid": chosen.uuid,
+                "clusterUuid": chosen.clusterUuid,
+                "zoneUuid": chosen.zoneUuid,
+                "hypervisorType": "KVM" if chosen.hypervisorType == "KVM" else chosen.hypervisorType,
+            }
             sizes = [("Root", root_size, None)] + [
                 ("Data", size, u) for size, u in zip(data_sizes, ctx.list("dataDiskOfferingUuids"), strict=True)
             ]
@@ -416,7 +451,9 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                 own(s, ctx, vol_uuid, "VolumeVO")
                 vols.append(vol)
                 if vtype == "Root":
-                    row.rootVolumeUuid = vol_uuid
+                    placed["rootVolumeUuid"] = vol_uuid
+            # one UPDATE, not a read of the row and its write
+            await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(**placed))
             c["volumes"] = [(v.installPath, v.size, v.type, v.primaryStorageUuid) for v in vols]
             c["ps"] = {u: await s.get(m.PrimaryStorage, u) for u in {v.primaryStorageUuid for v in vols}}
             if image.mediaType != "ISO":
@@ -458,8 +495,13 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
 
     async def delete_volumes(c: dict[str, Any]) -> None:
         for path, ps in c.get("made", []):
-            await gc.call_or_defer(p, gc.DELETE_VOLUME_FILE, c["host"].uuid, primary.command(ps, "delete"),
-                                   {"path": ps.url, "installPath": path})
+            await gc.call_or_defer(
+                p,
+                gc.DELETE_VOLUME_FILE,
+                c["host"].uuid,
+                primary.command(ps, "delete"),
+                {"path": ps.url, "installPath": path},
+            )
 
     async def start(c: dict[str, Any]) -> None:
         async with p.db.tx() as s:
@@ -669,10 +711,12 @@ async def boot_from_disk_after_install(p: Platform, vm: m.VmInstance) -> None:
     """The spec's rule: a VM created from an ISO boots from CdRom until it reboots after the
     install, then from HardDisk. A reset keeps QEMU's boot order, so restart the domain cold."""
     async with p.db.tx() as s:
-        await s.execute(delete(m.SystemTag).where(m.SystemTag.resourceUuid == vm.uuid,
-                                                  m.SystemTag.tag == ISO_INSTALL_TAG))
-        await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(
-            bootOrder="HardDisk", state="Rebooting"))
+        await s.execute(
+            delete(m.SystemTag).where(m.SystemTag.resourceUuid == vm.uuid, m.SystemTag.tag == ISO_INSTALL_TAG)
+        )
+        await s.execute(
+            update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(bootOrder="HardDisk", state="Rebooting")
+        )
     try:
         await agent(p, vm.hostUuid, "/vm/stop", {"vmUuid": vm.uuid, "graceful": False, "timeout": 0})
         await agent(p, vm.hostUuid, "/vm/start", {"vm": asdict(await build_spec(p, vm.uuid))})
@@ -876,9 +920,7 @@ async def recover_vm(ctx: ApiContext) -> dict[str, Any]:
             for device_id, old in enumerate(saved):
                 l3_uuid = old["l3NetworkUuid"]
                 if await s.get(m.L3Network, l3_uuid) is None:
-                    raise not_allowed(
-                        f"VM {vm.uuid} cannot be recovered: its L3 network {l3_uuid} no longer exists"
-                    )
+                    raise not_allowed(f"VM {vm.uuid} cannot be recovered: its L3 network {l3_uuid} no longer exists")
                 wanted = static.get(l3_uuid)
                 if wanted:
                     try:
@@ -945,8 +987,9 @@ async def set_boot_order(ctx: ApiContext) -> dict[str, Any]:
     async with ctx.p.queues.serial(vm.uuid):
         await _set_state(ctx.p, vm.uuid, bootOrder=",".join(order))
         async with ctx.p.db.tx() as s:  # an explicit order ends the ISO-install default
-            await s.execute(delete(m.SystemTag).where(m.SystemTag.resourceUuid == vm.uuid,
-                                                      m.SystemTag.tag == ISO_INSTALL_TAG))
+            await s.execute(
+                delete(m.SystemTag).where(m.SystemTag.resourceUuid == vm.uuid, m.SystemTag.tag == ISO_INSTALL_TAG)
+            )
     return await _vm_inv(ctx, vm.uuid)
 
 

@@ -19,10 +19,15 @@ log = logging.getLogger(__name__)
 
 
 class Jobs:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, max_running: int = 64) -> None:
         self.db = db
         self._running: dict[str, asyncio.Task[str]] = {}
         self._progress: dict[str, str] = {}
+        # At most this many jobs work at once; the others wait their turn in arrival order (the
+        # semaphore is FIFO). Without a cap every accepted job ran at once: the event loop's lag
+        # grew with them (host pings timed out, hosts went Disconnected) and the jobs finished in
+        # no particular order, so some waited many times longer than the rest.
+        self._slots = asyncio.Semaphore(max_running)
 
     async def start(
         self, job_uuid: str, api_name: str, timeout: float, work: Callable[[], Awaitable[str]]
@@ -42,7 +47,8 @@ class Jobs:
 
     async def _run(self, job_uuid: str, work: Callable[[], Awaitable[str]]) -> str:
         try:
-            result = await work()
+            async with self._slots:
+                result = await work()
             async with self.db.tx() as s:
                 await s.execute(update(Job).where(Job.uuid == job_uuid).values(state="Done", result=result))
             return result

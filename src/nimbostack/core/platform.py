@@ -27,6 +27,7 @@ class Settings:
     simulator_agent_url: str = "http://127.0.0.1:7071"
     quick_wait: float = 0.2
     background: bool = True  # pings, expunge, GC loops (tests may turn them off)
+    max_running_jobs: int = 64  # asynchronous APIs working at once; the rest wait in arrival order
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -37,7 +38,7 @@ class Platform:
         self.settings = settings
         self.db = Database(settings.db_url)
         self.config = GlobalConfigStore(self.db)
-        self.jobs = Jobs(self.db)
+        self.jobs = Jobs(self.db, settings.max_running_jobs)
         self.queues = SerialQueues()
         self.timeouts = ApiTimeouts()
         self.timeouts.load(settings.data_dir / "zstack.properties")

@@ -3,71 +3,79 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import aiosqlite
-from sqlalchemy import event
+from sqlalchemy import Engine, Result, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger(__name__)
 
 
 def sqlite_url(data_dir: str | Path) -> str:
     return f"sqlite+aiosqlite:///{Path(data_dir).resolve() / 'nimbostack.db'}"
 
 
-class _InlineQueue:
-    """Stands in for aiosqlite's queue to its worker thread: runs each call at once."""
-
-    def put_nowait(self, item: tuple[asyncio.Future[Any] | None, Any]) -> None:
-        future, function = item
-        try:
-            result = function()
-        except BaseException as err:  # noqa: B036 - handed to the awaiting caller, as aiosqlite does
-            if future is not None:
-                future.set_exception(err)
-        else:
-            if future is not None:
-                future.set_result(result)
+# AsyncSession adds these to every execute: ORM rows are read at once, not left on the cursor
+_EXECUTE_OPTIONS = {"prebuffer_rows": True}
 
 
-class InlineSqliteConnection(aiosqlite.Connection):
-    """aiosqlite without its worker thread: each SQLite call runs at once on the event loop.
+class InlineSession:
+    """The part of AsyncSession the node uses (execute, get, flush, add, delete, scalar(s)), over a
+    plain Session on the node's one SQLite connection.
 
-    The node keeps a single SQLite connection, so statements are serialised anyway. Handing each one
-    to a thread and back cost more than the statement (a GIL hand-off and an event-loop turn each),
-    and the one connection stayed checked out across those turns, which capped the whole node at a
-    few dozen transactions per second under load. A local SQLite statement takes microseconds; only
-    a lock held by another process on the same file (not a supported setup: several management
-    nodes share PostgreSQL) would make the loop wait, up to the busy timeout."""
+    SQLite runs in this process and a statement takes microseconds, so the node runs it on the
+    event loop. Through AsyncSession every call still paid for the async bridge: a new greenlet per
+    call and two greenlet switches per DBAPI call, about as much CPU as SQLAlchemy's own work on the
+    statement (half the cost of a short transaction). Here each call runs directly; the awaitable
+    methods stay awaitable so the code is the same for PostgreSQL, where AsyncSession is used."""
 
-    def __init__(self, connector: Any, iter_chunk_size: int = 64) -> None:
-        super().__init__(connector, iter_chunk_size)
-        self._tx = _InlineQueue()  # type: ignore[assignment]
+    __slots__ = ("sync_session",)
 
-    async def _execute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._connection is None:
-            raise ValueError("Connection closed")
-        return fn(*args, **kwargs)
+    def __init__(self, sync_session: Session) -> None:
+        self.sync_session = sync_session
 
-    async def _connect(self) -> InlineSqliteConnection:
-        if self._connection is None:
-            self._connection = self._connector()
-        return self
+    async def execute(
+        self,
+        statement: Any,
+        params: Any = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: dict[str, Any] | None = None,
+    ) -> Result[Any]:
+        options = {**_EXECUTE_OPTIONS, **execution_options} if execution_options else _EXECUTE_OPTIONS
+        return self.sync_session.execute(statement, params, execution_options=options, bind_arguments=bind_arguments)
 
-    def __await__(self) -> Any:
-        return self._connect().__await__()
+    async def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+        return self.sync_session.scalar(statement, params, **kw)
 
-    def stop(self) -> None:
-        self._running = False
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+    async def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+        return (await self.execute(statement, params, **kw)).scalars()
+
+    async def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
+        return self.sync_session.get(entity, ident, **kw)
+
+    async def flush(self, objects: Any = None) -> None:
+        self.sync_session.flush(objects)
+
+    async def refresh(self, instance: object, attribute_names: Any = None) -> None:
+        self.sync_session.refresh(instance, attribute_names)
+
+    async def delete(self, instance: object) -> None:
+        self.sync_session.delete(instance)
+
+    def add(self, instance: object) -> None:
+        self.sync_session.add(instance)
+
+    def add_all(self, instances: Any) -> None:
+        self.sync_session.add_all(instances)
 
 
 class Database:
@@ -76,26 +84,36 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             # SQLite has one writer; a single connection serialises writes without "database is
-            # locked" retries, and WAL keeps commits cheap.
-            self.engine: AsyncEngine = create_async_engine(
-                url, pool_size=1, max_overflow=0, pool_timeout=300, async_creator=self._connect_sqlite
+            # locked" retries, and WAL keeps commits cheap. The node's transactions take turns on
+            # it through an asyncio lock (FIFO), so a transaction that awaits something while open
+            # makes the others wait without blocking the event loop.
+            self.sync_engine: Engine = create_engine(
+                make_url(url).set(drivername="sqlite"), pool_size=1, max_overflow=0, pool_timeout=300
             )
+            self._turn = asyncio.Lock()
 
-            @event.listens_for(self.engine.sync_engine, "connect")
+            @event.listens_for(self.sync_engine, "connect")
             def _pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.execute("PRAGMA busy_timeout=30000")
+                # SQLite's own page cache is 2 MiB by default: with thousands of VMs most reads
+                # missed it and became system calls. The database lives as long as the node, so
+                # keep far more of it in memory, and read the rest through a memory map.
+                cur.execute("PRAGMA cache_size=-65536")
+                cur.execute("PRAGMA mmap_size=268435456")
+                # No checkpoints on this connection: SQLite runs them inside a commit, which then
+                # waits for the database file's fsync, and this connection works on the event loop.
+                # checkpoint_loop does them from a thread instead.
+                cur.execute("PRAGMA wal_autocheckpoint=0")
                 cur.close()
-        else:
-            self.engine = create_async_engine(url, pool_size=20, max_overflow=20)
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
-    async def _connect_sqlite(self) -> InlineSqliteConnection:
-        cargs, cparams = self.engine.sync_engine.dialect.create_connect_args(self.engine.url)
-        return await InlineSqliteConnection(partial(sqlite3.connect, *cargs, **cparams))
+            self.sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
+        else:
+            self.engine: AsyncEngine = create_async_engine(url, pool_size=20, max_overflow=20)
+            self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @asynccontextmanager
     async def tx(self) -> AsyncIterator[AsyncSession]:
@@ -104,23 +122,63 @@ class Database:
             async with self.sessions() as s, s.begin():
                 yield s
             return
-        # AsyncSession's own exit closes the session in a task of its own, so that a cancellation
-        # cannot cut the close short; that cost a task and several event-loop turns per transaction,
-        # which under load added up to seconds per API call. On the inline SQLite connection nothing
-        # here suspends, so nothing can cut it short: close at once.
-        s = self.sessions()
+        if self._turn.locked():  # only when a transaction awaits while open; as the pool's timeout was
+            async with asyncio.timeout(300):
+                await self._turn.acquire()
+        else:
+            await self._turn.acquire()
         try:
-            async with s.begin():
-                yield s
+            with self.sync_sessions() as sync, sync.begin():
+                # the subset of AsyncSession the handlers use: same code for PostgreSQL
+                yield cast(AsyncSession, InlineSession(sync))
         finally:
-            await s.close()
+            self._turn.release()
+
+    async def checkpoint_loop(self, every: float = 1.0) -> None:
+        """SQLite only: copy the write-ahead log into the database file every ``every`` seconds,
+        on a connection of its own in a worker thread. PASSIVE never waits for (nor blocks) the
+        node's connection. Done inside commits on the event loop (SQLite's default), an fsync
+        slowed by other disk traffic stalled every API call and host ping for seconds."""
+        if not self.is_sqlite:
+            return
+        path = self.sync_engine.url.database
+        # one thread of its own: a checkpoint still running when the loop is cancelled is done
+        # before the connection closes
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-checkpoint")
+        conn: sqlite3.Connection | None = None
+
+        def checkpoint() -> None:
+            nonlocal conn
+            if conn is None:
+                conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+        def close() -> None:
+            if conn is not None:
+                conn.close()
+
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    await loop.run_in_executor(worker, checkpoint)
+                except sqlite3.Error as err:  # the next round tries again; the log only grows meanwhile
+                    log.warning("SQLite checkpoint failed: %s", err)
+        finally:
+            worker.submit(close)
+            worker.shutdown(wait=False)
 
     async def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
         await asyncio.to_thread(upgrade_schema, self.url)
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        if self.is_sqlite:
+            self.sync_engine.dispose()
+        else:
+            await self.engine.dispose()
 
 
 def alembic_config(url: str):  # type: ignore[no-untyped-def]

@@ -223,6 +223,9 @@ class VmInstance(Base, Resource):
     destroyDate: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     # a Destroyed VM's NICs as JSON [{l3NetworkUuid, ip, mac, deviceId}]: RecoverVmInstance rebuilds them
     destroyedNics: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # "the Running VMs of a host" (queries, capacity, Flat): with only the one-column indexes SQLite
+    # read every VM in that state (all of them, in a busy cloud) to find one host's
+    __table_args__ = (Index("ix_vm_instance_host_state", "hostUuid", "state"),)
 
 
 class VmNic(Base, Stamped):
@@ -457,7 +460,12 @@ class UsedIp(Base, Stamped):
     gateway: Mapped[str] = mapped_column(String(64))
     usedFor: Mapped[str] = mapped_column(String(64), default="VmNic")
     # The only guard against handing one IP to two NICs under concurrency.
-    __table_args__ = (UniqueConstraint("l3NetworkUuid", "ipInLong"),)
+    __table_args__ = (
+        UniqueConstraint("l3NetworkUuid", "ipInLong"),
+        # every VM start looks up its L3 network's DHCP server IP: without this the lookup read
+        # every used IP of the network (one per VM)
+        Index("ix_used_ip_l3_used_for", "l3NetworkUuid", "usedFor"),
+    )
 
 
 class NetworkServiceProvider(Base, Resource):

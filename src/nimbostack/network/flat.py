@@ -28,7 +28,7 @@ from nimbostack.agent.flat import validate
 from nimbostack.compute import host as hostmod
 from nimbostack.compute import vm as vmmod
 from nimbostack.core import tags as tagmod
-from nimbostack.core.errors import ApiError
+from nimbostack.core.errors import AGENT_ERROR, ApiError
 from nimbostack.core.tags import system_tags, tag_value
 from nimbostack.db import models as m
 from nimbostack.network import ipam, l2l3
@@ -157,9 +157,15 @@ def ssh_keys_of(vm_uuid: str, tags: list[str]) -> list[str]:
 
 
 async def desired_state(
-    p: Platform, host_uuid: str, l3_uuid: str, services: set[str], exclude: str | None = None
+    p: Platform,
+    host_uuid: str,
+    l3_uuid: str,
+    services: set[str],
+    exclude: str | None = None,
+    only: str | None = None,
 ) -> dict[str, Any] | None:
-    """The body of ``/flat/apply`` for one L3 network on one host (None: nothing can be served)."""
+    """The body of ``/flat/apply`` for one L3 network on one host (None: nothing can be served);
+    with ``only``, of ``/flat/apply-vm``: the entries of that one VM."""
     used = await dhcp_ip(p, l3_uuid)
     if used is None:
         log.warning("L3 network %s has no IP range: no DHCP server IP, Flat services not applied", l3_uuid)
@@ -187,6 +193,7 @@ async def desired_state(
                     m.VmNic.l3NetworkUuid == l3_uuid,
                     m.VmInstance.hostUuid == host_uuid,
                     m.VmInstance.state.in_(ACTIVE),
+                    *([m.VmNic.vmInstanceUuid == only] if only else []),
                 )
                 .order_by(m.VmNic.ip)
             )
@@ -251,13 +258,41 @@ async def push(p: Platform, host_uuid: str, l3_uuid: str, exclude: str | None = 
     async with p.queues.serial(f"flat:{host_uuid}:{l3_uuid}"):
         async with p.db.tx() as s:
             services = await flat_services(s, l3_uuid) & set(SERVICES)
+        return await _push_full(p, host_uuid, l3_uuid, services, exclude)
+
+
+async def _push_full(
+    p: Platform, host_uuid: str, l3_uuid: str, services: set[str], exclude: str | None = None
+) -> dict[str, Any] | None:
+    if not services:
+        return None
+    body = await desired_state(p, host_uuid, l3_uuid, services, exclude)
+    if body is None:
+        return None
+    await vmmod.agent(p, host_uuid, "/flat/apply", {k: v for k, v in body.items() if k != "hostUuid"})
+    return body
+
+
+async def push_vm(p: Platform, host_uuid: str, l3_uuid: str, services: set[str], vm_uuid: str) -> None:
+    """Serve one starting VM on its host: its own entries (``/flat/apply-vm``), not the state of
+    every VM of the L3 network on the host, whose size (and cost, on both sides) grew with the
+    host's VMs. A host without that state to add to (its agent restarted) gets the full state."""
+    async with p.queues.serial(f"flat:{host_uuid}:{l3_uuid}"):
+        services &= set(SERVICES)
         if not services:
-            return None
-        body = await desired_state(p, host_uuid, l3_uuid, services, exclude)
+            return
+        body = await desired_state(p, host_uuid, l3_uuid, services, only=vm_uuid)
         if body is None:
-            return None
-        await vmmod.agent(p, host_uuid, "/flat/apply", {k: v for k, v in body.items() if k != "hostUuid"})
-        return body
+            return
+        try:
+            await vmmod.agent(p, host_uuid, "/flat/apply-vm", {"vmUuid": vm_uuid, "l3": body["l3"], "vms": body["vms"]})
+            return
+        except ApiError as err:
+            if err.code != AGENT_ERROR:  # unreachable, or out of time: the full state would fail too
+                raise
+            # FLAT_FULL_STATE_NEEDED, or an agent from before /flat/apply-vm
+            log.info("host %s: Flat L3 %s gets its full state (%s)", host_uuid, l3_uuid, err.details)
+        await _push_full(p, host_uuid, l3_uuid, services)
 
 
 async def release_everywhere(p: Platform, l3_uuid: str) -> None:
@@ -287,8 +322,8 @@ async def _vm_flat_l3s(p: Platform, vm_uuid: str) -> dict[str, set[str]]:
 
 async def on_vm_start(p: Platform, vm_uuid: str, host_uuid: str) -> None:
     """Before the VM boots: its leases and metadata are on its host (a failure fails the start)."""
-    for l3_uuid in sorted(await _vm_flat_l3s(p, vm_uuid)):
-        await push(p, host_uuid, l3_uuid)
+    for l3_uuid, services in sorted((await _vm_flat_l3s(p, vm_uuid)).items()):
+        await push_vm(p, host_uuid, l3_uuid, services, vm_uuid)
 
 
 async def on_vm_stop(p: Platform, vm_uuid: str, host_uuid: str | None) -> None:

@@ -2,6 +2,8 @@
 
 * ``/flat/apply``   {hostUuid, l3: {...}, vms: [...]}: the full desired state of one L3 network
   on this host (idempotent; replaces what was there)
+* ``/flat/apply-vm`` {hostUuid, vmUuid, l3: {...}, vms: [...]}: one VM's entries added to what
+  ``/flat/apply`` set up on this host (FLAT_FULL_STATE_NEEDED when there is nothing to add to)
 * ``/flat/release`` {hostUuid, l3Uuid}: remove everything of that L3 network from this host
 * ``/flat/sync``    {hostUuid, l3Uuids}: release every L3 network of this host not listed
 * ``/flat/state``   {hostUuid}: what is applied (the recorded bodies on simulated hosts)
@@ -34,6 +36,11 @@ def flat_service(agent: Agent) -> FlatService:
 @command("/flat/apply")
 async def _apply(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     return await flat_service(a).apply(b)
+
+
+@command("/flat/apply-vm")
+async def _apply_vm(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    return await flat_service(a).add_vm(b)
 
 
 @command("/flat/release")

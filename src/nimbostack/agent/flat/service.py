@@ -188,6 +188,7 @@ class Runtime:
     metadata: Proc | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     warnings: list[str] = field(default_factory=list)
+    body: dict[str, Any] | None = None  # the last /flat/apply body applied here (add_vm merges into it)
 
 
 class FlatService:
@@ -241,7 +242,9 @@ class FlatService:
             return {"simulated": True}
         rt = self.runtime(desired.l3.uuid)
         async with rt.lock:
+            rt.body = None  # a failed apply leaves an unknown state: the next add_vm asks for all
             await self._apply(rt, desired)
+            rt.body = body
         self._ensure_supervisor()
         return {
             "namespace": rt.ns,
@@ -249,6 +252,48 @@ class FlatService:
             "warnings": list(rt.warnings),
             "elapsedMs": round((time.perf_counter() - started) * 1000, 2),
         }
+
+    async def add_vm(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``/flat/apply-vm``: serve one VM's NICs (``vms``, the entries ``/flat/apply`` takes) on
+        an L3 network this host already serves with the same settings (``l3``), the other VMs
+        unchanged. A VM start sends its own entries instead of the state of every VM on its
+        host, which grew with the host's VMs. Entries of the same VM, NIC, IP or MAC are replaced,
+        as a full apply from the management node's records would. Without a state to merge into
+        (the agent restarted, the L3's settings changed) it answers FLAT_FULL_STATE_NEEDED and
+        the management node sends the full state."""
+        delta = render.parse(body)  # validates the L3 settings and the new entries
+        vm_uuid = v.uuid(body.get("vmUuid"), "vmUuid")
+        if any(e.vm_uuid != vm_uuid for e in delta.vms):
+            raise ValueError(f"vms must all be entries of VM {vm_uuid}")
+        if self.simulate:
+            base = self.simulated.get(delta.host_uuid, {}).get(delta.l3.uuid)
+        else:
+            base = self.runtime(delta.l3.uuid).body
+        if base is None or base.get("l3") != body["l3"]:
+            raise DriverError(
+                "FLAT_FULL_STATE_NEEDED",
+                "this host has no Flat state of the L3 network to add the VM to",
+                f"L3 network {delta.l3.uuid}: send the full state with /flat/apply",
+            )
+        nics, ips, macs = ({e[k] for e in body["vms"]} for k in ("nicUuid", "ip", "mac"))
+        kept = [
+            e
+            for e in base.get("vms") or []
+            if e.get("vmUuid") != vm_uuid
+            and e.get("nicUuid") not in nics
+            and e.get("ip") not in ips
+            and e.get("mac") not in macs
+        ]
+        # in the order of the management node's full state (by IP), so both look the same
+        merged = {
+            "hostUuid": delta.host_uuid,
+            "l3": body["l3"],
+            "vms": sorted(kept + copy.deepcopy(body["vms"]), key=lambda e: str(e.get("ip"))),
+        }
+        if self.simulate:  # the kept entries were checked when they were applied
+            self.simulated[delta.host_uuid][delta.l3.uuid] = merged
+            return {"simulated": True}
+        return await self.apply(merged)
 
     async def release(self, host_uuid: str, l3_uuid: str) -> dict[str, Any]:
         v.uuid(l3_uuid, "l3Uuid")
@@ -483,7 +528,6 @@ def _master(dev: str) -> str | None:
         return os.path.basename(os.readlink(f"/sys/class/net/{dev}/master"))
     except OSError:
         return None
-
 
 
 _USER: tuple[str, str] | None = None
