@@ -595,3 +595,18 @@ def test_zstack_properties_sets_api_timeouts(tmp_path: Path) -> None:
         assert _vm(api, env)["state"] == "Running"
     finally:
         node.stop()
+
+
+def test_one_lost_ping_is_not_a_lost_host(api: Api, node: Running) -> None:
+    from nimbostack.compute.host import ping_all
+
+    env = build_zone(api)
+    host = env["hosts"][0]["uuid"]
+    fault(node, host, "/host/ping", unreachable=True, times=1)
+    node.run(ping_all(node.platform))
+    assert host_of(api, host)["status"] == "Connected"  # the retry answered
+    fault(node, host, "/host/ping", unreachable=True, times=2)
+    node.run(ping_all(node.platform))
+    assert host_of(api, host)["status"] == "Disconnected"  # two in a row: it is gone
+    node.run(ping_all(node.platform))  # answering again (autoReconnectOnError): reconnected
+    assert host_of(api, host)["status"] == "Connected"

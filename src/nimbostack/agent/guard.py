@@ -9,6 +9,7 @@
       {"hostUuid": H, "path": "/vm/start", "delay": 3}          # answer 3 s late
       {"hostUuid": H, "path": "/vm/start", "error": "boom"}     # fail with SIMULATED_FAULT
       {"hostUuid": H, "path": "*", "unreachable": true}         # HTTP 503: as if the host were down
+      {"hostUuid": H, "path": "/host/ping", "unreachable": true, "times": 1}  # the next one only
       {"hostUuid": H, "clear": true}                            # remove H's faults ("*" for all)
 
   ``path`` ``*`` matches every command but ``/simulator/*``. ``/simulator/state {hostUuid}`` shows
@@ -53,7 +54,7 @@ async def _fault(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
         for key in [k for k in table if host == "*" or k[0] == host]:
             del table[key]
         return {"faults": len(table)}
-    fault = {k: b[k] for k in ("delay", "error", "unreachable") if b.get(k) is not None}
+    fault = {k: b[k] for k in ("delay", "error", "unreachable", "times") if b.get(k) is not None}
     if not fault:
         raise DriverError("AGENT_BAD_COMMAND", "a fault needs delay, error or unreachable (or clear)")
     table[(host, b.get("path") or "*")] = fault
@@ -94,7 +95,12 @@ def _match(agent: Agent, host: str, path: str) -> dict[str, Any] | None:
         return None
     for key in ((host, path), (host, "*"), ("*", path), ("*", "*")):
         if key in table:
-            return table[key]
+            fault = table[key]
+            if "times" in fault:  # a fault for the next N commands: used up, it goes
+                fault["times"] = int(fault["times"]) - 1
+                if fault["times"] <= 0:
+                    del table[key]
+            return fault
     return None
 
 

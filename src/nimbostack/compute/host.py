@@ -295,7 +295,13 @@ async def ping_all(platform: Platform) -> None:
     async def one(uuid: str, url: str, status: str) -> None:
         async with sem:
             try:
-                reply = await platform.agents.call(url, "/host/ping", {"hostUuid": uuid}, timeout=timeout)
+                try:
+                    reply = await platform.agents.call(url, "/host/ping", {"hostUuid": uuid}, timeout=timeout)
+                except ApiError:
+                    # once more before calling it Disconnected: one slow answer from a host (or
+                    # from this node) under a burst of load is not a lost host. A dead agent
+                    # refuses at once, twice.
+                    reply = await platform.agents.call(url, "/host/ping", {"hostUuid": uuid}, timeout=timeout)
             except ApiError as err:
                 if status == "Connected":
                     log.warning("host %s is Disconnected: %s", uuid, err.details)
