@@ -9,7 +9,8 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy.exc import NoResultFound
 
 from nimbostack.agent.driver import DiskSpec, NicSpec, VmSpec
 from nimbostack.api.common import add_creation_tags, disown, inv, load, new_uuid, own, register_queries, update_fields
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
 
 log = logging.getLogger(__name__)
+
+# ORM UPDATEs on the create path run in sessions that hold no object of the updated class (a new
+# session, or one with only hosts and storage loaded): "evaluate" synchronisation would only scan
+# the identity map for nothing, at a cost measured at ~5% of a VM create.
+_NO_SYNC = {"synchronize_session": False}
 
 _NIC_FIELDS = [
     "uuid",
@@ -213,21 +219,22 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
             .scalars()
             .all()
         )
-        nics = (
-            (await s.execute(select(m.VmNic).where(m.VmNic.vmInstanceUuid == vm_uuid).order_by(m.VmNic.deviceId)))
-            .scalars()
-            .all()
-        )
+        # each NIC with its L2 network in one statement, not one more per NIC (every start asks)
+        nic_l2s = (
+            await s.execute(
+                select(m.VmNic, m.L2Network)
+                .outerjoin(m.L3Network, m.L3Network.uuid == m.VmNic.l3NetworkUuid)
+                .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
+                .where(m.VmNic.vmInstanceUuid == vm_uuid)
+                .order_by(m.VmNic.deviceId)
+            )
+        ).all()
+        nics = [nic for nic, _ in nic_l2s]
         l2s: dict[str, m.L2Network] = {}
         bridges: dict[str, str] = {}
-        for nic in nics:
-            l2 = (
-                await s.execute(
-                    select(m.L2Network)
-                    .join(m.L3Network, m.L3Network.l2NetworkUuid == m.L2Network.uuid)
-                    .where(m.L3Network.uuid == nic.l3NetworkUuid)
-                )
-            ).scalar_one()
+        for nic, l2 in nic_l2s:
+            if l2 is None:  # as the per-NIC scalar_one() this replaces did: a NIC on a vanished network
+                raise NoResultFound("No row was found when one was required")
             bridges[nic.uuid] = bridge_name(l2, await system_tags(s, l2.uuid))
             l2s[nic.uuid] = l2
     iso_path = await cached_image_path(platform, vm.hostUuid, vm.isoUuid) if vm.isoUuid and vm.hostUuid else None
@@ -263,9 +270,19 @@ async def image_source(s: Any, image_uuid: str, zone_uuid: str | None) -> str:
     """The URL a host fetches the image from: a Ready copy on a backup storage of the zone."""
     from nimbostack.storage.backup import image_source as source
 
+    # whether each backup storage is in the zone comes with the copies, in the same statement
+    # rather than a second one (every VM create asks)
+    in_zone = (
+        select(m.BackupStorageZoneRef.id)
+        .where(
+            m.BackupStorageZoneRef.backupStorageUuid == m.BackupStorage.uuid,
+            m.BackupStorageZoneRef.zoneUuid == zone_uuid,
+        )
+        .exists()
+    )
     rows = (
         await s.execute(
-            select(m.ImageBackupStorageRef, m.BackupStorage)
+            select(m.ImageBackupStorageRef, m.BackupStorage, in_zone)
             .join(m.BackupStorage, m.BackupStorage.uuid == m.ImageBackupStorageRef.backupStorageUuid)
             .where(
                 m.ImageBackupStorageRef.imageUuid == image_uuid,
@@ -275,17 +292,10 @@ async def image_source(s: Any, image_uuid: str, zone_uuid: str | None) -> str:
         )
     ).all()
     if zone_uuid:
-        in_zone = set(
-            (
-                await s.execute(
-                    select(m.BackupStorageZoneRef.backupStorageUuid).where(m.BackupStorageZoneRef.zoneUuid == zone_uuid)
-                )
-            ).scalars()
-        )
-        rows = sorted(rows, key=lambda r: r[1].uuid not in in_zone)
+        rows = sorted(rows, key=lambda r: not r[2])
     if not rows:
         raise not_allowed(f"image {image_uuid} has no Ready copy on an Enabled backup storage")
-    ref, bs = rows[0]
+    ref, bs = rows[0][0], rows[0][1]
     return source(bs, ref)
 
 
@@ -324,11 +334,16 @@ def bridge_name(l2: m.L2Network, tags: list[str]) -> str:
     return name[:15]
 
 
+# Built once: every agent command of every VM operation runs it, and building the statement and its
+# cache key each time cost as much as a third of running it. The key is memoised on this object.
+_AGENT_URL = select(m.Host.status, m.Host.agentUrl).where(m.Host.uuid == bindparam("host_uuid"))
+
+
 async def _agent_url_of(platform: Platform, host_uuid: str) -> str:
     """The agent URL of a Connected host. Two columns, not the whole row: every agent command of
     every VM operation asks."""
     async with platform.db.tx() as s:
-        host = (await s.execute(select(m.Host.status, m.Host.agentUrl).where(m.Host.uuid == host_uuid))).first()
+        host = (await s.execute(_AGENT_URL, {"host_uuid": host_uuid})).first()
     if host is None:
         raise not_allowed(f"host {host_uuid} no longer exists")
     if host.status != "Connected":
@@ -453,7 +468,10 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                 if vtype == "Root":
                     placed["rootVolumeUuid"] = vol_uuid
             # one UPDATE, not a read of the row and its write
-            await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(**placed))
+            # no VmInstance is loaded in this session (vm was read by an earlier one)
+            await s.execute(
+                update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(**placed), execution_options=_NO_SYNC
+            )
             c["volumes"] = [(v.installPath, v.size, v.type, v.primaryStorageUuid) for v in vols]
             c["ps"] = {u: await s.get(m.PrimaryStorage, u) for u in {v.primaryStorageUuid for v in vols}}
             if image.mediaType != "ISO":
@@ -505,8 +523,15 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
 
     async def start(c: dict[str, Any]) -> None:
         async with p.db.tx() as s:
-            await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(state="Starting"))
-            await s.execute(update(m.Volume).where(m.Volume.vmInstanceUuid == vm.uuid).values(status="Ready"))
+            # a new session: nothing loaded to synchronise
+            await s.execute(
+                update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(state="Starting"),
+                execution_options=_NO_SYNC,
+            )
+            await s.execute(
+                update(m.Volume).where(m.Volume.vmInstanceUuid == vm.uuid).values(status="Ready"),
+                execution_options=_NO_SYNC,
+            )
         for hook in START_HOOKS:
             await hook(p, vm.uuid, c["host"].uuid)
         spec = await build_spec(p, vm.uuid)
