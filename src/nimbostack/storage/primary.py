@@ -82,8 +82,7 @@ def _path(url: str) -> str:
     return posixpath.normpath(url)
 
 
-@api("AddLocalPrimaryStorage", admin=True)
-async def add_local_ps(ctx: ApiContext) -> dict[str, Any]:
+async def _add_ps(ctx: ApiContext, ps_type: str) -> dict[str, Any]:
     async with ctx.p.db.tx() as s:
         zone = await load(s, m.Zone, ctx.req("zoneUuid"), ctx, "Zone")
         path = _path(ctx.req("url"))
@@ -94,34 +93,24 @@ async def add_local_ps(ctx: ApiContext) -> dict[str, Any]:
             zoneUuid=zone.uuid,
             url=path,
             mountPath=path,
-            type="LocalStorage",
+            type=ps_type,
         )
         s.add(row)
         await add_creation_tags(s, ctx, row.uuid, "PrimaryStorageVO")
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectPrimaryStorageInventory", row)}
+
+
+@api("AddLocalPrimaryStorage", admin=True)
+async def add_local_ps(ctx: ApiContext) -> dict[str, Any]:
+    return await _add_ps(ctx, "LocalStorage")
 
 
 @api("AddSharedMountPointPrimaryStorage", admin=True)
 async def add_smp_ps(ctx: ApiContext) -> dict[str, Any]:
     """Release 1.2: a directory every host of the attached clusters has mounted (NFS, GlusterFS,
     OCFS2 ...); checked on each host when the storage is attached to its cluster."""
-    async with ctx.p.db.tx() as s:
-        zone = await load(s, m.Zone, ctx.req("zoneUuid"), ctx, "Zone")
-        path = _path(ctx.req("url"))
-        row = m.PrimaryStorage(
-            uuid=new_uuid(ctx),
-            name=ctx.req("name"),
-            description=ctx.str("description"),
-            zoneUuid=zone.uuid,
-            url=path,
-            mountPath=path,
-            type="SharedMountPoint",
-        )
-        s.add(row)
-        await add_creation_tags(s, ctx, row.uuid, "PrimaryStorageVO")
-        await s.flush()
-        return {"inventory": await inv(s, "QueryObjectPrimaryStorageInventory", row)}
+    return await _add_ps(ctx, "SharedMountPoint")
 
 
 async def init_host_share(platform: Platform, ps_uuid: str, host_uuid: str) -> None:
