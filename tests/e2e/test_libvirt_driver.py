@@ -29,7 +29,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed: .ci/run installs it")
 
 from nimbostack.agent.driver import (  # noqa: E402
     PAUSED,
