@@ -152,6 +152,17 @@ class Machine:
         """The agent again (after ``kill_agent``), in the machine's namespaces."""
         self._spawn(["nsenter", "-t", str(self._libvirtd()), "-m", "-u", "-n", *self._agent_args()])
 
+    def revive(self) -> bool:
+        """An agent killed or frozen is replaced by a new one; True when that was needed."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            state = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "T":
+                return False
+            self.kill_agent()
+        self.start_agent()
+        return True
+
     def _libvirtd(self) -> int:
         return next(p for p in self.pids() if Path(f"/proc/{p}/comm").read_text().strip() == "libvirtd")
 

@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 from nimbostack.api.common import inv, load
 from nimbostack.api.dispatch import ApiContext, api
 from nimbostack.compute import vm as vmmod
+from nimbostack.core import gc
 from nimbostack.core.errors import ALLOCATION_FAILED, ApiError, not_allowed
 from nimbostack.core.flow import FlowChain
 from nimbostack.db import models as m
@@ -167,8 +168,13 @@ async def migrate_vm(ctx: ApiContext) -> dict[str, Any]:
             except Exception as err:
                 if not await _arrived(p, vm.uuid, c["dest"]):
                     raise
+                why = getattr(err, "details", None) or str(err)
                 log.warning("VM %s: the source host's agent failed (%s), but the VM runs on host %s: the "
-                            "migration finished", vm.uuid, getattr(err, "details", err), c["dest"])
+                            "migration finished", vm.uuid, why, c["dest"])
+                # libvirt undefines the source's copy only when its migration job ends cleanly; a copy
+                # left there (shut off) is removed by the GC once the source's agent answers again
+                await gc.submit(p, gc.DESTROY_VM, c["source"], "/vm/destroy", {"vmUuid": vm.uuid},
+                                f"VM migrated to host {c['dest']} while this host's agent failed: {why}", vm.uuid)
 
         async def switch(c: dict[str, Any]) -> None:
             async with p.db.tx() as s:
