@@ -50,19 +50,22 @@ _NIC_FIELDS = [
 ]
 
 
+# built once (db/engine.py, "Statements built once"): every create answers an inventory
+_NICS_OF_VMS = (
+    select(m.VmNic).where(m.VmNic.vmInstanceUuid.in_(bindparam("vms", expanding=True))).order_by(m.VmNic.deviceId)
+)
+_VOLUMES_OF_VMS = (
+    select(m.Volume).where(m.Volume.vmInstanceUuid.in_(bindparam("vms", expanding=True))).order_by(m.Volume.deviceId)
+)
+
+
 async def _vm_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
     uuids = [r.uuid for r in rows]
     nics: dict[str, list[dict[str, Any]]] = {}
-    for nic in (
-        await s.execute(select(m.VmNic).where(m.VmNic.vmInstanceUuid.in_(uuids)).order_by(m.VmNic.deviceId))
-    ).scalars():
+    for nic in (await s.execute(_NICS_OF_VMS, {"vms": uuids})).scalars():
         nics.setdefault(nic.vmInstanceUuid, []).append(query.plain(nic, _NIC_FIELDS))
     vols: dict[str, list[dict[str, Any]]] = {}
-    vol_rows = (
-        (await s.execute(select(m.Volume).where(m.Volume.vmInstanceUuid.in_(uuids)).order_by(m.Volume.deviceId)))
-        .scalars()
-        .all()
-    )
+    vol_rows = (await s.execute(_VOLUMES_OF_VMS, {"vms": uuids})).scalars().all()
     for vol, out in zip(
         vol_rows, await query.inventories(s, query.TARGETS["QueryObjectVolumeInventory"], vol_rows), strict=True
     ):
@@ -129,7 +132,24 @@ async def _candidate_hosts(
     host: str | None,
     ps_uuids: set[str] | None = None,
 ) -> list[m.Host]:
-    l2s = set((await s.execute(select(m.L3Network.l2NetworkUuid).where(m.L3Network.uuid.in_(l3_uuids)))).scalars())
+    l2s = sorted(set((await s.execute(_L2S_OF_L3S, {"l3s": l3_uuids})).scalars()))
+    ps_list = sorted(ps_uuids or ())
+    params: dict[str, Any] = {"cpu": cpu, "mem": mem, "zone": zone, "cluster": cluster, "host": host}
+    params.update({f"l2_{i}": u for i, u in enumerate(l2s)})
+    params.update({f"ps_{i}": u for i, u in enumerate(ps_list)})
+    shape = (len(l2s), bool(zone), bool(cluster), bool(host), len(ps_list))
+    stmt = _CANDIDATES.get(shape)
+    if stmt is None:
+        stmt = _CANDIDATES[shape] = _candidates_statement(*shape)
+    return list((await s.execute(stmt, params)).scalars())
+
+
+_L2S_OF_L3S = select(m.L3Network.l2NetworkUuid).where(m.L3Network.uuid.in_(bindparam("l3s", expanding=True)))
+# the candidate-host statement of each shape (how many L2s, which filters), built once
+_CANDIDATES: dict[tuple[int, bool, bool, bool, int], Any] = {}
+
+
+def _candidates_statement(l2s: int, zone: bool, cluster: bool, host: bool, ps_uuids: int) -> Any:
     stmt = (
         select(m.Host)
         .join(m.Cluster, m.Cluster.uuid == m.Host.clusterUuid)
@@ -137,44 +157,53 @@ async def _candidate_hosts(
             m.Host.status == "Connected",
             m.Host.state == "Enabled",
             m.Cluster.state == "Enabled",
-            m.Host.availableCpuCapacity >= cpu,
-            m.Host.availableMemoryCapacity >= mem,
+            m.Host.availableCpuCapacity >= bindparam("cpu"),
+            m.Host.availableMemoryCapacity >= bindparam("mem"),
             m.Host.clusterUuid.in_(select(m.PrimaryStorageClusterRef.clusterUuid)),
         )
     )
-    for l2 in l2s:  # the host's cluster must reach every L2 the VM's networks sit on
+    for i in range(l2s):  # the host's cluster must reach every L2 the VM's networks sit on
         stmt = stmt.where(
             m.Host.clusterUuid.in_(
-                select(m.L2NetworkClusterRef.clusterUuid).where(m.L2NetworkClusterRef.l2NetworkUuid == l2)
-            )
-        )
-    if zone:
-        stmt = stmt.where(m.Host.zoneUuid == zone)
-    if cluster:
-        stmt = stmt.where(m.Host.clusterUuid == cluster)
-    if host:
-        stmt = stmt.where(m.Host.uuid == host)
-    for ps_uuid in ps_uuids or ():  # the host's cluster must reach every primary storage the VM's volumes are on
-        stmt = stmt.where(
-            m.Host.clusterUuid.in_(
-                select(m.PrimaryStorageClusterRef.clusterUuid).where(
-                    m.PrimaryStorageClusterRef.primaryStorageUuid == ps_uuid
+                select(m.L2NetworkClusterRef.clusterUuid).where(
+                    m.L2NetworkClusterRef.l2NetworkUuid == bindparam(f"l2_{i}")
                 )
             )
         )
-    return list((await s.execute(stmt.order_by(m.Host.availableMemoryCapacity.desc()).limit(8))).scalars())
+    if zone:
+        stmt = stmt.where(m.Host.zoneUuid == bindparam("zone"))
+    if cluster:
+        stmt = stmt.where(m.Host.clusterUuid == bindparam("cluster"))
+    if host:
+        stmt = stmt.where(m.Host.uuid == bindparam("host"))
+    for i in range(ps_uuids):  # the host's cluster must reach every primary storage the VM's volumes are on
+        stmt = stmt.where(
+            m.Host.clusterUuid.in_(
+                select(m.PrimaryStorageClusterRef.clusterUuid).where(
+                    m.PrimaryStorageClusterRef.primaryStorageUuid == bindparam(f"ps_{i}")
+                )
+            )
+        )
+    return stmt.order_by(m.Host.availableMemoryCapacity.desc()).limit(8)
+
+
+# the WHERE makes the check-and-take atomic even with other management nodes writing
+_RESERVE_HOST = (
+    update(m.Host)
+    .where(
+        m.Host.uuid == bindparam("host"),
+        m.Host.availableCpuCapacity >= bindparam("cpu"),
+        m.Host.availableMemoryCapacity >= bindparam("mem"),
+    )
+    .values(
+        availableCpuCapacity=m.Host.availableCpuCapacity - bindparam("cpu"),
+        availableMemoryCapacity=m.Host.availableMemoryCapacity - bindparam("mem"),
+    )
+)
 
 
 async def _reserve_host(s: Any, host_uuid: str, cpu: int, mem: int) -> bool:
-    # the WHERE makes the check-and-take atomic even with other management nodes writing
-    res = await s.execute(
-        update(m.Host)
-        .where(m.Host.uuid == host_uuid, m.Host.availableCpuCapacity >= cpu, m.Host.availableMemoryCapacity >= mem)
-        .values(
-            availableCpuCapacity=m.Host.availableCpuCapacity - cpu,
-            availableMemoryCapacity=m.Host.availableMemoryCapacity - mem,
-        )
-    )
+    res = await s.execute(_RESERVE_HOST, {"host": host_uuid, "cpu": cpu, "mem": mem}, execution_options=_NO_SYNC)
     return bool(res.rowcount)
 
 
@@ -209,26 +238,23 @@ def _no_host(cpu: int, mem: int) -> ApiError:
 # --- agent spec --------------------------------------------------------------------------------
 
 
+# each NIC with its L2 network in one statement, not one more per NIC (every start asks)
+_NICS_WITH_L2 = (
+    select(m.VmNic, m.L2Network)
+    .outerjoin(m.L3Network, m.L3Network.uuid == m.VmNic.l3NetworkUuid)
+    .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
+    .where(m.VmNic.vmInstanceUuid == bindparam("vm"))
+    .order_by(m.VmNic.deviceId)
+)
+
+
 async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
     cache = await platform.config.get("kvm", "vm.cacheMode")
     async with platform.db.tx() as s:
         vm = await s.get(m.VmInstance, vm_uuid)
         assert vm is not None
-        vols = (
-            (await s.execute(select(m.Volume).where(m.Volume.vmInstanceUuid == vm_uuid).order_by(m.Volume.deviceId)))
-            .scalars()
-            .all()
-        )
-        # each NIC with its L2 network in one statement, not one more per NIC (every start asks)
-        nic_l2s = (
-            await s.execute(
-                select(m.VmNic, m.L2Network)
-                .outerjoin(m.L3Network, m.L3Network.uuid == m.VmNic.l3NetworkUuid)
-                .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
-                .where(m.VmNic.vmInstanceUuid == vm_uuid)
-                .order_by(m.VmNic.deviceId)
-            )
-        ).all()
+        vols = (await s.execute(_VOLUMES_OF_VMS, {"vms": [vm_uuid]})).scalars().all()
+        nic_l2s = (await s.execute(_NICS_WITH_L2, {"vm": vm_uuid})).all()
         nics = [nic for nic, _ in nic_l2s]
         l2s: dict[str, m.L2Network] = {}
         bridges: dict[str, str] = {}
@@ -266,31 +292,33 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
     )
 
 
+# whether each backup storage is in the zone comes with the copies, in the same statement rather
+# than a second one (every VM create asks)
+_IMAGE_COPIES = (
+    select(
+        m.ImageBackupStorageRef,
+        m.BackupStorage,
+        select(m.BackupStorageZoneRef.id)
+        .where(
+            m.BackupStorageZoneRef.backupStorageUuid == m.BackupStorage.uuid,
+            m.BackupStorageZoneRef.zoneUuid == bindparam("zone"),
+        )
+        .exists(),
+    )
+    .join(m.BackupStorage, m.BackupStorage.uuid == m.ImageBackupStorageRef.backupStorageUuid)
+    .where(
+        m.ImageBackupStorageRef.imageUuid == bindparam("image"),
+        m.ImageBackupStorageRef.status == "Ready",
+        m.BackupStorage.state == "Enabled",
+    )
+)
+
+
 async def image_source(s: Any, image_uuid: str, zone_uuid: str | None) -> str:
     """The URL a host fetches the image from: a Ready copy on a backup storage of the zone."""
     from nimbostack.storage.backup import image_source as source
 
-    # whether each backup storage is in the zone comes with the copies, in the same statement
-    # rather than a second one (every VM create asks)
-    in_zone = (
-        select(m.BackupStorageZoneRef.id)
-        .where(
-            m.BackupStorageZoneRef.backupStorageUuid == m.BackupStorage.uuid,
-            m.BackupStorageZoneRef.zoneUuid == zone_uuid,
-        )
-        .exists()
-    )
-    rows = (
-        await s.execute(
-            select(m.ImageBackupStorageRef, m.BackupStorage, in_zone)
-            .join(m.BackupStorage, m.BackupStorage.uuid == m.ImageBackupStorageRef.backupStorageUuid)
-            .where(
-                m.ImageBackupStorageRef.imageUuid == image_uuid,
-                m.ImageBackupStorageRef.status == "Ready",
-                m.BackupStorage.state == "Enabled",
-            )
-        )
-    ).all()
+    rows = (await s.execute(_IMAGE_COPIES, {"image": image_uuid, "zone": zone_uuid})).all()
     if zone_uuid:
         rows = sorted(rows, key=lambda r: not r[2])
     if not rows:
@@ -351,8 +379,13 @@ async def _agent_url_of(platform: Platform, host_uuid: str) -> str:
     return str(host.agentUrl)
 
 
-async def agent(platform: Platform, host_uuid: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    url = await _agent_url_of(platform, host_uuid)
+async def agent(
+    platform: Platform, host_uuid: str, path: str, body: dict[str, Any], url: str | None = None
+) -> dict[str, Any]:
+    """A command to a host's agent. ``url``: the host's agent URL, when the caller read the host's
+    row moments ago (the create flow, which placed the VM on a Connected host), so that it is not
+    read again for every command."""
+    url = url or await _agent_url_of(platform, host_uuid)
     return await platform.agents.call(url, path, {"hostUuid": host_uuid, **body})
 
 
@@ -509,7 +542,7 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                 body["empty"] = True
             # before the call: a command that times out may still have made the file
             c["made"].append((path, ps))
-            await agent(p, c["host"].uuid, primary.command(ps, "create-root"), body)
+            await agent(p, c["host"].uuid, primary.command(ps, "create-root"), body, c["host"].agentUrl)
 
     async def delete_volumes(c: dict[str, Any]) -> None:
         for path, ps in c.get("made", []):
@@ -524,18 +557,12 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
     async def start(c: dict[str, Any]) -> None:
         async with p.db.tx() as s:
             # a new session: nothing loaded to synchronise
-            await s.execute(
-                update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(state="Starting"),
-                execution_options=_NO_SYNC,
-            )
-            await s.execute(
-                update(m.Volume).where(m.Volume.vmInstanceUuid == vm.uuid).values(status="Ready"),
-                execution_options=_NO_SYNC,
-            )
+            await s.execute(_VM_STARTING, {"vm": vm.uuid}, execution_options=_NO_SYNC)
+            await s.execute(_VOLUMES_READY, {"vm": vm.uuid}, execution_options=_NO_SYNC)
         for hook in START_HOOKS:
             await hook(p, vm.uuid, c["host"].uuid)
         spec = await build_spec(p, vm.uuid)
-        await agent(p, c["host"].uuid, "/vm/start", {"vm": asdict(spec)})
+        await agent(p, c["host"].uuid, "/vm/start", {"vm": asdict(spec)}, c["host"].agentUrl)
 
     async def unstart(c: dict[str, Any]) -> None:
         await gc.call_or_defer(p, gc.DESTROY_VM, c["host"].uuid, "/vm/destroy", {"vmUuid": vm.uuid}, vm.uuid)
@@ -561,6 +588,10 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
             row.state, row.lastHostUuid = "Running", c["host"].uuid
             await s.flush()
             return {"inventory": await inv(s, "QueryObjectVmInstanceInventory", row)}
+
+
+_VM_STARTING = update(m.VmInstance).where(m.VmInstance.uuid == bindparam("vm")).values(state="Starting")
+_VOLUMES_READY = update(m.Volume).where(m.Volume.vmInstanceUuid == bindparam("vm")).values(status="Ready")
 
 
 # Network service providers hook here to set up DHCP/userdata for a VM before it boots.

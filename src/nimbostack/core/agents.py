@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
-import httpx
+import aiohttp
 
 from nimbostack.core import deadline
 from nimbostack.core.errors import AGENT_ERROR, HOST_DISCONNECTED, TIMEOUT, ApiError
@@ -14,52 +15,59 @@ log = logging.getLogger(__name__)
 
 
 class AgentClient:
-    # httpcore's pool bookkeeping walks every connection of the pool (and, for each idle one, every
-    # connection again) on each request, so one pool of a few hundred connections cost milliseconds
-    # per call under load. Several small pools, the least busy one taken, keep the same 400 calls
-    # in flight at a fraction of the cost.
-    POOLS, PER_POOL = 16, 25
+    """aiohttp, whose HTTP parser and connection pool are C and O(1) per request: a command cost
+    the node 0.18 ms of CPU against httpx's 0.87 ms (bench: 3,000 calls, 50 in flight), and a VM
+    create makes several."""
+
+    # calls in flight to all agents together; more wait for a connection
+    CONNECTIONS = 400
+    # idle connections are dropped long before the agent's keep-alive (60 s) ends, so a command is
+    # never sent on a connection the agent is closing at that very moment
+    KEEPALIVE = 2.0
 
     def __init__(self) -> None:
-        # idle connections are dropped long before the agent's keep-alive (60 s) ends, so a command
-        # is never sent on a connection the agent is closing at that very moment
-        limits = httpx.Limits(
-            max_connections=self.PER_POOL, max_keepalive_connections=self.PER_POOL, keepalive_expiry=2.0
-        )
-        self._pools = [httpx.AsyncClient(limits=limits, timeout=None) for _ in range(self.POOLS)]
-        self._busy = [0] * self.POOLS
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # made on first use: a session belongs to the event loop it was made in
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.CONNECTIONS, keepalive_timeout=self.KEEPALIVE)
+            self._session = aiohttp.ClientSession(connector=connector, json_serialize=json.dumps)
+        return self._session
 
     async def call(
         self, agent_url: str, path: str, body: dict[str, Any], timeout: float | None = None
     ) -> dict[str, Any]:
         """POST a command; the timeout is what is left of the current API's deadline."""
         budget = min(timeout, deadline.remaining()) if timeout else deadline.remaining()
-        pool = min(range(self.POOLS), key=self._busy.__getitem__)
-        self._busy[pool] += 1
         try:
             # the agent learns the budget too, and does not start a command its caller gave up on
-            resp = await self._pools[pool].post(
-                f"{agent_url}{path}", json=body, timeout=budget, headers={deadline.HEADER: f"{budget:.3f}"}
-            )
-        except httpx.TimeoutException:
+            async with self._client().post(
+                f"{agent_url}{path}",
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=budget),
+                headers={deadline.HEADER: f"{budget:.3f}"},
+            ) as resp:
+                status, raw = resp.status, await resp.read()
+        except TimeoutError:
             raise ApiError(
                 TIMEOUT,
                 "The host agent did not answer in time",
                 f"{path} on {agent_url} took longer than {budget:.1f} s",
             ) from None
-        except httpx.HTTPError as err:
+        except (aiohttp.ClientError, OSError) as err:
             # some transport errors have no message: name at least their kind
             why = str(err) or type(err).__name__
             raise ApiError(HOST_DISCONNECTED, "Cannot reach the host agent", f"{agent_url}{path}: {why}") from None
-        finally:
-            self._busy[pool] -= 1
-        if resp.status_code in (502, 503, 504):  # a proxy, or the agent itself, says it cannot serve now
-            raise ApiError(
-                HOST_DISCONNECTED, "Cannot reach the host agent", f"{agent_url}{path}: HTTP {resp.status_code}"
-            )
-        if resp.status_code != 200:
-            raise ApiError(AGENT_ERROR, "The host agent failed", f"{path}: HTTP {resp.status_code} {resp.text[:300]}")
-        data = resp.json()
+        if status in (502, 503, 504):  # a proxy, or the agent itself, says it cannot serve now
+            raise ApiError(HOST_DISCONNECTED, "Cannot reach the host agent", f"{agent_url}{path}: HTTP {status}")
+        if status != 200:
+            text = raw[:300].decode(errors="replace")
+            raise ApiError(AGENT_ERROR, "The host agent failed", f"{path}: HTTP {status} {text}")
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise ApiError(AGENT_ERROR, "The host agent failed", f"{path}: an answer that is not JSON") from None
         if not data.get("success"):
             err = data.get("error") or {}
             raise ApiError(
@@ -70,5 +78,5 @@ class AgentClient:
         return data
 
     async def close(self) -> None:
-        for client in self._pools:
-            await client.aclose()
+        if self._session is not None:
+            await self._session.close()

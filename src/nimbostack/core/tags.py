@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from nimbostack.api.common import inv, load, new_uuid, register_queries
 from nimbostack.api.dispatch import ApiContext, api
@@ -69,8 +69,12 @@ def tag_value(tags: list[str], prefix: str) -> str | None:
     return None
 
 
+# built once, as the statements of every VM start (db/engine.py, "Statements built once")
+_SYSTEM_TAGS = select(m.SystemTag.tag).where(m.SystemTag.resourceUuid == bindparam("resource"))
+
+
 async def system_tags(s: Any, resource_uuid: str) -> list[str]:
-    rows = await s.execute(select(m.SystemTag.tag).where(m.SystemTag.resourceUuid == resource_uuid))
+    rows = await s.execute(_SYSTEM_TAGS, {"resource": resource_uuid})
     return [r for (r,) in rows]
 
 

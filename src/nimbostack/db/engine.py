@@ -1,4 +1,8 @@
-"""Database engine: an SQLite file by default, PostgreSQL (or any SQLAlchemy async URL) by URL."""
+"""Database engine: an SQLite file by default, PostgreSQL (or any SQLAlchemy async URL) by URL.
+
+Statements built once: those that every VM create or start runs are module-level constants with
+bind parameters (``bindparam``), not built per call. Building a statement and its cache key cost
+SQLAlchemy ~100 us, about as much as running it on SQLite; a prebuilt one has its key memoised."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from nimbostack.api.common import (
     ENABLE_DISABLE,
@@ -395,14 +395,25 @@ async def _refresh_metadata(p: Platform, nic_uuid: str | None) -> None:
         await flat.refresh_vm(p, nic.vmInstanceUuid)
 
 
+# built once (db/engine.py, "Statements built once")
+_PUBLIC_IPS = (
+    select(m.VmNic.vmInstanceUuid, m.Eip.vipIp)
+    .join(m.Eip, m.Eip.vmNicUuid == m.VmNic.uuid)
+    .where(
+        m.VmNic.vmInstanceUuid.in_(bindparam("vms", expanding=True)),
+        m.VmNic.l3NetworkUuid == bindparam("l3"),
+        m.Eip.state == "Enabled",
+    )
+)
+_VM_HAS_EIP = (
+    select(m.Eip.uuid).join(m.VmNic, m.VmNic.uuid == m.Eip.vmNicUuid).where(m.VmNic.vmInstanceUuid == bindparam("vm"))
+)
+
+
 async def _public_ips(s: Any, l3_uuid: str, vm_uuids: list[str]) -> dict[str, dict[str, Any]]:
     if not vm_uuids:
         return {}
-    rows = await s.execute(
-        select(m.VmNic.vmInstanceUuid, m.Eip.vipIp)
-        .join(m.Eip, m.Eip.vmNicUuid == m.VmNic.uuid)
-        .where(m.VmNic.vmInstanceUuid.in_(vm_uuids), m.VmNic.l3NetworkUuid == l3_uuid, m.Eip.state == "Enabled")
-    )
+    rows = await s.execute(_PUBLIC_IPS, {"vms": vm_uuids, "l3": l3_uuid})
     return {vm: {"publicIp": ip} for vm, ip in rows}
 
 
@@ -411,13 +422,7 @@ async def _public_ips(s: Any, l3_uuid: str, vm_uuids: list[str]) -> dict[str, di
 
 async def _vm_has_eip(p: Platform, vm_uuid: str) -> bool:
     async with p.db.tx() as s:
-        return (
-            await s.execute(
-                select(m.Eip.uuid)
-                .join(m.VmNic, m.VmNic.uuid == m.Eip.vmNicUuid)
-                .where(m.VmNic.vmInstanceUuid == vm_uuid)
-            )
-        ).first() is not None
+        return (await s.execute(_VM_HAS_EIP, {"vm": vm_uuid})).first() is not None
 
 
 async def on_vm_start(p: Platform, vm_uuid: str, host_uuid: str) -> None:

@@ -22,7 +22,7 @@ import logging
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 
 from nimbostack.agent.flat import validate
 from nimbostack.compute import host as hostmod
@@ -112,13 +112,38 @@ async def dhcp_ip(p: Platform, l3_uuid: str) -> m.UsedIp | None:
             return rows[0] if rows else None
 
 
-async def _dhcp_rows(s: Any, l3_uuid: str) -> list[m.UsedIp]:
-    rows = await s.execute(
-        select(m.UsedIp)
-        .where(m.UsedIp.l3NetworkUuid == l3_uuid, m.UsedIp.usedFor == DHCP_USED_FOR)
-        .order_by(m.UsedIp.createDate, m.UsedIp.uuid)
+# built once, as the statements of every VM start (db/engine.py, "Statements built once")
+_DHCP_ROWS = (
+    select(m.UsedIp)
+    .where(m.UsedIp.l3NetworkUuid == bindparam("l3"), m.UsedIp.usedFor == DHCP_USED_FOR)
+    .order_by(m.UsedIp.createDate, m.UsedIp.uuid)
+)
+_L3_AND_L2 = (
+    select(m.L3Network, m.L2Network)
+    .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
+    .where(m.L3Network.uuid == bindparam("l3"))
+)
+_L3_DNS = select(m.L3NetworkDns.dns).where(m.L3NetworkDns.l3NetworkUuid == bindparam("l3")).order_by(m.L3NetworkDns.id)
+_HOST_NICS = (
+    select(m.VmNic, m.VmInstance)
+    .join(m.VmInstance, m.VmInstance.uuid == m.VmNic.vmInstanceUuid)
+    .where(
+        m.VmNic.l3NetworkUuid == bindparam("l3"),
+        m.VmInstance.hostUuid == bindparam("host"),
+        m.VmInstance.state.in_(ACTIVE),
     )
-    return list(rows.scalars())
+    .order_by(m.VmNic.ip)
+)
+_HOST_NICS_OF_VM = _HOST_NICS.where(m.VmNic.vmInstanceUuid == bindparam("vm"))
+_TAGS_OF = (
+    select(m.SystemTag.resourceUuid, m.SystemTag.tag)
+    .where(m.SystemTag.resourceUuid.in_(bindparam("uuids", expanding=True)))
+    .order_by(m.SystemTag.createDate, m.SystemTag.uuid)
+)
+
+
+async def _dhcp_rows(s: Any, l3_uuid: str) -> list[m.UsedIp]:
+    return list((await s.execute(_DHCP_ROWS, {"l3": l3_uuid})).scalars())
 
 
 async def release_dhcp_ip(p: Platform, l3_uuid: str) -> None:
@@ -172,48 +197,21 @@ async def desired_state(
         return None
     async with p.db.tx() as s:
         # the L3 network and its L2 in one statement, not two (every VM start asks)
-        found = (
-            await s.execute(
-                select(m.L3Network, m.L2Network)
-                .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
-                .where(m.L3Network.uuid == l3_uuid)
-            )
-        ).first()
+        found = (await s.execute(_L3_AND_L2, {"l3": l3_uuid})).first()
         if found is None:
             return None
         l3, l2 = found
         bridge = vmmod.bridge_name(l2, await system_tags(s, l2.uuid))
-        dns = list(
-            (
-                await s.execute(
-                    select(m.L3NetworkDns.dns)
-                    .where(m.L3NetworkDns.l3NetworkUuid == l3_uuid)
-                    .order_by(m.L3NetworkDns.id)
-                )
-            ).scalars()
-        )
-        rows = (
-            await s.execute(
-                select(m.VmNic, m.VmInstance)
-                .join(m.VmInstance, m.VmInstance.uuid == m.VmNic.vmInstanceUuid)
-                .where(
-                    m.VmNic.l3NetworkUuid == l3_uuid,
-                    m.VmInstance.hostUuid == host_uuid,
-                    m.VmInstance.state.in_(ACTIVE),
-                    *([m.VmNic.vmInstanceUuid == only] if only else []),
-                )
-                .order_by(m.VmNic.ip)
-            )
-        ).all()
+        dns = list((await s.execute(_L3_DNS, {"l3": l3_uuid})).scalars())
+        if only:
+            rows = (await s.execute(_HOST_NICS_OF_VM, {"l3": l3_uuid, "host": host_uuid, "vm": only})).all()
+        else:
+            rows = (await s.execute(_HOST_NICS, {"l3": l3_uuid, "host": host_uuid})).all()
         rows = [(nic, vm) for nic, vm in rows if vm.uuid != exclude and nic.ip and nic.mac]
         vm_uuids = sorted({vm.uuid for _, vm in rows})
         tags: dict[str, list[str]] = defaultdict(list)
         if vm_uuids:
-            for ruuid, tag in await s.execute(
-                select(m.SystemTag.resourceUuid, m.SystemTag.tag)
-                .where(m.SystemTag.resourceUuid.in_(vm_uuids))
-                .order_by(m.SystemTag.createDate, m.SystemTag.uuid)
-            ):
+            for ruuid, tag in await s.execute(_TAGS_OF, {"uuids": vm_uuids}):
                 tags[ruuid].append(tag)
         extras: dict[str, dict[str, Any]] = defaultdict(dict)
         for extra in ENTRY_EXTRAS:
@@ -318,24 +316,27 @@ async def release_everywhere(p: Platform, l3_uuid: str) -> None:
     await asyncio.gather(*(one(h, u) for h, u in hosts))
 
 
+_VM_FLAT_L3S = (
+    select(m.NetworkServiceL3NetworkRef.l3NetworkUuid, m.NetworkServiceL3NetworkRef.networkServiceType)
+    .join(
+        m.NetworkServiceProvider,
+        m.NetworkServiceProvider.uuid == m.NetworkServiceL3NetworkRef.networkServiceProviderUuid,
+    )
+    .where(
+        m.NetworkServiceL3NetworkRef.l3NetworkUuid.in_(
+            select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == bindparam("vm"))
+        ),
+        m.NetworkServiceProvider.type == PROVIDER_TYPE,
+        m.NetworkServiceL3NetworkRef.networkServiceType.in_(SERVICES),
+    )
+)
+
+
 async def _vm_flat_l3s(p: Platform, vm_uuid: str) -> dict[str, set[str]]:
     """_flat_l3s of the VM's NICs' L3 networks, in one statement instead of two (every VM start and
     stop asks)."""
     async with p.db.tx() as s:
-        rows = await s.execute(
-            select(m.NetworkServiceL3NetworkRef.l3NetworkUuid, m.NetworkServiceL3NetworkRef.networkServiceType)
-            .join(
-                m.NetworkServiceProvider,
-                m.NetworkServiceProvider.uuid == m.NetworkServiceL3NetworkRef.networkServiceProviderUuid,
-            )
-            .where(
-                m.NetworkServiceL3NetworkRef.l3NetworkUuid.in_(
-                    select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == vm_uuid)
-                ),
-                m.NetworkServiceProvider.type == PROVIDER_TYPE,
-                m.NetworkServiceL3NetworkRef.networkServiceType.in_(SERVICES),
-            )
-        )
+        rows = await s.execute(_VM_FLAT_L3S, {"vm": vm_uuid})
         out: dict[str, set[str]] = defaultdict(set)
         for l3, svc in rows:
             out[l3].add(svc)

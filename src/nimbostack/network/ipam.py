@@ -6,7 +6,7 @@ import ipaddress
 import random
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 
 from nimbostack.api.common import new_uuid
 from nimbostack.core.errors import IP_ALLOCATION_FAILED, ApiError, invalid
@@ -14,13 +14,17 @@ from nimbostack.db import models as m
 
 PROBES = 16
 
+# built once (db/engine.py, "Statements built once"): every VM create allocates
+_RANGES = select(m.IpRange).where(m.IpRange.l3NetworkUuid == bindparam("l3"))
+_TAKEN = select(m.UsedIp.uuid).where(m.UsedIp.l3NetworkUuid == bindparam("l3"), m.UsedIp.ipInLong == bindparam("ip"))
+
 
 async def allocate(s: Any, l3_uuid: str, wanted: str | None = None) -> m.UsedIp:
     """Take a free IP of the L3 network (``wanted`` if given) inside the caller's transaction.
 
     Random probes find a free address in O(1) queries while the network is not nearly full;
     an indexed gap search covers the rest."""
-    ranges = (await s.execute(select(m.IpRange).where(m.IpRange.l3NetworkUuid == l3_uuid))).scalars().all()
+    ranges = (await s.execute(_RANGES, {"l3": l3_uuid})).scalars().all()
     if not ranges:
         raise ApiError(IP_ALLOCATION_FAILED, "No IP range", f"L3 network {l3_uuid} has no IP range")
     if wanted:
@@ -56,9 +60,7 @@ async def allocate(s: Any, l3_uuid: str, wanted: str | None = None) -> m.UsedIp:
 
 
 async def _taken(s: Any, l3_uuid: str, ip: int) -> bool:
-    return (
-        await s.execute(select(m.UsedIp.uuid).where(m.UsedIp.l3NetworkUuid == l3_uuid, m.UsedIp.ipInLong == ip))
-    ).first() is not None
+    return (await s.execute(_TAKEN, {"l3": l3_uuid, "ip": ip})).first() is not None
 
 
 def _use(s: Any, r: m.IpRange, ip: int) -> m.UsedIp:

@@ -20,12 +20,31 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from nimbostack.db import models as m
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
+
+
+# A host's share of a LocalStorage and the storage's total, taken atomically (check and take in one
+# UPDATE). Built once (db/engine.py, "Statements built once"): every VM create takes. Run without
+# session synchronisation: nothing reads the capacity of a storage loaded in the same session.
+_FORCE_TAKE_SHARE = (
+    update(m.LocalStorageHostRef)
+    .where(
+        m.LocalStorageHostRef.primaryStorageUuid == bindparam("ps"), m.LocalStorageHostRef.hostUuid == bindparam("host")
+    )
+    .values(availableCapacity=m.LocalStorageHostRef.availableCapacity - bindparam("size"))
+)
+_TAKE_SHARE = _FORCE_TAKE_SHARE.where(m.LocalStorageHostRef.availableCapacity >= bindparam("size"))
+_TAKE_TOTAL = (
+    update(m.PrimaryStorage)
+    .where(m.PrimaryStorage.uuid == bindparam("ps"))
+    .values(availableCapacity=m.PrimaryStorage.availableCapacity - bindparam("size"))
+)
+_NO_SYNC = {"synchronize_session": False}
 
 
 class PrimaryStorageBackend:
@@ -143,22 +162,12 @@ class LocalStorageBackend(PrimaryStorageBackend):
 
     @staticmethod
     async def take(s: Any, ps_uuid: str, host_uuid: str, size: int, force: bool = False) -> bool:
-        """Take ``size`` bytes of the host's share, atomically (check and take in one UPDATE)."""
-        where = [m.LocalStorageHostRef.primaryStorageUuid == ps_uuid, m.LocalStorageHostRef.hostUuid == host_uuid]
-        if not force:
-            where.append(m.LocalStorageHostRef.availableCapacity >= size)
-        res = await s.execute(
-            update(m.LocalStorageHostRef)
-            .where(*where)
-            .values(availableCapacity=m.LocalStorageHostRef.availableCapacity - size)
-        )
+        """Take ``size`` bytes of the host's share (``force``: even beyond what is free)."""
+        params = {"ps": ps_uuid, "host": host_uuid, "size": size}
+        res = await s.execute(_FORCE_TAKE_SHARE if force else _TAKE_SHARE, params, execution_options=_NO_SYNC)
         if not res.rowcount:
             return False
-        await s.execute(
-            update(m.PrimaryStorage)
-            .where(m.PrimaryStorage.uuid == ps_uuid)
-            .values(availableCapacity=m.PrimaryStorage.availableCapacity - size)
-        )
+        await s.execute(_TAKE_TOTAL, params, execution_options=_NO_SYNC)
         return True
 
     @staticmethod

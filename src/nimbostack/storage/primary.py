@@ -8,7 +8,7 @@ import logging
 import posixpath
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 
 from nimbostack.api.common import (
     ENABLE_DISABLE,
@@ -250,6 +250,20 @@ async def delete_ps(ctx: ApiContext) -> dict[str, Any]:
 # --- placement, used by the VM and volume flows -----------------------------------------------
 
 
+# built once (db/engine.py, "Statements built once"): every VM create asks
+_STORAGES_OF = (
+    select(m.PrimaryStorage)
+    .join(m.PrimaryStorageClusterRef, m.PrimaryStorageClusterRef.primaryStorageUuid == m.PrimaryStorage.uuid)
+    .where(
+        m.PrimaryStorageClusterRef.clusterUuid == bindparam("cluster"),
+        m.PrimaryStorage.state == "Enabled",
+        m.PrimaryStorage.type.in_(bindparam("types", expanding=True)),
+    )
+    .order_by(m.PrimaryStorage.availableCapacity.desc())
+)
+_STORAGES_OF_ONE = _STORAGES_OF.where(m.PrimaryStorage.uuid == bindparam("ps"))
+
+
 async def reserve(
     s: Any,
     cluster_uuid: str,
@@ -261,18 +275,9 @@ async def reserve(
 ) -> m.PrimaryStorage:
     """Hold ``size`` bytes for a volume or snapshot made through ``host_uuid`` on a primary storage
     attached to ``cluster_uuid`` (``ps_uuid``: that one only), inside the caller's transaction."""
-    stmt = (
-        select(m.PrimaryStorage)
-        .join(m.PrimaryStorageClusterRef, m.PrimaryStorageClusterRef.primaryStorageUuid == m.PrimaryStorage.uuid)
-        .where(
-            m.PrimaryStorageClusterRef.clusterUuid == cluster_uuid,
-            m.PrimaryStorage.state == "Enabled",
-            m.PrimaryStorage.type.in_(list(backend.BACKENDS)),
-        )
-    )
-    if ps_uuid:
-        stmt = stmt.where(m.PrimaryStorage.uuid == ps_uuid)
-    for ps in (await s.execute(stmt.order_by(m.PrimaryStorage.availableCapacity.desc()))).scalars().all():
+    stmt = _STORAGES_OF_ONE if ps_uuid else _STORAGES_OF
+    params = {"cluster": cluster_uuid, "types": list(backend.BACKENDS), "ps": ps_uuid}
+    for ps in (await s.execute(stmt, params)).scalars().all():
         if await backend.of(ps).reserve(s, ps, host_uuid, size, resource_uuid, resource_type):
             return ps
     raise ApiError(
