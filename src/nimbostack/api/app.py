@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # A client polls GET /zstack/api/result/JOB until the job is Done. Holding a poll of a job that runs
 # on this node until it ends (at most this long) answers at once when it ends, and spares a client
 # many polls: under load each poll was a request as costly as the work the job itself did.
-RESULT_WAIT = 1.0
+RESULT_WAIT = 3.0
 
 
 async def _no_handler(_ctx: Any) -> dict[str, Any]:

@@ -584,13 +584,17 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                 await disown(s, [vm.uuid])
             raise
         async with p.db.tx() as s:
+            await s.execute(_VM_RUNNING, {"vm": vm.uuid, "host": c["host"].uuid}, execution_options=_NO_SYNC)
             row = await s.get(m.VmInstance, vm.uuid)
-            row.state, row.lastHostUuid = "Running", c["host"].uuid
-            await s.flush()
             return {"inventory": await inv(s, "QueryObjectVmInstanceInventory", row)}
 
 
 _VM_STARTING = update(m.VmInstance).where(m.VmInstance.uuid == bindparam("vm")).values(state="Starting")
+_VM_RUNNING = (
+    update(m.VmInstance)
+    .where(m.VmInstance.uuid == bindparam("vm"))
+    .values(state="Running", lastHostUuid=bindparam("host"))
+)
 _VOLUMES_READY = update(m.Volume).where(m.Volume.vmInstanceUuid == bindparam("vm")).values(status="Ready")
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from nimbostack.db import models as m
 
@@ -29,6 +29,7 @@ TRANSITIONAL = (
     "Expunging",
 )
 STABLE_FROM_HYPERVISOR = ("Running", "Stopped", "Paused")
+_STATE_AND_HOST = select(m.VmInstance.state, m.VmInstance.hostUuid).where(m.VmInstance.uuid == bindparam("vm"))
 
 
 async def on_event(platform: Platform, host_uuid: str, vm_uuid: str, state: str) -> None:
@@ -41,13 +42,18 @@ async def on_event(platform: Platform, host_uuid: str, vm_uuid: str, state: str)
     if state not in STABLE_FROM_HYPERVISOR:
         return
     async with platform.db.tx() as s:
-        vm = await s.get(m.VmInstance, vm_uuid)
-        if vm is None or vm.state in TRANSITIONAL or vm.state in ("Destroyed",):
+        # most events confirm what the node is doing or has just done (the start it asked for): two
+        # columns tell, without loading the VM
+        now = (await s.execute(_STATE_AND_HOST, {"vm": vm_uuid})).first()
+        if now is None or now.state in TRANSITIONAL or now.state == "Destroyed":
             return
-        if state == "Stopped" and vm.hostUuid and vm.hostUuid != host_uuid:
+        if state == "Stopped" and now.hostUuid and now.hostUuid != host_uuid:
             return  # a copy left on another host (migrated, or started elsewhere since) stopped
-        if vm.state == state and vm.hostUuid == host_uuid:
+        if now.state == state and now.hostUuid == host_uuid:
             return  # nothing changed (e.g. the event of a start this node has just finished)
+        vm = await s.get(m.VmInstance, vm_uuid)
+        if vm is None:
+            return
         log.info("VM %s is %s on host %s (was %s)", vm_uuid, state, host_uuid, vm.state)
         vm.state = state
         vm.hostUuid = host_uuid

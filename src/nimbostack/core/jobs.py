@@ -9,13 +9,19 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from nimbostack.core.errors import MANAGEMENT_RESTARTED, ApiError
 from nimbostack.db.engine import Database
 from nimbostack.db.models import Job
 
 log = logging.getLogger(__name__)
+
+# every asynchronous API call runs these two (db/engine.py, "Statements built once"); a statement,
+# not an ORM object, so that the transaction has no unit of work to flush
+_NEW_JOB = insert(Job)
+_JOB_DONE = update(Job).where(Job.uuid == bindparam("job")).values(state="Done", result=bindparam("result"))
+_NO_SYNC = {"synchronize_session": False}
 
 
 class Jobs:
@@ -33,13 +39,14 @@ class Jobs:
         self, job_uuid: str, api_name: str, timeout: float, work: Callable[[], Awaitable[str]]
     ) -> asyncio.Task[str]:
         async with self.db.tx() as s:
-            s.add(
-                Job(
-                    uuid=job_uuid,
-                    apiName=api_name,
-                    state="Processing",
-                    deadline=datetime.utcnow() + timedelta(seconds=timeout),
-                )
+            await s.execute(
+                _NEW_JOB,
+                {
+                    "uuid": job_uuid,
+                    "apiName": api_name,
+                    "state": "Processing",
+                    "deadline": datetime.utcnow() + timedelta(seconds=timeout),
+                },
             )
         task = asyncio.create_task(self._run(job_uuid, work))
         self._running[job_uuid] = task
@@ -50,7 +57,7 @@ class Jobs:
             async with self._slots:
                 result = await work()
             async with self.db.tx() as s:
-                await s.execute(update(Job).where(Job.uuid == job_uuid).values(state="Done", result=result))
+                await s.execute(_JOB_DONE, {"job": job_uuid, "result": result}, execution_options=_NO_SYNC)
             return result
         finally:
             self._running.pop(job_uuid, None)
