@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from nimbostack.api.dispatch import ApiContext, api
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_found
 from nimbostack.db import query
+from nimbostack.db.engine import insert_now
 from nimbostack.db.models import AccountResourceRef, SystemTag, UserTag
 
 T = TypeVar("T")
@@ -58,14 +59,15 @@ def require_admin(ctx: ApiContext) -> None:
         raise ApiError(PERMISSION_DENIED, "Permission denied", f"only an admin account can call {ctx.msg.name}")
 
 
-def own(s: AsyncSession, ctx: ApiContext, uuid: str, resource_type: str) -> None:
-    s.add(
+async def own(s: AsyncSession, ctx: ApiContext, uuid: str, resource_type: str) -> None:
+    await insert_now(
+        s,
         AccountResourceRef(
             accountUuid=ctx.caller.account_uuid,
             ownerAccountUuid=ctx.caller.account_uuid,
             resourceUuid=uuid,
             resourceType=resource_type,
-        )
+        ),
     )
 
 
@@ -81,11 +83,11 @@ async def add_creation_tags(s: AsyncSession, ctx: ApiContext, uuid: str, resourc
 
     for tag in ctx.list("systemTags"):
         validate_system_tag(resource_type, str(tag))
-        s.add(SystemTag(uuid=new_uuid(), resourceUuid=uuid, resourceType=resource_type, tag=str(tag)))
+        await insert_now(s, SystemTag(uuid=new_uuid(), resourceUuid=uuid, resourceType=resource_type, tag=str(tag)))
     for tag in ctx.list("userTags"):
         if not str(tag).strip():
             raise invalid("a user tag must not be empty")
-        s.add(UserTag(uuid=new_uuid(), resourceUuid=uuid, resourceType=resource_type, tag=str(tag)))
+        await insert_now(s, UserTag(uuid=new_uuid(), resourceUuid=uuid, resourceType=resource_type, tag=str(tag)))
 
 
 async def inv(s: AsyncSession, object_name: str, row: Any) -> dict[str, Any]:

@@ -13,7 +13,16 @@ from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import NoResultFound
 
 from nimbostack.agent.driver import DiskSpec, NicSpec, VmSpec
-from nimbostack.api.common import add_creation_tags, disown, inv, load, new_uuid, own, register_queries, update_fields
+from nimbostack.api.common import (
+    add_creation_tags,
+    disown,
+    inv,
+    load,
+    new_uuid,
+    own,
+    register_queries,
+    update_fields,
+)
 from nimbostack.api.dispatch import ApiContext, api
 from nimbostack.compute.host import HOLDS_CAPACITY
 from nimbostack.core import expunger, gc
@@ -22,6 +31,7 @@ from nimbostack.core.flow import FlowChain
 from nimbostack.core.tags import system_tags, tag_value
 from nimbostack.db import models as m
 from nimbostack.db import query
+from nimbostack.db.engine import insert_now
 from nimbostack.network import ipam
 from nimbostack.storage import primary
 
@@ -441,11 +451,12 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
             bootOrder="CdRom,HardDisk" if image.mediaType == "ISO" else "HardDisk",
             isoUuid=image.uuid if image.mediaType == "ISO" else None,
         )
-        s.add(vm)
-        own(s, ctx, vm.uuid, "VmInstanceVO")
+        await insert_now(s, vm)
+        await own(s, ctx, vm.uuid, "VmInstanceVO")
         await add_creation_tags(s, ctx, vm.uuid, "VmInstanceVO")
         if image.mediaType == "ISO":
-            s.add(
+            await insert_now(
+                s,
                 m.SystemTag(
                     uuid=new_uuid(),
                     resourceUuid=vm.uuid,
@@ -495,8 +506,8 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                     status="Creating",
                     installPath=f"{ps.url}/{folder}/acct-{ctx.caller.account_uuid}/vol-{vol_uuid}/{vol_uuid}.qcow2",
                 )
-                s.add(vol)
-                own(s, ctx, vol_uuid, "VolumeVO")
+                await insert_now(s, vol)
+                await own(s, ctx, vol_uuid, "VolumeVO")
                 vols.append(vol)
                 if vtype == "Root":
                     placed["rootVolumeUuid"] = vol_uuid
@@ -511,7 +522,8 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                 c["image_url"] = await image_source(s, image.uuid, chosen.zoneUuid)
             for device_id, l3_uuid in enumerate(l3_uuids):
                 used = await ipam.allocate(s, l3_uuid, static_ips.get(l3_uuid))
-                s.add(
+                await insert_now(
+                    s,
                     m.VmNic(
                         uuid=new_uuid(),
                         vmInstanceUuid=vm.uuid,

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Engine, Result, create_engine, event, make_url
+from sqlalchemy import Engine, Result, create_engine, event, insert, inspect, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,6 +29,23 @@ def sqlite_url(data_dir: str | Path) -> str:
 
 # AsyncSession adds these to every execute: ORM rows are read at once, not left on the cursor
 _EXECUTE_OPTIONS = {"prebuffer_rows": True}
+
+
+async def insert_now(s: Any, *rows: Any) -> None:
+    """INSERT new rows (ORM objects used as records) by statement, at once, in this order, rather
+    than ``s.add`` and the unit of work's flush: a flush cost ~0.3 ms plus ~0.1 ms a row, the
+    statements ~0.04 ms a row, and a VM create makes a dozen rows. The objects stay transient;
+    what the database fills in (defaults) is read back from the database, not from them."""
+    for row in rows:
+        model = type(row)
+        found = _INSERTS.get(model)
+        if found is None:
+            found = _INSERTS[model] = (insert(model), [a.key for a in inspect(model).column_attrs])
+        stmt, keys = found
+        await s.execute(stmt, {k: v for k in keys if (v := row.__dict__.get(k)) is not None})
+
+
+_INSERTS: dict[type, tuple[Any, list[str]]] = {}  # per model: its INSERT, built once, and its columns
 
 
 class InlineSession:
@@ -54,9 +71,12 @@ class InlineSession:
         execution_options: Mapping[str, Any] | None = None,
         bind_arguments: dict[str, Any] | None = None,
     ) -> Result[Any]:
-        if execution_options and execution_options.get("synchronize_session") is False and statement.is_dml:
-            # nothing in the session to keep in step: the statement as Core, on the session's
-            # connection (a third of the ORM's cost), after the flush the ORM would have done
+        if statement.is_dml and (
+            statement.is_insert or (execution_options and execution_options.get("synchronize_session") is False)
+        ):
+            # an INSERT, or an UPDATE/DELETE with no loaded object to keep in step: the statement as
+            # Core on the session's connection (a third of the ORM's cost), after the flush the ORM
+            # would have done first
             self.sync_session.flush()
             return self.sync_session.connection().execute(statement, params)
         options = {**_EXECUTE_OPTIONS, **execution_options} if execution_options else _EXECUTE_OPTIONS

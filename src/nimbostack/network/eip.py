@@ -74,8 +74,7 @@ async def create_vip(ctx: ApiContext) -> dict[str, Any]:
         l3 = await load(s, m.L3Network, ctx.req("l3NetworkUuid"), ctx, "L3Network")
         if l3.state != "Enabled":
             raise not_allowed(f"L3 network {l3.uuid} is {l3.state}")
-        used = await ipam.allocate(s, l3.uuid, ctx.str("requiredIp"))
-        used.usedFor = "Vip"
+        used = await ipam.allocate(s, l3.uuid, ctx.str("requiredIp"), used_for="Vip")
         row = m.Vip(
             uuid=new_uuid(ctx),
             name=ctx.req("name"),
@@ -87,7 +86,7 @@ async def create_vip(ctx: ApiContext) -> dict[str, Any]:
             usedIpUuid=used.uuid,
         )
         s.add(row)
-        own(s, ctx, row.uuid, "VipVO")
+        await own(s, ctx, row.uuid, "VipVO")
         await add_creation_tags(s, ctx, row.uuid, "VipVO")
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectVipInventory", row)}
@@ -182,7 +181,7 @@ async def create_eip(ctx: ApiContext) -> dict[str, Any]:
         vip.useFor, vip.serviceProvider = "Eip", "Flat"
         vip.peerL3NetworkUuid = nic.l3NetworkUuid if nic else None
         s.add(row)
-        own(s, ctx, row.uuid, "EipVO")
+        await own(s, ctx, row.uuid, "EipVO")
         await add_creation_tags(s, ctx, row.uuid, "EipVO")
         await s.flush()
         out = {"inventory": await inv(s, "QueryObjectEipInventory", row)}

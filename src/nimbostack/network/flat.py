@@ -101,9 +101,7 @@ async def dhcp_ip(p: Platform, l3_uuid: str) -> m.UsedIp | None:
                 return rows[0]
             if not (await s.execute(select(m.IpRange.uuid).where(m.IpRange.l3NetworkUuid == l3_uuid))).first():
                 return None
-            used = await ipam.allocate(s, l3_uuid)
-            used.usedFor = DHCP_USED_FOR
-            await s.flush()
+            await ipam.allocate(s, l3_uuid, used_for=DHCP_USED_FOR)
         async with p.db.tx() as s:
             # another management node may have raced us: keep the oldest, give back the rest
             rows = await _dhcp_rows(s, l3_uuid)

@@ -11,6 +11,7 @@ from sqlalchemy import bindparam, delete, select
 from nimbostack.api.common import new_uuid
 from nimbostack.core.errors import IP_ALLOCATION_FAILED, ApiError, invalid
 from nimbostack.db import models as m
+from nimbostack.db.engine import insert_now
 
 PROBES = 16
 
@@ -19,8 +20,9 @@ _RANGES = select(m.IpRange).where(m.IpRange.l3NetworkUuid == bindparam("l3"))
 _TAKEN = select(m.UsedIp.uuid).where(m.UsedIp.l3NetworkUuid == bindparam("l3"), m.UsedIp.ipInLong == bindparam("ip"))
 
 
-async def allocate(s: Any, l3_uuid: str, wanted: str | None = None) -> m.UsedIp:
-    """Take a free IP of the L3 network (``wanted`` if given) inside the caller's transaction.
+async def allocate(s: Any, l3_uuid: str, wanted: str | None = None, used_for: str = "VmNic") -> m.UsedIp:
+    """Take a free IP of the L3 network (``wanted`` if given) inside the caller's transaction, for
+    ``used_for`` (a VM's NIC, a VIP, a DHCP server). The row is inserted at once (``insert_now``).
 
     Random probes find a free address in O(1) queries while the network is not nearly full;
     an indexed gap search covers the rest."""
@@ -33,7 +35,7 @@ async def allocate(s: Any, l3_uuid: str, wanted: str | None = None) -> m.UsedIp:
             if int(ipaddress.IPv4Address(r.startIp)) <= ip <= int(ipaddress.IPv4Address(r.endIp)):
                 if await _taken(s, l3_uuid, ip):
                     raise ApiError(IP_ALLOCATION_FAILED, "IP in use", f"{wanted} is already used on L3 {l3_uuid}")
-                return _use(s, r, ip)
+                return await _use(s, r, ip, used_for)
         raise invalid(f"{wanted} is in no IP range of L3 network {l3_uuid}")
     order = list(ranges)
     random.shuffle(order)
@@ -43,7 +45,7 @@ async def allocate(s: Any, l3_uuid: str, wanted: str | None = None) -> m.UsedIp:
         for _ in range(min(PROBES, hi - lo + 1)):
             ip = random.randint(lo, hi)
             if ip != gw and not await _taken(s, l3_uuid, ip):
-                return _use(s, r, ip)
+                return await _use(s, r, ip, used_for)
         used = set(
             (
                 await s.execute(
@@ -55,7 +57,7 @@ async def allocate(s: Any, l3_uuid: str, wanted: str | None = None) -> m.UsedIp:
         )
         for ip in range(lo, hi + 1):
             if ip not in used and ip != gw:
-                return _use(s, r, ip)
+                return await _use(s, r, ip, used_for)
     raise ApiError(IP_ALLOCATION_FAILED, "No free IP", f"every IP of L3 network {l3_uuid} is in use")
 
 
@@ -63,7 +65,7 @@ async def _taken(s: Any, l3_uuid: str, ip: int) -> bool:
     return (await s.execute(_TAKEN, {"l3": l3_uuid, "ip": ip})).first() is not None
 
 
-def _use(s: Any, r: m.IpRange, ip: int) -> m.UsedIp:
+async def _use(s: Any, r: m.IpRange, ip: int, used_for: str) -> m.UsedIp:
     row = m.UsedIp(
         uuid=new_uuid(),
         ipRangeUuid=r.uuid,
@@ -72,8 +74,9 @@ def _use(s: Any, r: m.IpRange, ip: int) -> m.UsedIp:
         ipInLong=ip,
         netmask=r.netmask,
         gateway=r.gateway,
+        usedFor=used_for,
     )
-    s.add(row)
+    await insert_now(s, row)
     return row
 
 

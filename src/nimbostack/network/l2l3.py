@@ -328,7 +328,7 @@ async def create_l3(ctx: ApiContext) -> dict[str, Any]:
             system=ctx.bool("system"),
         )
         s.add(row)
-        own(s, ctx, row.uuid, "L3NetworkVO")
+        await own(s, ctx, row.uuid, "L3NetworkVO")
         await add_creation_tags(s, ctx, row.uuid, "L3NetworkVO")
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectL3NetworkInventory", row)}
@@ -420,7 +420,7 @@ async def _add_range(ctx: ApiContext, start: str, end: str, netmask: str, gatewa
             networkCidr=cidr,
         )
         s.add(row)
-        own(s, ctx, row.uuid, "IpRangeVO")
+        await own(s, ctx, row.uuid, "IpRangeVO")
         await add_creation_tags(s, ctx, row.uuid, "IpRangeVO")
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectIpRangeInventory", row)}

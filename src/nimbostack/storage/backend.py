@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, func, select, update
 
 from nimbostack.db import models as m
+from nimbostack.db.engine import insert_now
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -187,14 +188,15 @@ class LocalStorageBackend(PrimaryStorageBackend):
                       resource_uuid: str, resource_type: str, force: bool = False) -> bool:
         if not host_uuid or not await self.take(s, ps.uuid, host_uuid, size, force):
             return False
-        s.add(
+        await insert_now(
+            s,
             m.LocalStorageResourceRef(
                 resourceUuid=resource_uuid,
                 primaryStorageUuid=ps.uuid,
                 hostUuid=host_uuid,
                 size=size,
                 resourceType=resource_type,
-            )
+            ),
         )
         return True
 
@@ -240,8 +242,8 @@ class SharedMountPointBackend(PrimaryStorageBackend):
         )
         if not res.rowcount:
             return False
-        s.add(m.PrimaryStorageResourceRef(resourceUuid=resource_uuid, primaryStorageUuid=ps.uuid, size=size,
-                                          resourceType=resource_type))
+        await insert_now(s, m.PrimaryStorageResourceRef(resourceUuid=resource_uuid, primaryStorageUuid=ps.uuid,
+                                                        size=size, resourceType=resource_type))
         return True
 
     async def release(self, s: Any, resource_uuid: str) -> bool:

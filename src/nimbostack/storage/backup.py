@@ -235,7 +235,7 @@ async def add_image(ctx: ApiContext) -> dict[str, Any]:
             status="Downloading",
         )
         s.add(row)
-        own(s, ctx, row.uuid, "ImageVO")
+        await own(s, ctx, row.uuid, "ImageVO")
         await add_creation_tags(s, ctx, row.uuid, "ImageVO")
         for bs in stores:
             s.add(m.ImageBackupStorageRef(imageUuid=row.uuid, backupStorageUuid=bs.uuid, status="Downloading"))

@@ -222,7 +222,7 @@ async def create_snapshot(ctx: ApiContext) -> dict[str, Any]:
                 latest=True,
             )
             s.add(snap)
-            own(s, ctx, snap_uuid, "VolumeSnapshotVO")
+            await own(s, ctx, snap_uuid, "VolumeSnapshotVO")
             row.installPath = new
             await backend.of(w.ps).reserve(s, w.ps, row.hostUuid, size, snap_uuid, "VolumeSnapshotVO", force=True)
     return await _out(ctx, snap_uuid)

@@ -65,7 +65,7 @@ async def create_data_volume(ctx: ApiContext) -> dict[str, Any]:
             status="NotInstantiated",
         )
         s.add(vol)
-        own(s, ctx, vol.uuid, "VolumeVO")
+        await own(s, ctx, vol.uuid, "VolumeVO")
         await add_creation_tags(s, ctx, vol.uuid, "VolumeVO")
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectVolumeInventory", vol)}
