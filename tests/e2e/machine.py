@@ -16,6 +16,7 @@ process. Addresses come from 198.18.0.0/15 and never leave this machine."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -179,14 +180,32 @@ class Machine:
         out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
 
+    def _everything(self, uts_ns: str | None) -> list[int]:
+        """The machine's processes: those on its network, and those of its UTS namespace on a
+        network (and mounts) of their own: the Flat provider's dnsmasq and metadata server."""
+        pids = set(self.pids())
+        if uts_ns:
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        if os.readlink(entry / "ns" / "uts") == uts_ns:
+                            pids.add(int(entry.name))
+                    except OSError:
+                        pass
+        return sorted(pids)
+
     def close(self) -> None:
+        try:
+            uts_ns: str | None = os.readlink(f"/proc/{self._libvirtd()}/ns/uts")
+        except (StopIteration, OSError):
+            uts_ns = None
         for sig in ("TERM", "KILL"):
-            pids = self.pids()
+            pids = self._everything(uts_ns)
             if not pids:
                 break
             subprocess.run(["kill", f"-{sig}", *map(str, pids)], capture_output=True)
             deadline = time.monotonic() + 10
-            while self.pids() and time.monotonic() < deadline:
+            while self._everything(uts_ns) and time.monotonic() < deadline:
                 time.sleep(0.1)
         if self.proc is not None:
             try:
