@@ -54,10 +54,15 @@ def check(name: str) -> Callable[[Check], Check]:
     return register
 
 
+_GOING = ("Destroying", "Destroyed", "Expunging")
+
+
 @check(DESTROY_VM)
 async def _vm_back_on_host(s: AsyncSession, gc: m.GarbageCollector, body: dict[str, Any]) -> str | None:
     vm = await s.get(m.VmInstance, gc.resourceUuid) if gc.resourceUuid else None
-    if vm is not None and vm.state != "Destroyed" and vm.hostUuid == gc.hostUuid:
+    # Destroying: the destroy that deferred this entry has not marked the VM Destroyed yet (a poll
+    # of the GC can come in between); the domain must still go
+    if vm is not None and vm.state not in _GOING and vm.hostUuid == gc.hostUuid:
         return f"VM {vm.uuid} was recovered and runs on host {gc.hostUuid} again; its domain stays"
     return None
 
