@@ -87,8 +87,9 @@ _STATE_OF_DOMAIN: dict[int, str] = {
     libvirt.VIR_DOMAIN_RUNNING: RUNNING,
     libvirt.VIR_DOMAIN_BLOCKED: RUNNING,
     libvirt.VIR_DOMAIN_PAUSED: PAUSED,
-    # Still running while the guest shuts down; the STOPPED event follows when it is done.
-    libvirt.VIR_DOMAIN_SHUTDOWN: RUNNING,
+    # The guest has powered off and libvirt is ending QEMU, which takes a second or more: as the
+    # SHUTDOWN event, that is Stopped - except within our own ACPI reboot (see _state_of_domain).
+    libvirt.VIR_DOMAIN_SHUTDOWN: STOPPED,
     libvirt.VIR_DOMAIN_SHUTOFF: STOPPED,
     libvirt.VIR_DOMAIN_CRASHED: STOPPED,
     libvirt.VIR_DOMAIN_PMSUSPENDED: PAUSED,
@@ -890,15 +891,26 @@ class LibvirtDriver:
                 os.makedirs(os.path.dirname(os.path.abspath(spec.console_log)), exist_ok=True)
         return video_model
 
+    def _state_of_domain(self, vm: str, state: int) -> str:
+        if state == libvirt.VIR_DOMAIN_SHUTDOWN and vm in self._rebooting:
+            return RUNNING  # libvirt's ACPI reboot passes through SHUTDOWN and resets the guest
+        return _STATE_OF_DOMAIN.get(state, STOPPED)
+
     async def start_vm(self, spec: VmSpec) -> None:
         name = domain_name(spec.uuid)
+        vm = vm_hex(spec.uuid)
 
         def start(conn: libvirt.virConnect) -> None:
             dom = _lookup(conn, name)
             if dom is not None and dom.isActive():
-                if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                    dom.resume()
-                return
+                state = dom.state()[0]
+                if self._state_of_domain(vm, state) == RUNNING:
+                    if state == libvirt.VIR_DOMAIN_PAUSED:
+                        dom.resume()
+                    return
+                # Stopped was reported when the guest powered off, but its QEMU is still exiting:
+                # a start now must not be taken for "already running" and then vanish.
+                _end_powered_off(dom)
             domain_type = self._resolve_domain_type(conn)
             video_model = self._check_spec(conn, domain_type, spec)
             xml = build_domain_xml(spec, domain_type, self.console_listen, video_model, self.owner)
@@ -1063,7 +1075,7 @@ class LibvirtDriver:
                     if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                         continue  # undefined while we were listing
                     raise
-                result[vm] = _STATE_OF_DOMAIN.get(state, STOPPED)
+                result[vm] = self._state_of_domain(vm, state)
             return result
 
         return await self._run("list the VM states", states)
@@ -1312,6 +1324,19 @@ def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
         if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return None
         raise
+
+
+def _end_powered_off(dom: libvirt.virDomain, wait: float = 10.0) -> None:
+    """Wait for libvirt to end the QEMU of a guest that powered off; kill it if libvirt lingers."""
+    deadline = time.monotonic() + wait
+    while dom.isActive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if dom.isActive():
+        try:
+            dom.destroy()  # the guest is already off: nothing is lost
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                raise
 
 
 def _need(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
