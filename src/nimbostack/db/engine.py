@@ -107,6 +107,10 @@ class InlineSession:
         self.sync_session.add_all(instances)
 
 
+# 40 MB of 4 KiB pages: a few seconds of a busy node's writes
+WAL_RESTART_FRAMES = 10_000
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -137,6 +141,8 @@ class Database:
                 # waits for the database file's fsync, and this connection works on the event loop.
                 # checkpoint_loop does them from a thread instead.
                 cur.execute("PRAGMA wal_autocheckpoint=0")
+                # and a rewound log gives its disk space back
+                cur.execute("PRAGMA journal_size_limit=67108864")
                 cur.close()
 
             self.sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
@@ -163,11 +169,18 @@ class Database:
         finally:
             self._turn.release()
 
-    async def checkpoint_loop(self, every: float = 1.0) -> None:
+    async def checkpoint_loop(self, every: float = 1.0, restart_at: int = WAL_RESTART_FRAMES) -> None:
         """SQLite only: copy the write-ahead log into the database file every ``every`` seconds,
         on a connection of its own in a worker thread. PASSIVE never waits for (nor blocks) the
         node's connection. Done inside commits on the event loop (SQLite's default), an fsync
-        slowed by other disk traffic stalled every API call and host ping for seconds."""
+        slowed by other disk traffic stalled every API call and host ping for seconds.
+
+        Under a steady stream of transactions that alone lets the log grow without end: SQLite
+        starts it afresh only when a transaction begins with every frame already copied back,
+        and new frames always arrive while a checkpoint runs. A long log costs every page read
+        (its index is searched segment by segment) and disk space. So once it holds
+        ``restart_at`` frames, a second pass copies the few frames written during the first
+        while the node's transactions wait their turn; the next transaction rewinds the log."""
         if not self.is_sqlite:
             return
         path = self.sync_engine.url.database
@@ -176,12 +189,14 @@ class Database:
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-checkpoint")
         conn: sqlite3.Connection | None = None
 
-        def checkpoint() -> None:
+        def checkpoint() -> int:
+            """Frames in the log (all of them copied back unless a reader held some)."""
             nonlocal conn
             if conn is None:
                 conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
                 conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(frames)
 
         def close() -> None:
             if conn is not None:
@@ -192,7 +207,18 @@ class Database:
             while True:
                 await asyncio.sleep(every)
                 try:
-                    await loop.run_in_executor(worker, checkpoint)
+                    frames = await loop.run_in_executor(worker, checkpoint)
+                    if frames >= restart_at:
+                        began = loop.time()
+                        async with self._turn:
+                            await loop.run_in_executor(worker, checkpoint)
+                        held = loop.time() - began
+                        log.log(
+                            logging.WARNING if held > 1.0 else logging.DEBUG,
+                            "SQLite log of %d frames rewound; transactions waited %.0f ms",
+                            frames,
+                            held * 1000,
+                        )
                 except sqlite3.Error as err:  # the next round tries again; the log only grows meanwhile
                     log.warning("SQLite checkpoint failed: %s", err)
         finally:
