@@ -35,7 +35,12 @@ async def _log_frames_after_writes(tmp_path: Path, restart_at: int) -> int:
     # read while the node's connection is open: the last one to close empties the log
     conn = sqlite3.connect(tmp_path / "n.db")
     try:
-        _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        # -1: the loop's last checkpoint, which its cancel does not wait for, is still running
+        for _ in range(100):
+            _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames >= 0:
+                break
+            await asyncio.sleep(0.05)
     finally:
         conn.close()
         db.sync_engine.dispose()
