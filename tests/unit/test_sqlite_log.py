@@ -43,7 +43,7 @@ async def _log_frames_after_writes(tmp_path: Path, restart_at: int) -> int:
             await asyncio.sleep(0.05)
     finally:
         conn.close()
-        db.sync_engine.dispose()
+        await db.close()
     return int(frames)
 
 

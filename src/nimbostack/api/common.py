@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from nimbostack.api.dispatch import ApiContext, api
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_found
 from nimbostack.db import query
-from nimbostack.db.engine import insert_now
+from nimbostack.db.engine import get_record, insert_now
 from nimbostack.db.models import AccountResourceRef, SystemTag, UserTag
 
 T = TypeVar("T")
@@ -35,14 +35,21 @@ def check_uuid(name: str, value: str) -> str:
 
 
 async def load(
-    s: AsyncSession, model: type[T], uuid: str | None, ctx: ApiContext, kind: str | None = None, owned: bool = False
+    s: AsyncSession,
+    model: type[T],
+    uuid: str | None,
+    ctx: ApiContext,
+    kind: str | None = None,
+    owned: bool = False,
+    readonly: bool = False,
 ) -> T:
     """Fetch a row by uuid or fail with RESOURCE_NOT_FOUND; ``owned`` rows of other accounts are
-    reported as not found, so one account cannot probe another's uuids."""
+    reported as not found, so one account cannot probe another's uuids. ``readonly``: the caller
+    only reads the row, which may then come as a record (db/engine.py ``records``)."""
     label = kind or model.__name__
     if not uuid:
         raise invalid(f"missing the uuid of the {label}")
-    row = await s.get(model, uuid)
+    row = await get_record(s, model, uuid) if readonly else await s.get(model, uuid)
     if row is None:
         raise not_found(label, uuid)
     if owned and not ctx.caller.is_admin:

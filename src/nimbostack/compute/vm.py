@@ -31,7 +31,7 @@ from nimbostack.core.flow import FlowChain
 from nimbostack.core.tags import system_tags, tag_value
 from nimbostack.db import models as m
 from nimbostack.db import query
-from nimbostack.db.engine import insert_now
+from nimbostack.db.engine import get_record, insert_now, records
 from nimbostack.network import ipam
 from nimbostack.storage import primary
 
@@ -61,10 +61,11 @@ _NIC_FIELDS = [
 
 
 # built once (db/engine.py, "Statements built once"): every create answers an inventory
-_NICS_OF_VMS = (
+# read only: as records (db/engine.py)
+_NICS_OF_VMS = records(
     select(m.VmNic).where(m.VmNic.vmInstanceUuid.in_(bindparam("vms", expanding=True))).order_by(m.VmNic.deviceId)
 )
-_VOLUMES_OF_VMS = (
+_VOLUMES_OF_VMS = records(
     select(m.Volume).where(m.Volume.vmInstanceUuid.in_(bindparam("vms", expanding=True))).order_by(m.Volume.deviceId)
 )
 
@@ -194,7 +195,8 @@ def _candidates_statement(l2s: int, zone: bool, cluster: bool, host: bool, ps_uu
                 )
             )
         )
-    return stmt.order_by(m.Host.availableMemoryCapacity.desc()).limit(8)
+    # the callers read the hosts, and take one by _RESERVE_HOST: records will do
+    return records(stmt.order_by(m.Host.availableMemoryCapacity.desc()).limit(8))
 
 
 # the WHERE makes the check-and-take atomic even with other management nodes writing
@@ -249,7 +251,7 @@ def _no_host(cpu: int, mem: int) -> ApiError:
 
 
 # each NIC with its L2 network in one statement, not one more per NIC (every start asks)
-_NICS_WITH_L2 = (
+_NICS_WITH_L2 = records(
     select(m.VmNic, m.L2Network)
     .outerjoin(m.L3Network, m.L3Network.uuid == m.VmNic.l3NetworkUuid)
     .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
@@ -261,7 +263,7 @@ _NICS_WITH_L2 = (
 async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
     cache = await platform.config.get("kvm", "vm.cacheMode")
     async with platform.db.tx() as s:
-        vm = await s.get(m.VmInstance, vm_uuid)
+        vm = await get_record(s, m.VmInstance, vm_uuid)
         assert vm is not None
         vols = (await s.execute(_VOLUMES_OF_VMS, {"vms": [vm_uuid]})).scalars().all()
         nic_l2s = (await s.execute(_NICS_WITH_L2, {"vm": vm_uuid})).all()
@@ -304,7 +306,7 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
 
 # whether each backup storage is in the zone comes with the copies, in the same statement rather
 # than a second one (every VM create asks)
-_IMAGE_COPIES = (
+_IMAGE_COPIES = records(
     select(
         m.ImageBackupStorageRef,
         m.BackupStorage,
@@ -415,10 +417,13 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
         raise invalid(f"defaultL3NetworkUuid {default_l3} is not one of l3NetworkUuids")
     vm_type = ctx.str("type", "UserVm") or "UserVm"
     async with p.db.tx() as s:
-        offering = await load(s, m.InstanceOffering, ctx.req("instanceOfferingUuid"), ctx, "InstanceOffering")
+        # read only, as records (db/engine.py)
+        offering = await load(
+            s, m.InstanceOffering, ctx.req("instanceOfferingUuid"), ctx, "InstanceOffering", readonly=True
+        )
         if offering.state != "Enabled":
             raise not_allowed(f"instance offering {offering.uuid} is {offering.state}")
-        image = await load(s, m.Image, ctx.req("imageUuid"), ctx, "Image")
+        image = await load(s, m.Image, ctx.req("imageUuid"), ctx, "Image", readonly=True)
         if image.status != "Ready" or image.state != "Enabled":
             raise not_allowed(f"image {image.uuid} is {image.state}/{image.status}; it must be Enabled and Ready")
         root_size = image.size
@@ -426,12 +431,13 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
         if image.mediaType == "ISO":
             if not root_offering:
                 raise invalid("a VM created from an ISO needs rootDiskOfferingUuid for its empty root volume")
-            root_size = (await load(s, m.DiskOffering, root_offering, ctx, "DiskOffering")).diskSize
+            root_size = (await load(s, m.DiskOffering, root_offering, ctx, "DiskOffering", readonly=True)).diskSize
         data_sizes = [
-            (await load(s, m.DiskOffering, u, ctx, "DiskOffering")).diskSize for u in ctx.list("dataDiskOfferingUuids")
+            (await load(s, m.DiskOffering, u, ctx, "DiskOffering", readonly=True)).diskSize
+            for u in ctx.list("dataDiskOfferingUuids")
         ]
         for u in l3_uuids:
-            l3 = await load(s, m.L3Network, u, ctx, "L3Network")
+            l3 = await load(s, m.L3Network, u, ctx, "L3Network", readonly=True)
             if l3.state != "Enabled":
                 raise not_allowed(f"L3 network {u} is {l3.state}")
         vm = m.VmInstance(
@@ -517,7 +523,7 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                 update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(**placed), execution_options=_NO_SYNC
             )
             c["volumes"] = [(v.installPath, v.size, v.type, v.primaryStorageUuid) for v in vols]
-            c["ps"] = {u: await s.get(m.PrimaryStorage, u) for u in {v.primaryStorageUuid for v in vols}}
+            c["ps"] = {u: await get_record(s, m.PrimaryStorage, u) for u in {v.primaryStorageUuid for v in vols}}
             if image.mediaType != "ISO":
                 c["image_url"] = await image_source(s, image.uuid, chosen.zoneUuid)
             for device_id, l3_uuid in enumerate(l3_uuids):
@@ -597,7 +603,7 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
             raise
         async with p.db.tx() as s:
             await s.execute(_VM_RUNNING, {"vm": vm.uuid, "host": c["host"].uuid}, execution_options=_NO_SYNC)
-            row = await s.get(m.VmInstance, vm.uuid)
+            row = await get_record(s, m.VmInstance, vm.uuid)
             return {"inventory": await inv(s, "QueryObjectVmInstanceInventory", row)}
 
 

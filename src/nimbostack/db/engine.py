@@ -13,13 +13,27 @@ from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, Result, create_engine, event, insert, inspect, make_url
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Result,
+    bindparam,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    make_url,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
+
+from nimbostack.db import fastsql
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+S = TypeVar("S")
 log = logging.getLogger(__name__)
 
 
@@ -48,20 +62,52 @@ async def insert_now(s: Any, *rows: Any) -> None:
 _INSERTS: dict[type, tuple[Any, list[str]]] = {}  # per model: its INSERT, built once, and its columns
 
 
+def records(stmt: S) -> S:
+    """The statement, with its ORM entities read as records where it can (db/fastsql.py): for a
+    caller that only reads what it selects. On SQLite that skips the ORM's loading; elsewhere the
+    rows are ORM objects, which read the same."""
+    return stmt.execution_options(**{fastsql.RECORDS: True})  # type: ignore[attr-defined,no-any-return]
+
+
+async def get_record(s: Any, model: type, ident: Any) -> Any:
+    """``s.get(model, ident)`` for a caller that only reads the row (see ``records``); None if
+    there is no such row."""
+    stmt = _BY_KEY.get(model)
+    if stmt is None:
+        (key,) = inspect(model).primary_key
+        stmt = _BY_KEY[model] = records(select(model).where(key == bindparam("key")))
+    return (await s.execute(stmt, {"key": ident})).scalar_one_or_none()
+
+
+_BY_KEY: dict[type, Any] = {}  # per model: its SELECT by primary key, built once
+
+
 class InlineSession:
-    """The part of AsyncSession the node uses (execute, get, flush, add, delete, scalar(s)), over a
-    plain Session on the node's one SQLite connection.
+    """The part of AsyncSession the node uses (execute, get, flush, add, delete, scalar(s)), on the
+    node's one SQLite connection.
 
     SQLite runs in this process and a statement takes microseconds, so the node runs it on the
     event loop. Through AsyncSession every call still paid for the async bridge: a new greenlet per
     call and two greenlet switches per DBAPI call, about as much CPU as SQLAlchemy's own work on the
     statement (half the cost of a short transaction). Here each call runs directly; the awaitable
-    methods stay awaitable so the code is the same for PostgreSQL, where AsyncSession is used."""
+    methods stay awaitable so the code is the same for PostgreSQL, where AsyncSession is used.
 
-    __slots__ = ("sync_session",)
+    The ORM Session is made only when the transaction first needs it (an entity read, an object
+    added): making, beginning and closing one cost ~100 us, and most of the node's transactions
+    are only Core statements, which fastsql runs on the DBAPI connection. Such a transaction is
+    committed on that connection; one with a Session through it (the same connection)."""
 
-    def __init__(self, sync_session: Session) -> None:
-        self.sync_session = sync_session
+    __slots__ = ("_db", "_session")
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._session: Session | None = None
+
+    @property
+    def sync_session(self) -> Session:
+        if self._session is None:
+            self._session = Session(bind=self._db.connection(), expire_on_commit=False)
+        return self._session
 
     async def execute(
         self,
@@ -71,19 +117,24 @@ class InlineSession:
         execution_options: Mapping[str, Any] | None = None,
         bind_arguments: dict[str, Any] | None = None,
     ) -> Result[Any]:
+        db = self._db
+        fast = fastsql.execute(db.dbapi(), db.sync_engine.dialect, self._session, statement, params, execution_options)
+        if fast is not None:
+            return cast(Result[Any], fast)
         if statement.is_dml and (
             statement.is_insert or (execution_options and execution_options.get("synchronize_session") is False)
         ):
             # an INSERT, or an UPDATE/DELETE with no loaded object to keep in step: the statement as
             # Core on the session's connection (a third of the ORM's cost), after the flush the ORM
             # would have done first
-            self.sync_session.flush()
-            return self.sync_session.connection().execute(statement, params)
+            if self._session is not None:
+                self._session.flush()
+            return db.connection().execute(statement, params)
         options = {**_EXECUTE_OPTIONS, **execution_options} if execution_options else _EXECUTE_OPTIONS
         return self.sync_session.execute(statement, params, execution_options=options, bind_arguments=bind_arguments)
 
     async def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return self.sync_session.scalar(statement, params, **kw)
+        return (await self.execute(statement, params, **kw)).scalar()
 
     async def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
         return (await self.execute(statement, params, **kw)).scalars()
@@ -92,7 +143,8 @@ class InlineSession:
         return self.sync_session.get(entity, ident, **kw)
 
     async def flush(self, objects: Any = None) -> None:
-        self.sync_session.flush(objects)
+        if self._session is not None:
+            self._session.flush(objects)
 
     async def refresh(self, instance: object, attribute_names: Any = None) -> None:
         self.sync_session.refresh(instance, attribute_names)
@@ -105,6 +157,25 @@ class InlineSession:
 
     def add_all(self, instances: Any) -> None:
         self.sync_session.add_all(instances)
+
+    def _commit(self) -> None:
+        if self._session is not None:
+            self._session.commit()  # flushes; commits the connection's transaction
+        dbapi = self._db.dbapi()
+        if dbapi.in_transaction:  # DML run before the Session was made, or without one
+            dbapi.commit()
+
+    def _rollback(self) -> None:
+        if self._session is not None:
+            self._session.rollback()
+        dbapi = self._db.dbapi()
+        if dbapi.in_transaction:
+            dbapi.rollback()
+
+    def _close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
 
 
 # 40 MB of 4 KiB pages: a few seconds of a busy node's writes
@@ -145,7 +216,7 @@ class Database:
                 cur.execute("PRAGMA journal_size_limit=67108864")
                 cur.close()
 
-            self.sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
+            self._conn: Connection | None = None
         else:
             self.engine: AsyncEngine = create_async_engine(url, pool_size=20, max_overflow=20)
             self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
@@ -162,12 +233,27 @@ class Database:
                 await self._turn.acquire()
         else:
             await self._turn.acquire()
+        s = InlineSession(self)
         try:
-            with self.sync_sessions() as sync, sync.begin():
-                # the subset of AsyncSession the handlers use: same code for PostgreSQL
-                yield cast(AsyncSession, InlineSession(sync))
+            # the subset of AsyncSession the handlers use: same code for PostgreSQL
+            yield cast(AsyncSession, s)
+            s._commit()
+        except BaseException:
+            s._rollback()
+            raise
         finally:
+            s._close()
             self._turn.release()
+
+    def connection(self) -> Connection:
+        """SQLite: the node's one connection, checked out of the pool for as long as the node runs
+        (every transaction used it anyway; checking it out and back in cost ~30 us each time)."""
+        if self._conn is None:
+            self._conn = self.sync_engine.connect()
+        return self._conn
+
+    def dbapi(self) -> sqlite3.Connection:
+        return cast(sqlite3.Connection, self.connection().connection.dbapi_connection)
 
     async def checkpoint_loop(self, every: float = 1.0, restart_at: int = WAL_RESTART_FRAMES) -> None:
         """SQLite only: copy the write-ahead log into the database file every ``every`` seconds,
@@ -231,6 +317,9 @@ class Database:
 
     async def close(self) -> None:
         if self.is_sqlite:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
             self.sync_engine.dispose()
         else:
             await self.engine.dispose()

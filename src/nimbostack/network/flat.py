@@ -31,6 +31,7 @@ from nimbostack.core import tags as tagmod
 from nimbostack.core.errors import AGENT_ERROR, ApiError
 from nimbostack.core.tags import system_tags, tag_value
 from nimbostack.db import models as m
+from nimbostack.db.engine import records
 from nimbostack.network import ipam, l2l3
 
 if TYPE_CHECKING:
@@ -111,18 +112,19 @@ async def dhcp_ip(p: Platform, l3_uuid: str) -> m.UsedIp | None:
 
 
 # built once, as the statements of every VM start (db/engine.py, "Statements built once")
-_DHCP_ROWS = (
+# read only: as records (db/engine.py)
+_DHCP_ROWS = records(
     select(m.UsedIp)
     .where(m.UsedIp.l3NetworkUuid == bindparam("l3"), m.UsedIp.usedFor == DHCP_USED_FOR)
     .order_by(m.UsedIp.createDate, m.UsedIp.uuid)
 )
-_L3_AND_L2 = (
+_L3_AND_L2 = records(
     select(m.L3Network, m.L2Network)
     .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
     .where(m.L3Network.uuid == bindparam("l3"))
 )
 _L3_DNS = select(m.L3NetworkDns.dns).where(m.L3NetworkDns.l3NetworkUuid == bindparam("l3")).order_by(m.L3NetworkDns.id)
-_HOST_NICS = (
+_HOST_NICS = records(
     select(m.VmNic, m.VmInstance)
     .join(m.VmInstance, m.VmInstance.uuid == m.VmNic.vmInstanceUuid)
     .where(

@@ -11,12 +11,12 @@ from sqlalchemy import bindparam, delete, select
 from nimbostack.api.common import new_uuid
 from nimbostack.core.errors import IP_ALLOCATION_FAILED, ApiError, invalid
 from nimbostack.db import models as m
-from nimbostack.db.engine import insert_now
+from nimbostack.db.engine import insert_now, records
 
 PROBES = 16
 
 # built once (db/engine.py, "Statements built once"): every VM create allocates
-_RANGES = select(m.IpRange).where(m.IpRange.l3NetworkUuid == bindparam("l3"))
+_RANGES = records(select(m.IpRange).where(m.IpRange.l3NetworkUuid == bindparam("l3")))  # read only
 _TAKEN = select(m.UsedIp.uuid).where(m.UsedIp.l3NetworkUuid == bindparam("l3"), m.UsedIp.ipInLong == bindparam("ip"))
 
 

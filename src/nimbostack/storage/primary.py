@@ -26,6 +26,7 @@ from nimbostack.compute import host as hostmod
 from nimbostack.core.errors import STORAGE_ALLOCATION_FAILED, ApiError, invalid, not_allowed
 from nimbostack.db import models as m
 from nimbostack.db import query
+from nimbostack.db.engine import records
 from nimbostack.storage import backend
 
 if TYPE_CHECKING:
@@ -251,7 +252,8 @@ async def delete_ps(ctx: ApiContext) -> dict[str, Any]:
 
 
 # built once (db/engine.py, "Statements built once"): every VM create asks
-_STORAGES_OF = (
+# read only (the backends reserve by UPDATE statements): as records (db/engine.py)
+_STORAGES_OF = records(
     select(m.PrimaryStorage)
     .join(m.PrimaryStorageClusterRef, m.PrimaryStorageClusterRef.primaryStorageUuid == m.PrimaryStorage.uuid)
     .where(
