@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Boolean, DateTime, Integer, String, bindparam, insert, inspect, select, update
+from sqlalchemy import Boolean, DateTime, Integer, String, bindparam, insert, inspect, select, tuple_, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from nimbostack.db import fastsql
@@ -210,3 +210,13 @@ async def test_entities_without_the_option_stay_orm_objects(db: Database) -> Non
             thing.size += 1
     async with db.tx() as s:
         assert (await s.scalar(select(Thing.size))) == 10
+
+
+async def test_a_tuple_in_list_falls_back_to_sqlalchemy_and_still_answers(db: Database) -> None:
+    async with db.tx() as s:
+        for uuid in "ab":
+            await s.execute(insert(Thing), {"uuid": uuid})
+    pairs = select(Thing.uuid).where(tuple_(Thing.uuid, Thing.size).in_(bindparam("pairs"))).order_by(Thing.uuid)
+    for _ in range(3):
+        async with db.tx() as s:
+            assert (await s.scalars(pairs, {"pairs": [("a", 7), ("b", 8)]})).all() == ["a"]

@@ -266,7 +266,11 @@ def execute(
             session._autoflush()
         else:
             session.flush()
-    sql, args = prepared.args(params)
+    try:
+        sql, args = prepared.args(params)
+    except _Unfit:  # an IN list whose SQL SQLAlchemy renders otherwise than assumed
+        stmt.__dict__[_ATTR] = (mark[0], _UNFIT)
+        return None
     cursor = dbapi.cursor()
     try:
         cursor.execute(sql, args)
