@@ -4,6 +4,7 @@ or checks the database afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -220,3 +221,29 @@ async def test_a_tuple_in_list_falls_back_to_sqlalchemy_and_still_answers(db: Da
     for _ in range(3):
         async with db.tx() as s:
             assert (await s.scalars(pairs, {"pairs": [("a", 7), ("b", 8)]})).all() == ["a"]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_a_transaction_through_every_path_ends_whole(db: Database, fails: bool) -> None:
+    """A transaction may write through SQLAlchemy's Connection (a statement's first run), the ORM
+    Session and fastsql (later runs): it commits or rolls back as one, and leaves no transaction
+    open on the connection for the next one to join."""
+    grow = update(Thing).values(size=Thing.size + 1).where(Thing.uuid == bindparam("u"))
+    async with db.tx() as s:
+        await s.execute(INSERT, {"uuid": "a"})
+    for n in range(2):  # grow runs through SQLAlchemy, then through fastsql
+        with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+            async with db.tx() as s:
+                await s.execute(grow, {"u": "a"}, execution_options=NO_SYNC)
+                s.add(Thing(uuid=f"orm{n}"))
+                await s.execute(INSERT, {"uuid": f"core{n}"})
+                if fails:
+                    raise RuntimeError("a later step failed")
+        assert not db.connection().in_transaction() and not db.dbapi().in_transaction
+    async with db.tx() as s:
+        uuids = (await s.scalars(select(Thing.uuid).order_by(Thing.uuid))).all()
+        size = await s.scalar(select(Thing.size).where(Thing.uuid == "a"))
+    if fails:
+        assert (uuids, size) == (["a"], 7)
+    else:
+        assert (uuids, size) == (["a", "core0", "core1", "orm0", "orm1"], 9)

@@ -158,16 +158,27 @@ class InlineSession:
     def add_all(self, instances: Any) -> None:
         self.sync_session.add_all(instances)
 
+    # The transaction may have run through three doors to the one sqlite3 connection: the Session,
+    # SQLAlchemy's Connection (Core statements, which begin a transaction of its own on it), and
+    # fastsql on the DBAPI connection, which SQLAlchemy does not see. Each that began one ends it,
+    # so that the next transaction starts with none open anywhere (a Session made on a Connection
+    # left "in a transaction" would join it and never commit).
     def _commit(self) -> None:
         if self._session is not None:
-            self._session.commit()  # flushes; commits the connection's transaction
+            self._session.commit()  # flushes
+        conn = self._db.connection()
+        if conn.in_transaction():
+            conn.commit()
         dbapi = self._db.dbapi()
-        if dbapi.in_transaction:  # DML run before the Session was made, or without one
+        if dbapi.in_transaction:  # only fastsql's statements wrote
             dbapi.commit()
 
     def _rollback(self) -> None:
         if self._session is not None:
             self._session.rollback()
+        conn = self._db.connection()
+        if conn.in_transaction():
+            conn.rollback()
         dbapi = self._db.dbapi()
         if dbapi.in_transaction:
             dbapi.rollback()
