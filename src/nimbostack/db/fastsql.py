@@ -147,7 +147,10 @@ def _record_type(model: type) -> Any:
     found = _RECORDS.get(model)
     if found is None:
         keys = [p.key for p in inspect(model).column_attrs]
-        found = _RECORDS[model] = namedtuple(f"{model.__name__}Record", keys)  # type: ignore[misc]
+        try:
+            found = _RECORDS[model] = namedtuple(f"{model.__name__}Record", keys)  # type: ignore[misc]
+        except ValueError:  # an attribute name a named tuple cannot have (_x, a keyword): the ORM reads it
+            raise _Unfit from None
     return found
 
 
