@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Boolean, DateTime, Integer, String, bindparam, insert, inspect, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from nimbostack.db import fastsql
@@ -247,3 +248,41 @@ async def test_a_transaction_through_every_path_ends_whole(db: Database, fails: 
         assert (uuids, size) == (["a"], 7)
     else:
         assert (uuids, size) == (["a", "core0", "core1", "orm0", "orm1"], 9)
+
+
+async def test_a_database_error_is_sqlalchemys_whichever_path_ran(db: Database) -> None:
+    for uuid in "ab":
+        async with db.tx() as s:
+            await s.execute(INSERT, {"uuid": uuid})
+    assert _marked_fast(INSERT)
+    with pytest.raises(IntegrityError, match="UNIQUE constraint failed"):
+        async with db.tx() as s:
+            await s.execute(INSERT, {"uuid": "a"})
+    async with db.tx() as s:  # the failed transaction left nothing behind, the connection works on
+        assert (await s.scalars(ALL)).all() == ["a", "b"]
+
+
+async def test_an_update_that_asks_for_synchronisation_keeps_loaded_objects_in_step(db: Database) -> None:
+    async with db.tx() as s:
+        await s.execute(insert(Thing), {"uuid": "a", "size": -5})
+    for _ in range(2):  # prepared for the fast path by calls that need no synchronisation
+        async with db.tx() as s:
+            await s.execute(GROW_IF_SMALL, execution_options=NO_SYNC)
+    async with db.tx() as s:
+        thing = await s.get(Thing, "a")
+        assert thing is not None and thing.size == 5
+        await s.execute(GROW_IF_SMALL)  # no option: the ORM brings the loaded object in step
+        assert thing.size == 10
+    async with db.tx() as s:
+        assert (await s.scalar(select(Thing.size))) == 10
+
+
+async def test_records_are_the_statements_choice_not_one_calls(db: Database) -> None:
+    """The preparation serves every later call, so the option counts only on the statement."""
+    async with db.tx() as s:
+        await s.execute(insert(Thing), {"uuid": "a"})
+    plain = select(Thing)
+    for _ in range(3):
+        async with db.tx() as s:
+            thing = (await s.scalars(plain, execution_options={fastsql.RECORDS: True})).one()
+            assert isinstance(thing, Thing)

@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy import Dialect, inspect
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
@@ -214,16 +215,10 @@ class _Unfit(Exception):
     pass
 
 
-def _eligible(stmt: Any, options: Mapping[str, Any] | None) -> bool:
-    if stmt.is_insert:
+def _eligible(stmt: Any) -> bool:
+    if stmt.is_dml:
         return not stmt._returning
-    if stmt.is_dml:  # UPDATE/DELETE: only when no loaded object has to follow it
-        return bool(options) and options.get("synchronize_session") is False and not stmt._returning
     return bool(stmt.is_select)
-
-
-def _wants_records(stmt: Any, options: Mapping[str, Any] | None) -> bool:
-    return bool(stmt._execution_options.get(RECORDS) or (options and options.get(RECORDS)))
 
 
 def execute(
@@ -232,7 +227,8 @@ def execute(
     """The statement's result through the fast path, or None: run it through SQLAlchemy.
     ``session``: the transaction's ORM session if it has one, whose pending changes go first.
 
-    A SELECT of ORM entities takes this path only with the RECORDS execution option: each entity
+    A SELECT of ORM entities takes this path only with the RECORDS execution option set on the
+    statement itself (engine.records), not passed with one call: each entity
     comes as a record of its columns (a named tuple: same attribute names, read-only), not an
     object of the session. For the many places that only read an entity's fields (a VM create
     reads a dozen), that skips the ORM's loading, a third of the node's CPU per create. The
@@ -241,6 +237,8 @@ def execute(
     the same."""
     if params is not None and not isinstance(params, Mapping):
         return None  # executemany
+    if stmt.is_dml and not stmt.is_insert and not (options and options.get("synchronize_session") is False):
+        return None  # an UPDATE/DELETE whose loaded objects this call asks to keep in step: the ORM's
     mark = stmt.__dict__.get(_ATTR)
     if mark is None or mark[0]() is not stmt:  # first run (or a mark copied from its parent)
         stmt.__dict__[_ATTR] = (weakref.ref(stmt), _NOT_YET)
@@ -250,7 +248,7 @@ def execute(
         return None
     key = tuple(params) if params and stmt.is_dml else ()
     if found is _NOT_YET:
-        if not _eligible(stmt, options):
+        if not _eligible(stmt):
             stmt.__dict__[_ATTR] = (mark[0], _UNFIT)
             return None
         found = {}
@@ -259,7 +257,8 @@ def execute(
     if prepared is None:
         try:
             prepared = found[key] = _Prepared(
-                stmt, dialect, list(key) if key else None, stmt.is_select and _wants_records(stmt, options)
+                # the statement's own option, not the call's: the preparation serves every call
+                stmt, dialect, list(key) if key else None, bool(stmt.is_select and stmt._execution_options.get(RECORDS))
             )
         except (_Unfit, AttributeError, TypeError):  # AttributeError: an SQLAlchemy without these internals
             stmt.__dict__[_ATTR] = (mark[0], _UNFIT)
@@ -280,6 +279,10 @@ def execute(
         if prepared.meta is None:
             return DmlResult(cursor.rowcount, cursor.lastrowid)
         rows = cursor.fetchall()
+    except dialect.loaded_dbapi.Error as err:
+        # as SQLAlchemy raises it (IntegrityError, OperationalError ...), whichever path ran
+        base = dialect.loaded_dbapi.Error
+        raise DBAPIError.instance(sql, args, err, base, dialect=dialect) from err
     finally:
         cursor.close()
     procs = prepared.row_processors
