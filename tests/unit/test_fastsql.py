@@ -201,13 +201,15 @@ async def test_entities_read_as_records_carry_the_same_fields(db: Database) -> N
         assert (await s.scalars(OUTER)).all()[0].ready is True
 
 
-async def test_entities_without_the_option_stay_orm_objects(db: Database) -> None:
+@pytest.mark.parametrize("call_options", [None, {fastsql.RECORDS: True}])
+async def test_entities_without_the_option_stay_orm_objects(db: Database, call_options: dict | None) -> None:
+    """Records are the statement's choice, not one call's: the preparation serves every later call."""
     async with db.tx() as s:
         await s.execute(insert(Thing), {"uuid": "a"})
     plain = select(Thing)
     for _ in range(3):
         async with db.tx() as s:
-            thing = (await s.scalars(plain)).one()
+            thing = (await s.scalars(plain, execution_options=call_options)).one()
             assert isinstance(thing, Thing)
             thing.size += 1
     async with db.tx() as s:
@@ -275,14 +277,3 @@ async def test_an_update_that_asks_for_synchronisation_keeps_loaded_objects_in_s
         assert thing.size == 10
     async with db.tx() as s:
         assert (await s.scalar(select(Thing.size))) == 10
-
-
-async def test_records_are_the_statements_choice_not_one_calls(db: Database) -> None:
-    """The preparation serves every later call, so the option counts only on the statement."""
-    async with db.tx() as s:
-        await s.execute(insert(Thing), {"uuid": "a"})
-    plain = select(Thing)
-    for _ in range(3):
-        async with db.tx() as s:
-            thing = (await s.scalars(plain, execution_options={fastsql.RECORDS: True})).one()
-            assert isinstance(thing, Thing)
