@@ -222,7 +222,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         disk = image_dir / "tiny.qcow2"
         # vm3's guest uses vm1's MAC on vm3's tap: a MAC spoofer
         for host, entry, mac in ((a, vm1, vm1["mac"]), (b, vm2, vm2["mac"]), (a, vm3, vm1["mac"])):
-            from nimbostack.agent.flat.validate import tap_name
+            from nimbostack.wire.validate import tap_name
 
             tap = tap_name(entry["nicUuid"])
             _tap(tap, host.bridge)
@@ -420,7 +420,7 @@ def test_distributed_eip_maps_the_vip_to_the_vm_both_ways(tmp_path: Path) -> Non
     """A VM (a namespace on its tap) behind an EIP: a client on the public network reaches it at
     the VIP, and the VM's own connections leave with the VIP as source. No guest needed."""
     _need()
-    from nimbostack.agent.flat.validate import tap_name
+    from nimbostack.wire.validate import tap_name
 
     priv_br, pub_br, vm_ns, client_ns = "nbfbrE", "nbfbrP", "nbfe-vm", "nbfe-client"
     mine: dict[str, Any] = {"prefixes": ("nbfe-",), "links": (priv_br, pub_br, "nbfcl"), "taps": False}

@@ -31,22 +31,14 @@ pytestmark = pytest.mark.e2e
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed: .ci/run installs it")
 
-from nimbostack.agent.driver import (  # noqa: E402
-    PAUSED,
-    REBOOTED,
-    RUNNING,
-    STOPPED,
-    DiskSpec,
-    DriverError,
-    NicSpec,
-    VmSpec,
-)
+from nimbostack.agent.driver import DriverError  # noqa: E402
 from nimbostack.agent.drivers.libvirt_driver import (  # noqa: E402
     METADATA_NS,
     LibvirtDriver,
     domain_name,
     probe_kvm,
 )
+from nimbostack.wire import PAUSED, REBOOTED, RUNNING, STOPPED, DiskSpec, NicSpec, VmSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from image_fixtures import tiny_image_dir  # noqa: E402, F401  (pytest fixture, used by guest_image)

@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from nimbostack.agent.flat import metadata, render
-from nimbostack.agent.flat import validate as v
+from nimbostack.wire import validate as v
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUnitTestKey alice@example"
 BODY = {
@@ -103,8 +103,8 @@ def test_safe_hostname_and_tap_name() -> None:
     assert v.safe_hostname("a" * 80, "x") == "a" * 63
     assert v.tap_name("1552683a" + "0" * 24) == "vnic1552683a"
     try:
-        from nimbostack.agent.driver import NicSpec
         from nimbostack.agent.drivers.libvirt_driver import nic_target
+        from nimbostack.wire import NicSpec
     except ImportError:
         return
     nic = "0123abcd" + "e" * 24

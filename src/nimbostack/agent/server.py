@@ -23,9 +23,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from nimbostack.agent.backup import BackupStore
 from nimbostack.agent.bridge import ensure_bridge
-from nimbostack.agent.driver import DiskSpec, DriverError, HypervisorDriver, NicSpec, VmSpec
+from nimbostack.agent.driver import DriverError, HypervisorDriver
 from nimbostack.agent.storage import LocalStorage, PullFile
-from nimbostack.core import deadline
+from nimbostack.wire import DEADLINE_HEADER, DiskSpec, NicSpec, VmSpec
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ def create_app(agent: Agent) -> FastAPI:
             )
         try:
             body = await request.json()
-            refused = await guard.before(agent, "/" + path, body, request.headers.get(deadline.HEADER), received)
+            refused = await guard.before(agent, "/" + path, body, request.headers.get(DEADLINE_HEADER), received)
             if refused is not None:
                 return refused
             result = await fn(agent, body)

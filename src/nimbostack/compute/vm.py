@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import NoResultFound
 
-from nimbostack.agent.driver import DiskSpec, NicSpec, VmSpec
 from nimbostack.api.common import (
     add_creation_tags,
     disown,
@@ -34,6 +33,7 @@ from nimbostack.db import query
 from nimbostack.db.engine import get_record, insert_now, records
 from nimbostack.network import ipam
 from nimbostack.storage import primary
+from nimbostack.wire import DiskSpec, NicSpec, VmSpec
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform

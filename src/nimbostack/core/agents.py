@@ -10,6 +10,7 @@ import aiohttp
 
 from nimbostack.core import deadline
 from nimbostack.core.errors import AGENT_ERROR, HOST_DISCONNECTED, TIMEOUT, ApiError
+from nimbostack.wire import DEADLINE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class AgentClient:
                 f"{agent_url}{path}",
                 json=body,
                 timeout=aiohttp.ClientTimeout(total=budget),
-                headers={deadline.HEADER: f"{budget:.3f}"},
+                headers={DEADLINE_HEADER: f"{budget:.3f}"},
             ) as resp:
                 status, raw = resp.status, await resp.read()
         except TimeoutError:

@@ -17,9 +17,6 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadli
 DEFAULT_TIMEOUT = 1800.0  # seconds; like ZStack, half an hour unless configured
 # Rollbacks run after the API's deadline may have passed; they get this long of their own.
 ROLLBACK_GRACE = 60.0
-# The header that carries an agent call's budget (seconds) to the agent, which then refuses to
-# start a command whose caller has already given up.
-HEADER = "X-Nimbo-Timeout"
 
 
 def set_deadline(seconds: float) -> None:

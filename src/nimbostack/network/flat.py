@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, delete, select
 
-from nimbostack.agent.flat import validate
 from nimbostack.compute import host as hostmod
 from nimbostack.compute import vm as vmmod
 from nimbostack.core import tags as tagmod
@@ -33,6 +32,7 @@ from nimbostack.core.tags import system_tags, tag_value
 from nimbostack.db import models as m
 from nimbostack.db.engine import records
 from nimbostack.network import ipam, l2l3
+from nimbostack.wire import validate
 
 if TYPE_CHECKING:
     from nimbostack.api.dispatch import ApiContext

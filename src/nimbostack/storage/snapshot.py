@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
 
-from nimbostack.agent.driver import DiskSpec
 from nimbostack.api.common import disown, inv, load, new_uuid, own, register_queries, update_fields
 from nimbostack.api.dispatch import ApiContext, api
 from nimbostack.compute.vm import agent
@@ -34,6 +33,7 @@ from nimbostack.core.errors import ApiError, not_allowed
 from nimbostack.db import models as m
 from nimbostack.db import query
 from nimbostack.storage import backend, primary
+from nimbostack.wire import DiskSpec
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform

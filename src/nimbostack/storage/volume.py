@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from nimbostack.agent.driver import DiskSpec
 from nimbostack.api.common import add_creation_tags, disown, inv, load, new_uuid, own, register_queries, update_fields
 from nimbostack.api.dispatch import ApiContext, api
 from nimbostack.compute.vm import agent
@@ -16,6 +15,7 @@ from nimbostack.core.errors import invalid, not_allowed
 from nimbostack.db import models as m
 from nimbostack.db import query
 from nimbostack.storage import primary
+from nimbostack.wire import DiskSpec
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform

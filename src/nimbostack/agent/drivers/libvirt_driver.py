@@ -28,19 +28,8 @@ from urllib.parse import urlsplit
 
 import libvirt
 
-from nimbostack.agent.driver import (
-    PAUSED,
-    REBOOTED,
-    RUNNING,
-    STOPPED,
-    ConsoleAddress,
-    DiskSpec,
-    DriverError,
-    HostFacts,
-    NicSpec,
-    StateListener,
-    VmSpec,
-)
+from nimbostack.agent.driver import DriverError, StateListener
+from nimbostack.wire import PAUSED, REBOOTED, RUNNING, STOPPED, ConsoleAddress, DiskSpec, HostFacts, NicSpec, VmSpec
 
 log = logging.getLogger(__name__)
 

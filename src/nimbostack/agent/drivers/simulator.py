@@ -5,17 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from nimbostack.agent.driver import (
-    PAUSED,
-    RUNNING,
-    STOPPED,
-    ConsoleAddress,
-    DiskSpec,
-    DriverError,
-    HostFacts,
-    StateListener,
-    VmSpec,
-)
+from nimbostack.agent.driver import DriverError, StateListener
+from nimbostack.wire import PAUSED, RUNNING, STOPPED, ConsoleAddress, DiskSpec, HostFacts, VmSpec
 
 
 class SimulatorDriver:

@@ -22,8 +22,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from nimbostack.agent.driver import DriverError
-from nimbostack.agent.flat import validate as v
 from nimbostack.agent.flat.service import FlatService, _run, _tool
+from nimbostack.wire import validate as v
 
 PUB, PRIV = "pub0", "priv0"
 

@@ -10,7 +10,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from nimbostack.agent.flat import validate as v
+from nimbostack.wire import validate as v
 
 DEFAULT_TAG = "nimbodef"  # dnsmasq tag of NICs on their VM's default L3 network (they get the router)
 LEASE = "infinite"

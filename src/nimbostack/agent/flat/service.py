@@ -29,7 +29,7 @@ from typing import Any
 from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DriverError
 from nimbostack.agent.flat import render
-from nimbostack.agent.flat import validate as v
+from nimbostack.wire import validate as v
 
 log = logging.getLogger(__name__)
 
