@@ -51,7 +51,7 @@ def _full_names() -> dict[str, str]:
     """Short API name → the wire's full message name, from the API table shipped with nimbostack."""
     try:
         sys.path.insert(0, str(ROOT / "src"))
-        from nimbostack.api import spec
+        from nimbostack.core import spec
 
         return {name: msg.full_name for name, msg in spec.messages().items()}
     except Exception:  # an installed node elsewhere: the server also accepts the short API<Name>Msg form

@@ -52,7 +52,7 @@ class Api:
         self.session: str | None = None
 
     def raw(self, name: str, params: dict[str, Any], session: bool = True) -> dict[str, Any]:
-        from nimbostack.api import spec
+        from nimbostack.core import spec
 
         full = spec.messages()[name].full_name if name in spec.messages() else name
         body = dict(params)

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from nimbostack.api import spec
+from nimbostack.core import spec
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from nimbostack.api import spec
 from nimbostack.compute.host import HOLDS_CAPACITY
+from nimbostack.core import spec
 from tests.conftest import Api, build_zone, free_port
 
 VMS = 200

@@ -80,8 +80,8 @@ def test_bad_queries_are_clear_errors(vms: tuple[Api, dict, list[dict]]) -> None
 
 def test_queries_are_sql_not_python(vms: tuple[Api, dict, list[dict]], node) -> None:  # noqa: ANN001
     """The conditions reach the database: the statement's WHERE names the columns."""
-    from nimbostack.api.dispatch import Caller
-    from nimbostack.db import query
+    from nimbostack.core import query
+    from nimbostack.core.auth import Caller
 
     target = query.TARGETS["QueryObjectVmInstanceInventory"]
     clauses = query.build(target, [{"name": "vmNics.ip", "op": "=", "value": "198.18.0.20"},

@@ -16,11 +16,12 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nimbostack.api import routes  # noqa: F401  (registers handlers)
-from nimbostack.api.dispatch import Dispatcher, Route
+from nimbostack.api.dispatch import Dispatcher
 from nimbostack.api.openapi import openapi_document
 from nimbostack.compute import host as hostmod
 from nimbostack.compute import recovery, vmsync
 from nimbostack.core import expunger, gc
+from nimbostack.core.context import Route
 from nimbostack.core.errors import INTERNAL, INVALID_ARGUMENT, ApiError
 from nimbostack.core.platform import Platform, Settings
 from nimbostack.network.l2l3 import seed_providers

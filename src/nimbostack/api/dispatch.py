@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import difflib
 import logging
-import uuid as uuidlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from nimbostack.api import spec
-from nimbostack.core import deadline
+from nimbostack.core import deadline, spec
+from nimbostack.core.context import ROUTES, ApiContext, Route
+from nimbostack.core.envelope import error_result, wrap
 from nimbostack.core.errors import (
     INTERNAL,
     TIMEOUT,
@@ -20,8 +18,6 @@ from nimbostack.core.errors import (
     ApiError,
     invalid,
 )
-from nimbostack.core.jobs import dumps
-from nimbostack.core.tagsplit import join_tag_pieces
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -40,128 +36,6 @@ ALIASES: dict[str, dict[str, str]] = {
     "RecoverDataVolume": {"volumeUuid": "uuid"},
     "ExpungeDataVolume": {"volumeUuid": "uuid"},
 }
-
-
-@dataclass
-class Caller:
-    account_uuid: str
-    is_admin: bool
-    session_uuid: str | None = None
-
-
-@dataclass
-class ApiContext:
-    p: Platform
-    msg: spec.MessageSpec
-    params: dict[str, Any]
-    caller: Caller
-    api_uuid: str = field(default_factory=lambda: uuidlib.uuid4().hex)
-
-    # --- typed access to parameters; every failure is an INVALID_ARGUMENT with the field name
-    def get(self, name: str, default: Any = None) -> Any:
-        value = self.params.get(name)
-        return default if value is None else value
-
-    def str(self, name: str, default: str | None = None) -> str | None:
-        value = self.params.get(name)
-        if value is None:
-            return default
-        if isinstance(value, dict | list):
-            raise invalid(f"{name} must be a string")
-        return str(value)
-
-    def req(self, name: str) -> str:
-        value = self.str(name)
-        if value is None or value == "":
-            raise invalid(f"missing mandatory field {name}")
-        return value
-
-    def int(self, name: str, default: int | None = None, minimum: int | None = None) -> int | None:
-        value = self.params.get(name)
-        if value is None or value == "":
-            return default
-        if isinstance(value, bool):
-            raise invalid(f"{name} must be an integer, got {value!r}")
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise invalid(f"{name} must be an integer, got {value!r}") from None
-        if minimum is not None and number < minimum:
-            raise invalid(f"{name} must be at least {minimum}, got {number}")
-        return number
-
-    def bool(self, name: str, default: bool = False) -> bool:
-        value = self.params.get(name)
-        if value is None:
-            return default
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "false"):
-            return str(value).lower() == "true"
-        raise invalid(f"{name} must be true or false, got {value!r}")
-
-    def list(self, name: str) -> list[Any]:
-        value = self.params.get(name)
-        if value is None:
-            return []
-        if isinstance(value, str):
-            if name == "systemTags":
-                return join_tag_pieces(value.split(","))
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list):
-            return value
-        raise invalid(f"{name} must be a list")
-
-    def dict(self, name: str) -> dict[str, Any]:
-        value = self.params.get(name)
-        if isinstance(value, str):
-            import json
-
-            try:
-                value = json.loads(value)
-            except ValueError:
-                raise invalid(f"{name} must be a JSON object") from None
-        if not isinstance(value, dict):
-            raise invalid(f"{name} must be a map")
-        return value
-
-
-Handler = Callable[[ApiContext], Awaitable[dict[str, Any]]]
-
-
-@dataclass
-class Route:
-    handler: Handler
-    public: bool = False  # no session needed (login)
-    admin: bool = False  # admin accounts only
-
-
-ROUTES: dict[str, Route] = {}
-
-
-def api(name: str, *, public: bool = False, admin: bool = False) -> Callable[[Handler], Handler]:
-    if name not in spec.messages():
-        raise ValueError(f"{name} is not in the API table")
-
-    def register(fn: Handler) -> Handler:
-        ROUTES[name] = Route(fn, public, admin)
-        return fn
-
-    return register
-
-
-def wrap(msg_full_name: str, body: dict[str, Any]) -> str:
-    """The wire's ``result``: a JSON string holding {reply name: body}."""
-    return dumps({msg_full_name: body})
-
-
-def error_result(msg: spec.MessageSpec | None, err: ApiError) -> str:
-    name = spec.reply_name(msg) if msg else "org.zstack.header.message.APIReply"
-    return wrap(name, {"success": False, "error": err.to_dict()})
-
-
-def reply_for_api(api_name: str, err: ApiError) -> str:
-    return error_result(spec.messages().get(api_name), err)
 
 
 def parse(body: Any) -> tuple[spec.MessageSpec, dict[str, Any]]:

@@ -7,14 +7,14 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from nimbostack.api.auth import ADMIN_TYPE, ADMIN_UUID, hash_password
-from nimbostack.api.common import inv, load, new_uuid, register_queries, require_admin, update_fields
-from nimbostack.api.dispatch import ApiContext, api
+from nimbostack.core import query
+from nimbostack.core.auth import ADMIN_TYPE, ADMIN_UUID, hash_password
+from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_allowed
 from nimbostack.core.globalconfig import definition
+from nimbostack.core.query import fmt_date
+from nimbostack.core.resources import inv, load, new_uuid, register_queries, require_admin, update_fields
 from nimbostack.db import models as m
-from nimbostack.db import query
-from nimbostack.db.query import fmt_date
 
 _SHA512 = re.compile(r"^[0-9a-fA-F]{128}$")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from nimbostack.api import spec
-from nimbostack.api.dispatch import ROUTES
+from nimbostack.core import spec
+from nimbostack.core.context import ROUTES
 
 
 def _field_schema(f: spec.FieldSpec) -> dict[str, Any]:

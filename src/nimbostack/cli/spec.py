@@ -1,4 +1,4 @@
-"""The API table the shell knows commands from (``nimbostack/api/zstack-1.2-api.json``).
+"""The API table the shell knows commands from (``nimbostack/core/zstack-1.2-api.json``).
 
 A *command* is an API message name without its ``API`` prefix and ``Msg`` suffix:
 ``APICreateVmInstanceMsg`` is the command ``CreateVmInstance``.
@@ -10,10 +10,11 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
-TABLE_PATH = Path(__file__).resolve().parent.parent / "api" / "zstack-1.2-api.json"
+from nimbostack.core.spec import TABLE
+
+TABLE_PATH = TABLE
 
 # Every ZStack API message inherits these from APIMessage / NeedReplyMessage, even where the
 # generated table does not list them per message.

@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 
-from nimbostack.api.common import (
+from nimbostack.core import gc, query
+from nimbostack.core.context import ApiContext, api
+from nimbostack.core.errors import ApiError, invalid, not_allowed
+from nimbostack.core.resources import (
     add_creation_tags,
     disown,
     inv,
@@ -18,12 +21,8 @@ from nimbostack.api.common import (
     state_event,
     update_fields,
 )
-from nimbostack.api.dispatch import ApiContext, api
-from nimbostack.core import gc
-from nimbostack.core.errors import ApiError, invalid, not_allowed
 from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
-from nimbostack.db import query
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform

@@ -6,7 +6,10 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from nimbostack.api.common import (
+from nimbostack.core import query
+from nimbostack.core.context import ApiContext, api
+from nimbostack.core.errors import not_allowed
+from nimbostack.core.resources import (
     ENABLE_DISABLE,
     add_creation_tags,
     inv,
@@ -16,10 +19,7 @@ from nimbostack.api.common import (
     state_event,
     update_fields,
 )
-from nimbostack.api.dispatch import ApiContext, api
-from nimbostack.core.errors import not_allowed
 from nimbostack.db import models as m
-from nimbostack.db import query
 
 query.register(query.QueryTarget("QueryObjectZoneInventory", m.Zone, "ZoneInventory", scope="public"))
 query.register(

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from nimbostack.api.common import inv, load
-from nimbostack.api.dispatch import ApiContext, api
 from nimbostack.compute import vm as vmmod
 from nimbostack.core import gc
+from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import ALLOCATION_FAILED, ApiError, not_allowed
 from nimbostack.core.flow import FlowChain
+from nimbostack.core.resources import inv, load
 from nimbostack.db import models as m
 from nimbostack.storage import backend
 

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 
-from nimbostack.api.common import disown
-from nimbostack.api.dispatch import reply_for_api
 from nimbostack.compute import host as hostmod
 from nimbostack.compute.vm import _release_all
 from nimbostack.compute.vmsync import TRANSITIONAL
+from nimbostack.core.envelope import reply_for_api
 from nimbostack.core.errors import ApiError
+from nimbostack.core.resources import disown
 from nimbostack.db import models as m
 
 if TYPE_CHECKING:

@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import NoResultFound
 
-from nimbostack.api.common import (
+from nimbostack.compute.host import HOLDS_CAPACITY
+from nimbostack.core import expunger, gc, query
+from nimbostack.core.context import ApiContext, api
+from nimbostack.core.errors import ALLOCATION_FAILED, IP_ALLOCATION_FAILED, ApiError, invalid, not_allowed
+from nimbostack.core.flow import FlowChain
+from nimbostack.core.resources import (
     add_creation_tags,
     disown,
     inv,
@@ -22,14 +27,8 @@ from nimbostack.api.common import (
     register_queries,
     update_fields,
 )
-from nimbostack.api.dispatch import ApiContext, api
-from nimbostack.compute.host import HOLDS_CAPACITY
-from nimbostack.core import expunger, gc
-from nimbostack.core.errors import ALLOCATION_FAILED, IP_ALLOCATION_FAILED, ApiError, invalid, not_allowed
-from nimbostack.core.flow import FlowChain
 from nimbostack.core.tags import system_tags, tag_value
 from nimbostack.db import models as m
-from nimbostack.db import query
 from nimbostack.db.engine import get_record, insert_now, records
 from nimbostack.network import ipam
 from nimbostack.storage import primary

@@ -24,6 +24,7 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nimbostack.core.errors import HOST_DISCONNECTED, ApiError
+from nimbostack.core.query import fmt_date
 from nimbostack.db import models as m
 
 if TYPE_CHECKING:
@@ -291,8 +292,6 @@ async def entries(
     p: Platform, status: str | None = None, host_uuid: str | None = None, resource_uuid: str | None = None
 ) -> list[dict[str, Any]]:
     """The entries as JSON inventories, newest first (for ``GET /gc``)."""
-    from nimbostack.db.query import fmt_date
-
     stmt = select(m.GarbageCollector).order_by(m.GarbageCollector.createDate.desc())
     if status:
         stmt = stmt.where(m.GarbageCollector.status == status)

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from nimbostack.core import deadline
+from nimbostack.core import deadline, spec
 from nimbostack.core.errors import ApiError, invalid
 from nimbostack.db.engine import Database
 from nimbostack.db.models import GlobalConfig
@@ -129,8 +129,6 @@ API_TIMEOUT = "apiTimeout"
 
 def api_timeout_definition(name: str) -> ConfigDef:
     """``CreateVmInstance``, ``APICreateVmInstanceMsg`` or ``org.zstack.header.vm.APICreateVmInstanceMsg``."""
-    from nimbostack.api import spec
-
     short = name.strip().rsplit(".", 1)[-1]
     if short.startswith("API") and short.endswith("Msg"):
         short = short[3:-3]

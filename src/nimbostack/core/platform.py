@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nimbostack.core.agents import AgentClient
+from nimbostack.core.auth import Auth
 from nimbostack.core.deadline import ApiTimeouts
 from nimbostack.core.globalconfig import API_TIMEOUT, GlobalConfigStore
 from nimbostack.core.jobs import Jobs
@@ -33,8 +34,6 @@ class Settings:
 
 class Platform:
     def __init__(self, settings: Settings) -> None:
-        from nimbostack.api.auth import Auth
-
         self.settings = settings
         self.db = Database(settings.db_url)
         self.config = GlobalConfigStore(self.db)
@@ -45,7 +44,7 @@ class Platform:
         # UpdateGlobalConfig category=apiTimeout overrides zstack.properties
         self.timeouts.overrides = lambda: self.config.category_values(API_TIMEOUT)
         self.agents = AgentClient()
-        self.auth = Auth(self)
+        self.auth = Auth(self.db, self.config)
 
     @property
     def management_url(self) -> str:

@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select
 
-from nimbostack.api.common import (
+from nimbostack.compute import host as hostmod
+from nimbostack.compute import vm as vmmod
+from nimbostack.core import query
+from nimbostack.core.context import ApiContext, api
+from nimbostack.core.errors import ApiError, invalid, not_allowed
+from nimbostack.core.resources import (
     ENABLE_DISABLE,
     add_creation_tags,
     disown,
@@ -26,13 +31,8 @@ from nimbostack.api.common import (
     state_event,
     update_fields,
 )
-from nimbostack.api.dispatch import ApiContext, api
-from nimbostack.compute import host as hostmod
-from nimbostack.compute import vm as vmmod
-from nimbostack.core.errors import ApiError, invalid, not_allowed
 from nimbostack.core.tags import system_tags
 from nimbostack.db import models as m
-from nimbostack.db import query
 from nimbostack.network import flat, ipam, l2l3
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ from nimbostack.network import ipam, l2l3
 from nimbostack.wire import validate
 
 if TYPE_CHECKING:
-    from nimbostack.api.dispatch import ApiContext
+    from nimbostack.core.context import ApiContext
     from nimbostack.core.platform import Platform
 
 log = logging.getLogger(__name__)

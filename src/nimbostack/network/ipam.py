@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, select
 
-from nimbostack.api.common import new_uuid
 from nimbostack.core.errors import IP_ALLOCATION_FAILED, ApiError, invalid
+from nimbostack.core.resources import new_uuid
 from nimbostack.db import models as m
 from nimbostack.db.engine import insert_now, records
 

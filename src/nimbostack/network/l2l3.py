@@ -8,7 +8,10 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 
-from nimbostack.api.common import (
+from nimbostack.core import query
+from nimbostack.core.context import ApiContext, api
+from nimbostack.core.errors import invalid, not_allowed, not_found
+from nimbostack.core.resources import (
     ENABLE_DISABLE,
     add_creation_tags,
     disown,
@@ -20,10 +23,7 @@ from nimbostack.api.common import (
     state_event,
     update_fields,
 )
-from nimbostack.api.dispatch import ApiContext, api
-from nimbostack.core.errors import invalid, not_allowed, not_found
 from nimbostack.db import models as m
-from nimbostack.db import query
 
 # --- inventories with composite fields ---------------------------------------------------------
 

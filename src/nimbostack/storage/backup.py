@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select, update
 
-from nimbostack.api.common import (
+from nimbostack.core import expunger, gc, query
+from nimbostack.core.context import ApiContext, api
+from nimbostack.core.errors import ApiError, invalid, not_allowed
+from nimbostack.core.resources import (
     ENABLE_DISABLE,
     add_creation_tags,
     disown,
@@ -21,12 +24,8 @@ from nimbostack.api.common import (
     state_event,
     update_fields,
 )
-from nimbostack.api.dispatch import ApiContext, api
-from nimbostack.core import expunger, gc
-from nimbostack.core.errors import ApiError, invalid, not_allowed
 from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
-from nimbostack.db import query
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform

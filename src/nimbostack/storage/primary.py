@@ -10,7 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, delete, func, select
 
-from nimbostack.api.common import (
+from nimbostack.compute import host as hostmod
+from nimbostack.core import query
+from nimbostack.core.context import ApiContext, api
+from nimbostack.core.errors import STORAGE_ALLOCATION_FAILED, ApiError, invalid, not_allowed
+from nimbostack.core.resources import (
     ENABLE_DISABLE,
     add_creation_tags,
     disown,
@@ -21,11 +25,7 @@ from nimbostack.api.common import (
     state_event,
     update_fields,
 )
-from nimbostack.api.dispatch import ApiContext, api
-from nimbostack.compute import host as hostmod
-from nimbostack.core.errors import STORAGE_ALLOCATION_FAILED, ApiError, invalid, not_allowed
 from nimbostack.db import models as m
-from nimbostack.db import query
 from nimbostack.db.engine import records
 from nimbostack.storage import backend
 

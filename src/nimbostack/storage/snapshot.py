@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
 
-from nimbostack.api.common import disown, inv, load, new_uuid, own, register_queries, update_fields
-from nimbostack.api.dispatch import ApiContext, api
 from nimbostack.compute.vm import agent
-from nimbostack.core import gc
+from nimbostack.core import gc, query
+from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import ApiError, not_allowed
+from nimbostack.core.resources import disown, inv, load, new_uuid, own, register_queries, update_fields
 from nimbostack.db import models as m
-from nimbostack.db import query
 from nimbostack.storage import backend, primary
 from nimbostack.wire import DiskSpec
 

@@ -7,13 +7,21 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from nimbostack.api.common import add_creation_tags, disown, inv, load, new_uuid, own, register_queries, update_fields
-from nimbostack.api.dispatch import ApiContext, api
 from nimbostack.compute.vm import agent
-from nimbostack.core import expunger, gc
+from nimbostack.core import expunger, gc, query
+from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import invalid, not_allowed
+from nimbostack.core.resources import (
+    add_creation_tags,
+    disown,
+    inv,
+    load,
+    new_uuid,
+    own,
+    register_queries,
+    update_fields,
+)
 from nimbostack.db import models as m
-from nimbostack.db import query
 from nimbostack.storage import primary
 from nimbostack.wire import DiskSpec
 

@@ -9,9 +9,10 @@ from typing import Any, TypeVar
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nimbostack.api.dispatch import ApiContext, api
+from nimbostack.core import query
+from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_found
-from nimbostack.db import query
+from nimbostack.core.tags import validate_system_tag
 from nimbostack.db.engine import get_record, insert_now
 from nimbostack.db.models import AccountResourceRef, SystemTag, UserTag
 
@@ -86,8 +87,6 @@ async def disown(s: AsyncSession, uuids: list[str]) -> None:
 
 async def add_creation_tags(s: AsyncSession, ctx: ApiContext, uuid: str, resource_type: str) -> None:
     """The ``systemTags`` / ``userTags`` every Create/Add message may carry."""
-    from nimbostack.core.tags import validate_system_tag
-
     for tag in ctx.list("systemTags"):
         validate_system_tag(resource_type, str(tag))
         await insert_now(s, SystemTag(uuid=new_uuid(), resourceUuid=uuid, resourceType=resource_type, tag=str(tag)))

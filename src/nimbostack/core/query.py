@@ -15,12 +15,13 @@ from sqlalchemy import Boolean, ColumnElement, DateTime, Integer, Select, func, 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.sqltypes import BigInteger
 
-from nimbostack.api import spec
+from nimbostack.core import spec
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid
 from nimbostack.db.models import AccountResourceRef, SystemTag, UserTag
 
 if TYPE_CHECKING:
-    from nimbostack.api.dispatch import ApiContext, Caller
+    from nimbostack.core.auth import Caller
+    from nimbostack.core.context import ApiContext
 
 DATE_FORMAT = "%b %d, %Y %I:%M:%S %p"
 

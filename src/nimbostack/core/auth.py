@@ -4,16 +4,17 @@ as argon2 hashes of that digest."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid as uuidlib
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError
 from sqlalchemy import delete, func, select
 
-from nimbostack.api.dispatch import Caller, Route
 from nimbostack.core.errors import (
     INVALID_SESSION,
     PERMISSION_DENIED,
@@ -21,14 +22,27 @@ from nimbostack.core.errors import (
     WRONG_CREDENTIALS,
     ApiError,
 )
+from nimbostack.core.globalconfig import GlobalConfigStore
+from nimbostack.db.engine import Database
 from nimbostack.db.models import Account, Session
-
-if TYPE_CHECKING:
-    from nimbostack.core.platform import Platform
 
 ADMIN_UUID = "36c27e8ff05c4780bf6d2fa65700f22e"  # ZStack's well-known admin account uuid
 ADMIN_TYPE = "SystemAdmin"
 _hasher = PasswordHasher()
+
+
+@dataclass
+class Caller:
+    account_uuid: str
+    is_admin: bool
+    session_uuid: str | None = None
+
+
+class Access(Protocol):
+    """Who may call: an API's route, or a read-only HTTP endpoint beside the API."""
+
+    public: bool  # no session needed (login)
+    admin: bool  # admin accounts only
 
 
 def hash_password(sha512_hex: str) -> str:
@@ -46,14 +60,13 @@ async def verify_password(stored: str, sha512_hex: str) -> bool:
 class Auth:
     CACHE_SECONDS = 5.0  # other management nodes see a LogOut within this time
 
-    def __init__(self, platform: Platform) -> None:
-        self.p = platform
+    def __init__(self, db: Database, config: GlobalConfigStore) -> None:
+        self.db, self.config = db, config
         self._cache: dict[str, tuple[float, Caller, datetime]] = {}
 
     async def seed_admin(self) -> None:
-        import hashlib
 
-        async with self.p.db.tx() as s:
+        async with self.db.tx() as s:
             if await s.get(Account, ADMIN_UUID) is None:
                 s.add(
                     Account(
@@ -65,7 +78,7 @@ class Auth:
                 )
 
     async def login(self, name: str, password_digest: str) -> Session:
-        async with self.p.db.tx() as s:
+        async with self.db.tx() as s:
             account = (await s.execute(select(Account).where(Account.name == name))).scalar_one_or_none()
         if account is None or not await verify_password(account.passwordHash, password_digest):
             raise ApiError(
@@ -73,10 +86,10 @@ class Auth:
                 "Wrong account name or password",
                 "the password must be sent as its SHA-512 hex digest",
             )
-        timeout = await self.p.config.get("identity", "session.timeout")
-        limit = await self.p.config.get("identity", "session.maxConcurrent")
+        timeout = await self.config.get("identity", "session.timeout")
+        limit = await self.config.get("identity", "session.maxConcurrent")
         now = datetime.utcnow()
-        async with self.p.db.tx() as s:
+        async with self.db.tx() as s:
             await s.execute(delete(Session).where(Session.expiredDate < now))
             active = (
                 await s.execute(select(func.count()).select_from(Session).where(Session.accountUuid == account.uuid))
@@ -99,10 +112,10 @@ class Auth:
 
     async def logout(self, session_uuid: str) -> None:
         self._cache.pop(session_uuid, None)
-        async with self.p.db.tx() as s:
+        async with self.db.tx() as s:
             await s.execute(delete(Session).where(Session.uuid == session_uuid))
 
-    async def caller(self, session: Any, route: Route) -> Caller:
+    async def caller(self, session: Any, route: Access) -> Caller:
         if route.public:
             return Caller(ADMIN_UUID, True)
         sid = session.get("uuid") if isinstance(session, dict) else session
@@ -124,7 +137,7 @@ class Auth:
             if hit[2] < datetime.utcnow():
                 raise ApiError(SESSION_EXPIRED, "The session expired", "log in again with LogInByAccount")
             return hit[1]
-        async with self.p.db.tx() as s:
+        async with self.db.tx() as s:
             row = await s.get(Session, sid)
             account = await s.get(Account, row.accountUuid) if row is not None else None
         if row is None or account is None:
