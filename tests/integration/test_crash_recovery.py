@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from nimbostack.compute.host import HOLDS_CAPACITY
+from nimbostack.compute.allocator import HOLDS_CAPACITY
 from nimbostack.core import spec
 from tests.conftest import Api, build_zone, free_port
 

@@ -5,8 +5,10 @@ read it from the agent object running in the test process."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import httpx
 from sqlalchemy import select
 
 from tests.conftest import Api, Running, build_zone
@@ -418,3 +420,46 @@ def test_a_vm_start_adds_its_entries_and_a_host_without_state_gets_the_full_stat
     api.call("StartVmInstance", uuid=first["uuid"])
     served = [e for e in flat_state(node, host)[l3]["vms"] if e["ip"] == first["vmNics"][0]["ip"]]
     assert [e["vmUuid"] for e in served] == [first["uuid"]]
+
+
+def fault(node: Running, host_uuid: str, path: str, **what: Any) -> None:
+    """A simulated fault of the simulator agent (agent/guard.py), called in the test process."""
+    r = httpx.post(
+        f"http://127.0.0.1:{node.agent_port}/simulator/fault", json={"hostUuid": host_uuid, "path": path, **what}
+    )
+    assert r.json()["success"], r.text
+
+
+def test_a_failed_start_leaves_no_flat_entry_and_no_eip_rule(node: Running, api: Api) -> None:
+    env = build_zone(api, hosts=1)
+    l3, host = env["l3"]["uuid"], env["hosts"][0]["uuid"]
+    api.call("AttachNetworkServiceToL3Network", l3NetworkUuid=l3, networkServices={env["flat"]["uuid"]: ["Eip"]})
+    pub = public_l3(api, env)
+    # CreateVmInstance: the domain fails to start after the Flat entry went to the host
+    fault(node, host, "/vm/start", error="no domain today")
+    err = api.fails(
+        "CreateVmInstance",
+        name="doomed",
+        imageUuid=env["image"]["uuid"],
+        instanceOfferingUuid=env["offering"]["uuid"],
+        l3NetworkUuids=[l3],
+    )
+    assert "no domain today" in json.dumps(err)
+    assert api.query("QueryVmInstance") == [] and all_entries(node, l3) == {}
+    fault(node, host, "*", clear=True)
+    # StartVmInstance of a VM with an EIP: neither its entry nor its EIP rule stays
+    vm = make_vm(api, env)
+    vip = api.call("CreateVip", name="vip", l3NetworkUuid=pub["uuid"])["inventory"]
+    api.call("CreateEip", name="eip", vipUuid=vip["uuid"], vmNicUuid=vm["vmNics"][0]["uuid"])
+    assert entry_of(node, vm, l3) is not None and list(eip_state(node, host)) == [vip["uuid"]]
+    api.call("StopVmInstance", uuid=vm["uuid"])
+    assert entry_of(node, vm, l3) is None and eip_state(node, host) == {}
+    fault(node, host, "/vm/start", error="no domain today")
+    api.fails("StartVmInstance", uuid=vm["uuid"])
+    (now,) = api.query("QueryVmInstance", ("uuid", "=", vm["uuid"]))
+    assert now["state"] == "Stopped"
+    assert entry_of(node, now, l3) is None and eip_state(node, host) == {}
+    # and once the host can start it, both are back
+    fault(node, host, "*", clear=True)
+    vm = api.call("StartVmInstance", uuid=vm["uuid"])["inventory"]
+    assert entry_of(node, vm, l3) is not None and list(eip_state(node, host)) == [vip["uuid"]]

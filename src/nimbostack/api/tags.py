@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from nimbostack.core import query
+from nimbostack.core import hooks, query
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import invalid, not_allowed, not_found
 from nimbostack.core.resources import inv, load, new_uuid, register_queries
-from nimbostack.core.tags import RESOURCE_TYPES, TAG_LISTENERS, validate_system_tag
+from nimbostack.core.tags import RESOURCE_TYPES, validate_system_tag
 from nimbostack.db import models as m
 
 
@@ -100,5 +100,4 @@ async def delete_tag(ctx: ApiContext) -> dict[str, Any]:
 
 async def _changed(ctx: ApiContext, resource_type: str, resource_uuid: str) -> None:
     """Let network services refresh what they serve from tags (userdata, keys) at once."""
-    for listener in TAG_LISTENERS:
-        await listener(ctx, resource_type, resource_uuid)
+    await hooks.tags_changed(ctx, resource_type, resource_uuid)

@@ -8,9 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 
-from nimbostack.core import gc, query
+from nimbostack.compute.allocator import HOLDS_CAPACITY, recompute_capacity
+from nimbostack.compute.vmsync import apply_host_states
+from nimbostack.core import gc, hooks, query
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import ApiError, invalid, not_allowed
+from nimbostack.core.hosts import agent_url
 from nimbostack.core.resources import (
     add_creation_tags,
     disown,
@@ -21,28 +24,12 @@ from nimbostack.core.resources import (
     state_event,
     update_fields,
 )
-from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
 
 log = logging.getLogger(__name__)
-
-# VM states whose CPU and memory stay reserved on their host
-HOLDS_CAPACITY = (
-    "Created",
-    "Starting",
-    "Running",
-    "Stopping",
-    "Rebooting",
-    "Pausing",
-    "Paused",
-    "Resuming",
-    "Migrating",
-    "Destroying",
-    "Unknown",
-)
 
 query.register(
     query.QueryTarget(
@@ -58,17 +45,6 @@ query.register(
     )
 )
 register_queries("QueryHost")
-
-
-def agent_port_of(tags: list[str], default: int) -> int:
-    """``agentPort::N`` lets several agents share one machine (tests, or a host behind NAT)."""
-    return int(tag_value(tags, "agentPort::") or default)
-
-
-def _agent_url(platform: Platform, hypervisor: str, management_ip: str, tags: list[str]) -> str:
-    if hypervisor == "Simulator":
-        return platform.settings.simulator_agent_url
-    return f"http://{management_ip}:{agent_port_of(tags, platform.settings.agent_port)}"
 
 
 async def connect(platform: Platform, host_uuid: str) -> m.Host:
@@ -103,43 +79,15 @@ async def connect(platform: Platform, host_uuid: str) -> m.Host:
         host.status = "Connected"
     await reconcile_vms(platform, host_uuid)
     await recompute_capacity(platform, host_uuid)
-    for hook in CONNECT_HOOKS:
-        await hook(platform, host_uuid)
+    await hooks.host_connected(platform, host_uuid)
     async with platform.db.tx() as s:
         host = await s.get(m.Host, host_uuid)
         assert host is not None
         return host
 
 
-# Called after a host (re)connects: primary storage init, network services, GC (plugins add theirs).
-# The GC runs first: what waited for the host (destroy domains, delete files) is done before the
-# storage capacity is read and the network services are pushed.
-CONNECT_HOOKS: list[Any] = [gc.on_host_connect]
-
-
-async def recompute_capacity(platform: Platform, host_uuid: str | None = None) -> None:
-    """Available = total − what the host's VMs hold. Derived, so a crash cannot leave it wrong."""
-    async with platform.db.tx() as s:
-        hosts = [await s.get(m.Host, host_uuid)] if host_uuid else (await s.execute(select(m.Host))).scalars().all()
-        for host in hosts:
-            if host is None:
-                continue
-            cpu, mem = (
-                await s.execute(
-                    select(
-                        func.coalesce(func.sum(m.VmInstance.cpuNum * m.VmInstance.cpuSpeed), 0),
-                        func.coalesce(func.sum(m.VmInstance.memorySize), 0),
-                    ).where(m.VmInstance.hostUuid == host.uuid, m.VmInstance.state.in_(HOLDS_CAPACITY))
-                )
-            ).one()
-            host.availableCpuCapacity = host.totalCpuCapacity - int(cpu)
-            host.availableMemoryCapacity = host.totalMemoryCapacity - int(mem)
-
-
 async def reconcile_vms(platform: Platform, host_uuid: str) -> None:
     """Make the database agree with what the hypervisor runs (after a restart on either side)."""
-    from nimbostack.compute.vmsync import apply_host_states
-
     async with platform.db.tx() as s:
         host = await s.get(m.Host, host_uuid)
         assert host is not None
@@ -162,7 +110,7 @@ async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> 
         ).first()
         if dup and hypervisor != "Simulator" and not any(t.startswith("agentPort::") for t in ctx.list("systemTags")):
             raise invalid(f"a host with managementIp {ip} already exists")
-        url = _agent_url(ctx.p, hypervisor, ip, [str(t) for t in ctx.list("systemTags")])
+        url = agent_url(ctx.p.settings, hypervisor, ip, [str(t) for t in ctx.list("systemTags")])
         if hypervisor != "Simulator" and (await s.execute(select(m.Host.uuid).where(m.Host.agentUrl == url))).first():
             raise invalid(f"a host with managementIp {ip} and this agent port already exists ({url})")
         host = m.Host(
@@ -174,7 +122,7 @@ async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> 
             managementIp=ip,
             hypervisorType=hypervisor,
             status="Connecting",
-            agentUrl=_agent_url(ctx.p, hypervisor, ip, [str(t) for t in ctx.list("systemTags")]),
+            agentUrl=agent_url(ctx.p.settings, hypervisor, ip, [str(t) for t in ctx.list("systemTags")]),
             **extra,
         )
         s.add(host)

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from nimbostack.compute import vm as vmmod
-from nimbostack.core import gc
+from nimbostack.compute import allocator
+from nimbostack.compute.vmspec import build_spec
+from nimbostack.core import gc, hooks
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import ALLOCATION_FAILED, ApiError, not_allowed
 from nimbostack.core.flow import FlowChain
+from nimbostack.core.hosts import agent
 from nimbostack.core.resources import inv, load
 from nimbostack.db import models as m
 from nimbostack.storage import backend
@@ -72,7 +74,7 @@ async def _candidates(p: Platform, s: Any, vm: m.VmInstance, dest_uuid: str | No
     assert source is not None
     l3s = list((await s.execute(select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == vm.uuid))).scalars())
     cpu = vm.cpuNum * vm.cpuSpeed
-    hosts = await vmmod._candidate_hosts(s, cpu, vm.memorySize, l3s, vm.zoneUuid, None, dest_uuid, ps_uuids)
+    hosts = await allocator.candidate_hosts(s, cpu, vm.memorySize, l3s, vm.zoneUuid, None, dest_uuid, ps_uuids)
     hosts = [h for h in hosts if h.uuid != source.uuid and h.hypervisorType == source.hypervisorType]
     mode = await p.config.get("kvm", "vm.cpuMode")
     if dest_uuid:
@@ -116,7 +118,7 @@ async def _arrived(p: Platform, vm_uuid: str, dest_uuid: str) -> bool:
     deadline = asyncio.get_running_loop().time() + ARRIVAL_WAIT
     while True:
         try:
-            states = (await vmmod.agent(p, dest_uuid, "/vm/states", {}))["states"]
+            states = (await agent(p, dest_uuid, "/vm/states", {}))["states"]
         except Exception as err:
             log.warning("VM %s: cannot ask host %s whether the migration finished: %s", vm_uuid, dest_uuid, err)
             return False
@@ -146,23 +148,23 @@ async def migrate_vm(ctx: ApiContext) -> dict[str, Any]:
             async with p.db.tx() as s:
                 row = await load(s, m.VmInstance, vm.uuid, ctx)
                 hosts = await _candidates(p, s, row, ctx.str("hostUuid"))
-                dest = await vmmod._take_host(s, hosts, cpu, row.memorySize)
+                dest = await allocator.take_host(s, hosts, cpu, row.memorySize)
                 c.update(source=row.hostUuid, dest=dest.uuid, dest_ip=dest.managementIp, cluster=dest.clusterUuid)
                 row.state = "Migrating"
 
         async def unreserve(c: dict[str, Any]) -> None:
             async with p.db.tx() as s:
-                await vmmod._give_back_host(s, c["dest"], cpu, vm.memorySize)
+                await allocator.give_back_host(s, c["dest"], cpu, vm.memorySize)
                 await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(state="Running"))
 
         async def prepare(c: dict[str, Any]) -> None:
-            spec = asdict(await vmmod.build_spec(p, vm.uuid))
-            reply = await vmmod.agent(p, c["dest"], "/vm/prepare-migration", {"vm": spec})
+            spec = asdict(await build_spec(p, vm.uuid))
+            reply = await agent(p, c["dest"], "/vm/prepare-migration", {"vm": spec})
             c["console_log"] = reply.get("consoleLog")
 
         async def move(c: dict[str, Any]) -> None:
             try:
-                await vmmod.agent(p, c["source"], "/vm/migrate", {
+                await agent(p, c["source"], "/vm/migrate", {
                     "vmUuid": vm.uuid, "destHostUuid": c["dest"], "destUri": f"qemu+tcp://{c['dest_ip']}/system",
                     "destConsoleLog": c["console_log"]})
             except Exception as err:
@@ -178,7 +180,7 @@ async def migrate_vm(ctx: ApiContext) -> dict[str, Any]:
 
         async def switch(c: dict[str, Any]) -> None:
             async with p.db.tx() as s:
-                await vmmod._give_back_host(s, c["source"], cpu, vm.memorySize)
+                await allocator.give_back_host(s, c["source"], cpu, vm.memorySize)
                 await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(
                     state="Running", hostUuid=c["dest"], lastHostUuid=c["dest"], clusterUuid=c["cluster"]))
 
@@ -191,11 +193,12 @@ async def migrate_vm(ctx: ApiContext) -> dict[str, Any]:
         )
         source, dest_uuid = c["source"], c["dest"]
         # network services follow the VM: its entries on the new host, gone from the old one
-        for hook, host in [(h, dest_uuid) for h in vmmod.START_HOOKS] + [(h, source) for h in vmmod.STOP_HOOKS]:
+        # the domain already runs on the new host: each extension is tried there, whatever the others do
+        for ext in hooks.VM_START:
             try:
-                await hook(p, vm.uuid, host)
+                await ext.before_start(p, vm.uuid, dest_uuid)
             except Exception as err:
-                log.warning("VM %s migrated to host %s, but a network hook failed on host %s: %s",
-                            vm.uuid, dest_uuid, host, err)
+                log.warning("VM %s migrated to host %s, but %s failed there: %s", vm.uuid, dest_uuid, ext.name, err)
+        await hooks.release(p, vm.uuid, source)
         async with p.db.tx() as s:
             return {"inventory": await inv(s, "QueryObjectVmInstanceInventory", await s.get(m.VmInstance, vm.uuid))}

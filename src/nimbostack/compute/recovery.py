@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select, update
 
 from nimbostack.compute import host as hostmod
-from nimbostack.compute.vm import _release_all
+from nimbostack.compute.allocator import release_all
 from nimbostack.compute.vmsync import TRANSITIONAL
 from nimbostack.core.envelope import reply_for_api
 from nimbostack.core.errors import ApiError
@@ -29,7 +29,7 @@ async def recover(p: Platform) -> None:
         # A VM still "Created" never finished its creation flow: undo it like its rollback would.
         for vm in [v for v in stuck if v.state == "Created"]:
             log.warning("recovery: rolling back the unfinished creation of VM %s", vm.uuid)
-            await _release_all(s, vm.uuid, release_volumes=True)
+            await release_all(s, vm.uuid, release_volumes=True)
             await s.delete(vm)
             await disown(s, [vm.uuid])
         await s.flush()
@@ -66,7 +66,7 @@ async def _finish_first_starts(p: Platform, vm_uuids: list[str]) -> None:
                 vm.lastHostUuid = vm.hostUuid
             elif vm.state == "Stopped":
                 log.warning("recovery: VM %s never ran; rolling back its unfinished creation", vm.uuid)
-                await _release_all(s, vm.uuid, release_volumes=True)
+                await release_all(s, vm.uuid, release_volumes=True)
                 await s.delete(vm)
                 await disown(s, [vm.uuid])
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, select
 
+from nimbostack.compute.allocator import recompute_capacity
+from nimbostack.compute.vm_lifecycle import on_guest_reboot
 from nimbostack.db import models as m
 
 if TYPE_CHECKING:
@@ -35,8 +37,6 @@ _STATE_AND_HOST = select(m.VmInstance.state, m.VmInstance.hostUuid).where(m.VmIn
 async def on_event(platform: Platform, host_uuid: str, vm_uuid: str, state: str) -> None:
     """An agent reports that a VM changed state outside (or inside) our control."""
     if state == "Rebooted":
-        from nimbostack.compute.vm import on_guest_reboot
-
         asyncio.get_running_loop().create_task(on_guest_reboot(platform, vm_uuid))
         return
     if state not in STABLE_FROM_HYPERVISOR:
@@ -58,8 +58,6 @@ async def on_event(platform: Platform, host_uuid: str, vm_uuid: str, state: str)
         vm.state = state
         vm.hostUuid = host_uuid
         vm.lastHostUuid = host_uuid
-    from nimbostack.compute.host import recompute_capacity
-
     await recompute_capacity(platform, host_uuid)
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from nimbostack.core import hooks
 from nimbostack.core.errors import HOST_DISCONNECTED, ApiError
 from nimbostack.core.query import fmt_date
 from nimbostack.db import models as m
@@ -317,3 +318,6 @@ async def entries(
         }
         for r in rows
     ]
+
+
+hooks.on_host_connect(on_host_connect, first=True)

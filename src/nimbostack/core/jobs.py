@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, insert, select, update
 
 from nimbostack.core.errors import MANAGEMENT_RESTARTED, ApiError
-from nimbostack.db.engine import Database
+from nimbostack.db.engine import NO_SYNC, Database
 from nimbostack.db.models import Job
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 # not an ORM object, so that the transaction has no unit of work to flush
 _NEW_JOB = insert(Job)
 _JOB_DONE = update(Job).where(Job.uuid == bindparam("job")).values(state="Done", result=bindparam("result"))
-_NO_SYNC = {"synchronize_session": False}
 
 
 class Jobs:
@@ -57,7 +56,7 @@ class Jobs:
             async with self._slots:
                 result = await work()
             async with self.db.tx() as s:
-                await s.execute(_JOB_DONE, {"job": job_uuid, "result": result}, execution_options=_NO_SYNC)
+                await s.execute(_JOB_DONE, {"job": job_uuid, "result": result}, execution_options=NO_SYNC)
             return result
         finally:
             self._running.pop(job_uuid, None)

@@ -73,8 +73,3 @@ _SYSTEM_TAGS = select(m.SystemTag.tag).where(m.SystemTag.resourceUuid == bindpar
 async def system_tags(s: Any, resource_uuid: str) -> list[str]:
     rows = await s.execute(_SYSTEM_TAGS, {"resource": resource_uuid})
     return [r for (r,) in rows]
-
-
-# Network services refresh what they serve from tags (userdata, keys) when a VM's system tags change:
-# each listener is called with (ctx, resource type, resource uuid).
-TAG_LISTENERS: list[Any] = []

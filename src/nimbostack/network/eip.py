@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select
 
-from nimbostack.compute import host as hostmod
-from nimbostack.compute import vm as vmmod
-from nimbostack.core import query
+from nimbostack.core import hooks, query
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import ApiError, invalid, not_allowed
+from nimbostack.core.hosts import agent
 from nimbostack.core.resources import (
     ENABLE_DISABLE,
     add_creation_tags,
@@ -311,7 +310,7 @@ async def _nic_host(s: Any, nic_uuid: str | None) -> str | None:
 async def _bridge_of(s: Any, l3_uuid: str) -> tuple[str, m.L2Network]:
     l3 = await s.get(m.L3Network, l3_uuid)
     l2 = await s.get(m.L2Network, l3.l2NetworkUuid)
-    return vmmod.bridge_name(l2, await system_tags(s, l2.uuid)), l2
+    return l2l3.bridge_name(l2, await system_tags(s, l2.uuid)), l2
 
 
 async def desired_eips(p: Platform, host_uuid: str) -> list[dict[str, Any]]:
@@ -375,7 +374,7 @@ async def desired_eips(p: Platform, host_uuid: str) -> list[dict[str, Any]]:
 async def sync_host(p: Platform, host_uuid: str) -> None:
     async with p.queues.serial(f"flat-eip:{host_uuid}"):
         eips = await desired_eips(p, host_uuid)
-        await vmmod.agent(p, host_uuid, "/flat/eip/sync", {"eips": eips})
+        await agent(p, host_uuid, "/flat/eip/sync", {"eips": eips})
 
 
 async def sync_nic_host(p: Platform, nic_uuid: str | None) -> None:
@@ -460,9 +459,8 @@ async def on_l3_changed(p: Platform, l3_uuid: str) -> None:
     await asyncio.gather(*(one(h) for h in hosts))
 
 
-vmmod.START_HOOKS.append(on_vm_start)
-vmmod.STOP_HOOKS.append(on_vm_stop)
-hostmod.CONNECT_HOOKS.append(on_host_connect)
+hooks.on_vm_start(hooks.VmStartExtension("EIP", on_vm_start, on_vm_stop))
+hooks.on_host_connect(on_host_connect)
 l2l3.L3_DELETE_HOOKS.append(on_l3_changed)
 l2l3.L3_SERVICE_HOOKS.append(on_l3_changed)
 flat.ENTRY_EXTRAS.append(_public_ips)

@@ -5,9 +5,9 @@ Every host runs, per Flat L3 network, its own DHCP server and metadata service (
 each host serves and pushes it as the full desired state of one L3 network on one host
 (``/flat/apply``, idempotent), whenever that changes:
 
-* before a VM starts on a host and after it stops or is destroyed (vm.START_HOOKS / STOP_HOOKS);
-* when a VM's ``userdata::`` / ``sshkey::`` / ``hostname::`` tags change (tags.TAG_LISTENERS);
-* when a host (re)connects (host.CONNECT_HOOKS): the upgrade walkthrough (1.0 §13) switches an
+* before a VM starts on a host and after it stops or is destroyed (core/hooks.py VM_START, with its release);
+* when a VM's ``userdata::`` / ``sshkey::`` / ``hostname::`` tags change (hooks.TAG_CHANGE);
+* when a host (re)connects (hooks.HOST_CONNECT): the upgrade walkthrough (1.0 §13) switches an
   L3 network from the VirtualRouter provider to Flat and reconnects the hosts;
 * when Flat services are attached to or detached from an L3 network, or it is deleted
   (``/flat/release`` on every host).
@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, delete, select
 
-from nimbostack.compute import host as hostmod
-from nimbostack.compute import vm as vmmod
-from nimbostack.core import tags as tagmod
+from nimbostack.core import hooks
 from nimbostack.core.errors import AGENT_ERROR, ApiError
+from nimbostack.core.hosts import agent
 from nimbostack.core.tags import system_tags, tag_value
 from nimbostack.db import models as m
 from nimbostack.db.engine import records
@@ -201,7 +200,7 @@ async def desired_state(
         if found is None:
             return None
         l3, l2 = found
-        bridge = vmmod.bridge_name(l2, await system_tags(s, l2.uuid))
+        bridge = l2l3.bridge_name(l2, await system_tags(s, l2.uuid))
         dns = list((await s.execute(_L3_DNS, {"l3": l3_uuid})).scalars())
         if only:
             rows = (await s.execute(_HOST_NICS_OF_VM, {"l3": l3_uuid, "host": host_uuid, "vm": only})).all()
@@ -274,7 +273,7 @@ async def _push_full(
     body = await desired_state(p, host_uuid, l3_uuid, services, exclude)
     if body is None:
         return None
-    await vmmod.agent(p, host_uuid, "/flat/apply", {k: v for k, v in body.items() if k != "hostUuid"})
+    await agent(p, host_uuid, "/flat/apply", {k: v for k, v in body.items() if k != "hostUuid"})
     return body
 
 
@@ -290,7 +289,7 @@ async def push_vm(p: Platform, host_uuid: str, l3_uuid: str, services: set[str],
         if body is None:
             return
         try:
-            await vmmod.agent(p, host_uuid, "/flat/apply-vm", {"vmUuid": vm_uuid, "l3": body["l3"], "vms": body["vms"]})
+            await agent(p, host_uuid, "/flat/apply-vm", {"vmUuid": vm_uuid, "l3": body["l3"], "vms": body["vms"]})
             return
         except ApiError as err:
             if err.code != AGENT_ERROR:  # unreachable, or out of time: the full state would fail too
@@ -404,7 +403,7 @@ async def on_host_connect(p: Platform, host_uuid: str) -> None:
         except ApiError as err:
             log.warning("host %s connected, but Flat services of L3 %s failed: %s", host_uuid, l3_uuid, err)
     try:
-        await vmmod.agent(p, host_uuid, "/flat/sync", {"l3Uuids": keep})
+        await agent(p, host_uuid, "/flat/sync", {"l3Uuids": keep})
     except ApiError as err:
         log.warning("host %s: could not drop stale Flat L3 networks: %s", host_uuid, err)
 
@@ -441,9 +440,8 @@ async def on_services_changed(p: Platform, l3_uuid: str) -> None:
             )
 
 
-vmmod.START_HOOKS.append(on_vm_start)
-vmmod.STOP_HOOKS.append(on_vm_stop)
-tagmod.TAG_LISTENERS.append(on_tag_change)
-hostmod.CONNECT_HOOKS.append(on_host_connect)
+hooks.on_vm_start(hooks.VmStartExtension("Flat DHCP and userdata", on_vm_start, on_vm_stop))
+hooks.on_tag_change(on_tag_change)
+hooks.on_host_connect(on_host_connect)
 l2l3.L3_DELETE_HOOKS.append(on_l3_delete)
 l2l3.L3_SERVICE_HOOKS.append(on_services_changed)

@@ -23,6 +23,7 @@ from nimbostack.core.resources import (
     state_event,
     update_fields,
 )
+from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
 
 # --- inventories with composite fields ---------------------------------------------------------
@@ -655,3 +656,12 @@ async def detach_services(ctx: ApiContext) -> dict[str, Any]:
 async def query_virtual_router_vm(ctx: ApiContext) -> dict[str, Any]:
     # The virtual router appliance is not built yet, so there is never one to list.
     return {"inventories": [], **({"total": 0} if ctx.bool("count") or ctx.bool("replyWithCount") else {})}
+
+
+def bridge_name(l2: m.L2Network, tags: list[str]) -> str:
+    """The Linux bridge an L2 network's NICs join on a host: ``bridge::NAME``, else br_IF[_VLAN]."""
+    explicit = tag_value(tags, "bridge::")
+    if explicit:
+        return explicit
+    name = f"br_{l2.physicalInterface}" + (f"_{l2.vlan}" if l2.vlan else "")
+    return name[:15]

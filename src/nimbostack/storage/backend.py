@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, func, select, update
 
 from nimbostack.db import models as m
-from nimbostack.db.engine import insert_now
+from nimbostack.db.engine import NO_SYNC, insert_now
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -45,7 +45,6 @@ _TAKE_TOTAL = (
     .where(m.PrimaryStorage.uuid == bindparam("ps"))
     .values(availableCapacity=m.PrimaryStorage.availableCapacity - bindparam("size"))
 )
-_NO_SYNC = {"synchronize_session": False}
 
 
 class PrimaryStorageBackend:
@@ -165,10 +164,10 @@ class LocalStorageBackend(PrimaryStorageBackend):
     async def take(s: Any, ps_uuid: str, host_uuid: str, size: int, force: bool = False) -> bool:
         """Take ``size`` bytes of the host's share (``force``: even beyond what is free)."""
         params = {"ps": ps_uuid, "host": host_uuid, "size": size}
-        res = await s.execute(_FORCE_TAKE_SHARE if force else _TAKE_SHARE, params, execution_options=_NO_SYNC)
+        res = await s.execute(_FORCE_TAKE_SHARE if force else _TAKE_SHARE, params, execution_options=NO_SYNC)
         if not res.rowcount:
             return False
-        await s.execute(_TAKE_TOTAL, params, execution_options=_NO_SYNC)
+        await s.execute(_TAKE_TOTAL, params, execution_options=NO_SYNC)
         return True
 
     @staticmethod

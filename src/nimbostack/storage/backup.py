@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from sqlalchemy import delete, func, select, update
 
 from nimbostack.core import expunger, gc, query
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import ApiError, invalid, not_allowed
+from nimbostack.core.hosts import agent_port_of
 from nimbostack.core.resources import (
     ENABLE_DISABLE,
     add_creation_tags,
@@ -26,6 +28,7 @@ from nimbostack.core.resources import (
 )
 from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
+from nimbostack.storage.primary import directory_path
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -119,13 +122,10 @@ async def add_simulator_bs(ctx: ApiContext) -> dict[str, Any]:
 async def add_sftp_bs(ctx: ApiContext) -> dict[str, Any]:
     """A directory of image files on a host, kept by that host's agent (ZStack's Sftp store; the
     agent's HTTP wire replaces SSH, the username/password are kept for compatibility)."""
-    from nimbostack.compute.host import agent_port_of
-    from nimbostack.storage.primary import _path
-
     hostname = ctx.req("hostname")
     port = agent_port_of([str(t) for t in ctx.list("systemTags")], ctx.p.settings.agent_port)
     agent_url = f"http://{hostname}:{port}"
-    path = _path(ctx.req("url"))
+    path = directory_path(ctx.req("url"))
     uuid = new_uuid(ctx)
     reply = await ctx.p.agents.call(agent_url, "/bs/connect", {"hostUuid": uuid, "path": path})
     async with ctx.p.db.tx() as s:
@@ -140,8 +140,6 @@ async def add_sftp_bs(ctx: ApiContext) -> dict[str, Any]:
 
 def image_source(bs: m.BackupStorage, ref: m.ImageBackupStorageRef) -> str:
     """Where a primary storage fetches an image from."""
-    from urllib.parse import urlencode
-
     return f"{bs.agentUrl}/bs/file?{urlencode({'root': bs.url, 'path': ref.installPath})}"
 
 

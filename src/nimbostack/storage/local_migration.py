@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from nimbostack.compute.vm import agent
 from nimbostack.core import gc
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import STORAGE_ALLOCATION_FAILED, ApiError, invalid, not_allowed
 from nimbostack.core.flow import FlowChain
+from nimbostack.core.hosts import agent
 from nimbostack.core.resources import inv, load
 from nimbostack.db import models as m
 from nimbostack.storage import backend

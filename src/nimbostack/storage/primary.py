@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, delete, func, select
 
-from nimbostack.compute import host as hostmod
-from nimbostack.core import query
+from nimbostack.core import hooks, query
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import STORAGE_ALLOCATION_FAILED, ApiError, invalid, not_allowed
 from nimbostack.core.resources import (
@@ -77,7 +76,8 @@ query.register(
 register_queries("QueryPrimaryStorage", "QueryLocalStorageResourceRef")
 
 
-def _path(url: str) -> str:
+def directory_path(url: str) -> str:
+    """A storage URL as the absolute, normalised directory path it names on the hosts."""
     if not url.startswith("/") or "\x00" in url or ".." in url.split("/"):
         raise invalid(f"url {url!r} must be an absolute directory path on the hosts")
     return posixpath.normpath(url)
@@ -86,7 +86,7 @@ def _path(url: str) -> str:
 async def _add_ps(ctx: ApiContext, ps_type: str) -> dict[str, Any]:
     async with ctx.p.db.tx() as s:
         zone = await load(s, m.Zone, ctx.req("zoneUuid"), ctx, "Zone")
-        path = _path(ctx.req("url"))
+        path = directory_path(ctx.req("url"))
         row = m.PrimaryStorage(
             uuid=new_uuid(ctx),
             name=ctx.req("name"),
@@ -143,7 +143,7 @@ async def _on_host_connect(platform: Platform, host_uuid: str) -> None:
         await init_host_share(platform, ps_uuid, host_uuid)
 
 
-hostmod.CONNECT_HOOKS.append(_on_host_connect)
+hooks.on_host_connect(_on_host_connect)
 
 
 @api("AttachPrimaryStorageToCluster", admin=True)

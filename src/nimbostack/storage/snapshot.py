@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
 
-from nimbostack.compute.vm import agent
 from nimbostack.core import gc, query
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import ApiError, not_allowed
+from nimbostack.core.hosts import agent
 from nimbostack.core.resources import disown, inv, load, new_uuid, own, register_queries, update_fields
 from nimbostack.db import models as m
 from nimbostack.storage import backend, primary

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from nimbostack.compute.vm import agent
 from nimbostack.core import expunger, gc, query
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import invalid, not_allowed
+from nimbostack.core.hosts import agent
 from nimbostack.core.resources import (
     add_creation_tags,
     disown,
@@ -23,6 +23,7 @@ from nimbostack.core.resources import (
 )
 from nimbostack.db import models as m
 from nimbostack.storage import primary
+from nimbostack.storage.snapshot import drop_snapshots
 from nimbostack.wire import DiskSpec
 
 if TYPE_CHECKING:
@@ -191,8 +192,6 @@ async def detach_data_volume(ctx: ApiContext) -> dict[str, Any]:
 async def delete_volume_files(p: Platform, vol_uuid: str, preferred_host: str | None = None) -> None:
     """Remove the volume's file and its snapshots' files (through the GC where the host is
     unreachable); the snapshots' rows and capacity go with them. The volume's row stays."""
-    from nimbostack.storage.snapshot import drop_snapshots
-
     async with p.db.tx() as s:
         vol = await s.get(m.Volume, vol_uuid)
         if vol is None:

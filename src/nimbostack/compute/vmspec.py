@@ -1,0 +1,145 @@
+"""What the agent is told to run: the VmSpec of a VM, its image source and the image cache on its host."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.exc import NoResultFound
+
+from nimbostack.core.errors import not_allowed
+from nimbostack.core.hosts import agent
+from nimbostack.core.tags import system_tags
+from nimbostack.db import models as m
+from nimbostack.db.engine import get_record, records
+from nimbostack.network.l2l3 import bridge_name
+from nimbostack.storage import backup, primary
+from nimbostack.wire import DiskSpec, NicSpec, VmSpec
+
+if TYPE_CHECKING:
+    from nimbostack.core.platform import Platform
+
+log = logging.getLogger(__name__)
+
+# the system tag of a VM booting from its ISO until the install reboots it (then: from its disk)
+ISO_INSTALL_TAG = "bootOrder::installingFromIso"
+
+
+VOLUMES_OF_VMS = records(
+    select(m.Volume).where(m.Volume.vmInstanceUuid.in_(bindparam("vms", expanding=True))).order_by(m.Volume.deviceId)
+)
+
+
+# each NIC with its L2 network in one statement, not one more per NIC (every start asks)
+_NICS_WITH_L2 = records(
+    select(m.VmNic, m.L2Network)
+    .outerjoin(m.L3Network, m.L3Network.uuid == m.VmNic.l3NetworkUuid)
+    .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
+    .where(m.VmNic.vmInstanceUuid == bindparam("vm"))
+    .order_by(m.VmNic.deviceId)
+)
+
+
+async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
+    cache = await platform.config.get("kvm", "vm.cacheMode")
+    async with platform.db.tx() as s:
+        vm = await get_record(s, m.VmInstance, vm_uuid)
+        assert vm is not None
+        vols = (await s.execute(VOLUMES_OF_VMS, {"vms": [vm_uuid]})).scalars().all()
+        nic_l2s = (await s.execute(_NICS_WITH_L2, {"vm": vm_uuid})).all()
+        nics = [nic for nic, _ in nic_l2s]
+        l2s: dict[str, m.L2Network] = {}
+        bridges: dict[str, str] = {}
+        for nic, l2 in nic_l2s:
+            if l2 is None:  # as the per-NIC scalar_one() this replaces did: a NIC on a vanished network
+                raise NoResultFound("No row was found when one was required")
+            bridges[nic.uuid] = bridge_name(l2, await system_tags(s, l2.uuid))
+            l2s[nic.uuid] = l2
+    iso_path = await cached_image_path(platform, vm.hostUuid, vm.isoUuid) if vm.isoUuid and vm.hostUuid else None
+    return VmSpec(
+        uuid=vm.uuid,
+        name=vm.name,
+        cpu_num=vm.cpuNum,
+        memory=vm.memorySize,
+        disks=[DiskSpec(v.uuid, v.installPath or "", v.deviceId or 0, v.format, cache) for v in vols],
+        nics=[
+            NicSpec(
+                n.uuid,
+                n.mac,
+                bridges[n.uuid],
+                n.deviceId,
+                n.ip or "",
+                n.netmask or "",
+                n.gateway or "",
+                n.l3NetworkUuid,
+                l2s[n.uuid].physicalInterface,
+                l2s[n.uuid].vlan,
+            )
+            for n in nics
+        ],
+        iso_path=iso_path,
+        boot_order=vm.bootOrder.split(","),
+        console_mode=await platform.config.get("kvm", "vm.consoleMode"),
+        cpu_mode=await platform.config.get("kvm", "vm.cpuMode"),
+    )
+
+
+# whether each backup storage is in the zone comes with the copies, in the same statement rather
+# than a second one (every VM create asks)
+_IMAGE_COPIES = records(
+    select(
+        m.ImageBackupStorageRef,
+        m.BackupStorage,
+        select(m.BackupStorageZoneRef.id)
+        .where(
+            m.BackupStorageZoneRef.backupStorageUuid == m.BackupStorage.uuid,
+            m.BackupStorageZoneRef.zoneUuid == bindparam("zone"),
+        )
+        .exists(),
+    )
+    .join(m.BackupStorage, m.BackupStorage.uuid == m.ImageBackupStorageRef.backupStorageUuid)
+    .where(
+        m.ImageBackupStorageRef.imageUuid == bindparam("image"),
+        m.ImageBackupStorageRef.status == "Ready",
+        m.BackupStorage.state == "Enabled",
+    )
+)
+
+
+async def image_source(s: Any, image_uuid: str, zone_uuid: str | None) -> str:
+    """The URL a host fetches the image from: a Ready copy on a backup storage of the zone."""
+    rows = (await s.execute(_IMAGE_COPIES, {"image": image_uuid, "zone": zone_uuid})).all()
+    if zone_uuid:
+        rows = sorted(rows, key=lambda r: not r[2])
+    if not rows:
+        raise not_allowed(f"image {image_uuid} has no Ready copy on an Enabled backup storage")
+    ref, bs = rows[0][0], rows[0][1]
+    return backup.image_source(bs, ref)
+
+
+async def cached_image_path(platform: Platform, host_uuid: str, image_uuid: str) -> str:
+    """Make sure the host's primary storage caches the image (an ISO to boot from); return the path."""
+    async with platform.db.tx() as s:
+        host = await s.get(m.Host, host_uuid)
+        ps = (
+            await s.execute(
+                select(m.PrimaryStorage)
+                .join(
+                    m.PrimaryStorageClusterRef, m.PrimaryStorageClusterRef.primaryStorageUuid == m.PrimaryStorage.uuid
+                )
+                .where(m.PrimaryStorageClusterRef.clusterUuid == host.clusterUuid)
+                .limit(1)
+            )
+        ).scalar_one_or_none()
+        if ps is None:
+            raise not_allowed(f"host {host_uuid}'s cluster has no primary storage to cache image {image_uuid}")
+        image = await s.get(m.Image, image_uuid)
+        url = await image_source(s, image_uuid, host.zoneUuid)
+    reply = await agent(
+        platform,
+        host_uuid,
+        primary.command(ps, "cache-image"),
+        {"path": ps.url, "imageUuid": image_uuid, "imageUrl": url, "md5": image.md5Sum},
+    )
+    return str(reply["cachePath"])
