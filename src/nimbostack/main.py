@@ -72,7 +72,8 @@ def _agent_app(
     migrate_bandwidth: int = 0,
     guest_nice: int = 5,
 ) -> Any:
-    from nimbostack.agent.server import Agent, create_app
+    from nimbostack.agent.host import Agent
+    from nimbostack.agent.server import create_app
     from nimbostack.agent.storage import LocalStorage
 
     if driver == "simulator":

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from nimbostack.agent.server import Agent
+from nimbostack.agent.host import Agent
 from nimbostack.agent.storage import LocalStorage
 from nimbostack.main import _bytes, _path_map
 from nimbostack.storage.local_migration import _files
