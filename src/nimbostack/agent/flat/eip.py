@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DriverError
 from nimbostack.agent.flat.service import FlatService
 from nimbostack.agent.flat.tools import run, tool
@@ -106,7 +107,7 @@ class EipService:
         if self.flat.simulate:
             self.simulated[host_uuid] = {c.vip_uuid: copy.deepcopy(e) for c, e in zip(confs, eips, strict=True)}
             return {"simulated": True}
-        async with self.flat._global:
+        async with self.flat.global_lock:
             wanted = {c.vip_uuid: c for c in confs}
             for vip_uuid in sorted(set(self._known()) - set(wanted)):
                 await self._release(vip_uuid)
@@ -132,9 +133,7 @@ class EipService:
             (c.public_bridge, c.public_phys, c.public_vlan),
             (c.private_bridge, c.private_phys, c.private_vlan),
         ):
-            uplink = (f"{phys}.{vlan}" if vlan else phys) if phys else None
-            shim = SimpleNamespace(bridge=bridge, physical_interface=phys, vlan=vlan, uplink=uplink)
-            await self.flat._ensure_bridge(ip, SimpleNamespace(warnings=warnings), shim)
+            warnings.extend(await ensure_bridge(bridge, phys or "", vlan))
         pub_mac, priv_mac = v.host_mac(host_uuid, n.ns, "pub"), v.host_mac(host_uuid, n.ns, "priv")
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"{c.vip_uuid}.json").write_text(json.dumps({"vipUuid": c.vip_uuid, "eipUuid": c.eip_uuid}))

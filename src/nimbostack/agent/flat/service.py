@@ -207,7 +207,7 @@ class FlatService:
         self.simulated: dict[str, dict[str, dict[str, Any]]] = {}  # host uuid -> L3 uuid -> body
         self.runtimes: dict[str, Runtime] = {}
         self._supervisor: asyncio.Task[None] | None = None
-        self._global = asyncio.Lock()
+        self.global_lock = asyncio.Lock()
 
     # --- names ------------------------------------------------------------------------------
 
