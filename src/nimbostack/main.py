@@ -72,7 +72,8 @@ def _agent_app(
     migrate_bandwidth: int = 0,
     guest_nice: int = 5,
 ) -> Any:
-    from nimbostack.agent.server import Agent, create_app
+    from nimbostack.agent.host import Agent
+    from nimbostack.agent.server import create_app
     from nimbostack.agent.storage import LocalStorage
 
     if driver == "simulator":
@@ -84,7 +85,7 @@ def _agent_app(
             return SimulatorDriver(cpu_num=max(1, cpu // 2600), cpu_speed=2600, memory=mem, host_ip=host_ip)
 
         return create_app(Agent(make, LocalStorage(simulate=True), multi_host=True))
-    from nimbostack.agent.drivers.libvirt_driver import LibvirtDriver
+    from nimbostack.agent.drivers.libvirt.driver import LibvirtDriver
 
     def make_libvirt(host_uuid: str, body: dict[str, Any]) -> Any:
         return LibvirtDriver(domain_type=domain_type, host_ip=host_ip, owner=host_uuid, guest_nice=guest_nice)

@@ -60,12 +60,10 @@ class Host:
     """One simulated KVM host: an Agent with its own Flat namespace prefix, on a loop thread."""
 
     def __init__(self, name: str, prefix: str, state_dir: Path, bridge: str, wire: str, l3: str = L3) -> None:
+        from nimbostack.agent import server  # noqa: F401  (importing the server registers every command)
         from nimbostack.agent.flat.service import FlatService
-        from nimbostack.agent.server import COMMANDS, Agent, create_app
+        from nimbostack.agent.host import COMMANDS, Agent
         from nimbostack.agent.storage import LocalStorage
-
-        create_app  # noqa: B018  (importing server's create_app registers /flat/*)
-        from nimbostack.agent.flat import commands  # noqa: F401
 
         self.name, self.bridge, self.wire, self.l3 = name, bridge, wire, l3
         self.uuid = uuid.uuid4().hex

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.e2e
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed: .ci/run installs it")
 
 from nimbostack.agent.driver import DriverError  # noqa: E402
-from nimbostack.agent.drivers.libvirt_driver import (  # noqa: E402
+from nimbostack.agent.drivers.libvirt.driver import (  # noqa: E402
     METADATA_NS,
     LibvirtDriver,
     domain_name,

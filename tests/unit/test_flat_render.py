@@ -103,7 +103,7 @@ def test_safe_hostname_and_tap_name() -> None:
     assert v.safe_hostname("a" * 80, "x") == "a" * 63
     assert v.tap_name("1552683a" + "0" * 24) == "vnic1552683a"
     try:
-        from nimbostack.agent.drivers.libvirt_driver import nic_target
+        from nimbostack.agent.drivers.libvirt.driver import nic_target
         from nimbostack.wire import NicSpec
     except ImportError:
         return

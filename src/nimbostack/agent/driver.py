@@ -1,8 +1,9 @@
 """The narrow interface every hypervisor driver of the host agent implements.
 
-The agent's HTTP server (``nimbostack.agent.server``) turns wire commands into calls on a
-driver; the management node never sees a driver directly. Two drivers exist: ``simulator``
-(no hypervisor, many hosts per process) and ``libvirt`` (real QEMU guests).
+The agent's commands (``nimbostack.agent.commands``, served by ``nimbostack.agent.server``) turn
+wire commands into calls on a driver; the management node never sees a driver directly. Two
+drivers exist: ``simulator`` (no hypervisor, many hosts per process) and ``libvirt`` (real QEMU
+guests).
 """
 
 from __future__ import annotations

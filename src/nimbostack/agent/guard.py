@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
 from nimbostack.agent.driver import DriverError
-from nimbostack.agent.server import command
-
-if TYPE_CHECKING:
-    from nimbostack.agent.server import Agent
+from nimbostack.agent.host import Agent, command
 
 # (hostUuid, path) → {"delay": s, "error": text, "unreachable": bool}; per agent object
 _FAULTS: dict[int, dict[tuple[str, str], dict[str, Any]]] = {}

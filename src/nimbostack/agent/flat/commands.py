@@ -1,4 +1,4 @@
-"""The ``/flat/*`` agent commands. Imported by ``nimbostack.agent.server.create_app``.
+"""The ``/flat/*`` agent commands. Imported by ``nimbostack.agent.server``.
 
 * ``/flat/apply``   {hostUuid, l3: {...}, vms: [...]}: the full desired state of one L3 network
   on this host (idempotent; replaces what was there)
@@ -17,7 +17,7 @@ from typing import Any
 
 from nimbostack.agent.flat.eip import EipService
 from nimbostack.agent.flat.service import FlatService
-from nimbostack.agent.server import Agent, command
+from nimbostack.agent.host import Agent, command
 
 
 def flat_service(agent: Agent) -> FlatService:

@@ -21,8 +21,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DriverError
-from nimbostack.agent.flat.service import FlatService, _run, _tool
+from nimbostack.agent.flat.service import FlatService
+from nimbostack.agent.flat.tools import run, tool
 from nimbostack.wire import validate as v
 
 PUB, PRIV = "pub0", "priv0"
@@ -105,7 +107,7 @@ class EipService:
         if self.flat.simulate:
             self.simulated[host_uuid] = {c.vip_uuid: copy.deepcopy(e) for c, e in zip(confs, eips, strict=True)}
             return {"simulated": True}
-        async with self.flat._global:
+        async with self.flat.global_lock:
             wanted = {c.vip_uuid: c for c in confs}
             for vip_uuid in sorted(set(self._known()) - set(wanted)):
                 await self._release(vip_uuid)
@@ -122,7 +124,7 @@ class EipService:
         return sorted(found)
 
     async def _setup(self, host_uuid: str, c: EipConf) -> None:
-        ip, nft = _tool("ip"), _tool("nft")
+        ip, nft = tool("ip"), tool("nft")
         if not ip or not nft:
             raise DriverError("FLAT_TOOLS_MISSING", "the host lacks tools the EIP needs", "ip (iproute2), nft")
         n = self.names(c.vip_uuid)
@@ -131,9 +133,7 @@ class EipService:
             (c.public_bridge, c.public_phys, c.public_vlan),
             (c.private_bridge, c.private_phys, c.private_vlan),
         ):
-            uplink = (f"{phys}.{vlan}" if vlan else phys) if phys else None
-            shim = SimpleNamespace(bridge=bridge, physical_interface=phys, vlan=vlan, uplink=uplink)
-            await self.flat._ensure_bridge(ip, SimpleNamespace(warnings=warnings), shim)
+            warnings.extend(await ensure_bridge(bridge, phys or "", vlan))
         pub_mac, priv_mac = v.host_mac(host_uuid, n.ns, "pub"), v.host_mac(host_uuid, n.ns, "priv")
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"{c.vip_uuid}.json").write_text(json.dumps({"vipUuid": c.vip_uuid, "eipUuid": c.eip_uuid}))
@@ -157,25 +157,25 @@ class EipService:
         if c.vip_gateway:
             cmds.append([ip, "-n", n.ns, "route", "add", "default", "via", c.vip_gateway, "dev", PUB])
         # the tables first: no frame crosses before the namespace is fenced in
-        await _run([nft, "-f", "-"], stdin=_bridge_rules(n.table, c, n.priv, priv_mac).encode())
+        await run([nft, "-f", "-"], stdin=_bridge_rules(n.table, c, n.priv, priv_mac).encode())
         for argv in cmds:
-            await _run(argv)
+            await run(argv)
         forward = "open('/proc/sys/net/ipv4/ip_forward', 'w').write('1')"
-        await _run([ip, "netns", "exec", n.ns, self.flat.python, "-c", forward])
-        await _run([ip, "netns", "exec", n.ns, nft, "-f", "-"], stdin=_nat_rules(c).encode())
+        await run([ip, "netns", "exec", n.ns, self.flat.python, "-c", forward])
+        await run([ip, "netns", "exec", n.ns, nft, "-f", "-"], stdin=_nat_rules(c).encode())
         self.applied[c.vip_uuid] = c
 
     async def _release(self, vip_uuid: str) -> None:
         n = self.names(vip_uuid)
-        ip, nft = _tool("ip"), _tool("nft")
+        ip, nft = tool("ip"), tool("nft")
         if ip:
             for dev in (n.pub, n.priv):
                 if Path(f"/sys/class/net/{dev}").exists():
-                    await _run([ip, "link", "del", dev], check=False)
+                    await run([ip, "link", "del", dev], check=False)
             if Path(f"/run/netns/{n.ns}").exists():
-                await _run([ip, "netns", "del", n.ns], check=False)
+                await run([ip, "netns", "del", n.ns], check=False)
         if nft:
-            await _run([nft, "delete", "table", "bridge", n.table], check=False)
+            await run([nft, "delete", "table", "bridge", n.table], check=False)
         (self.dir / f"{vip_uuid}.json").unlink(missing_ok=True)
         self.applied.pop(vip_uuid, None)
 

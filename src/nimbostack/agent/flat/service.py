@@ -29,6 +29,7 @@ from typing import Any
 from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DriverError
 from nimbostack.agent.flat import render
+from nimbostack.agent.flat.tools import run, tool
 from nimbostack.wire import validate as v
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 INNER = "nbdhcp0"  # the namespace's end of the veth; the name only exists inside the namespace
 SUPERVISE_EVERY = 0.5
 _PREFIX = re.compile(r"[a-z][a-z0-9-]{0,5}")
-
-
-def _tool(name: str) -> str | None:
-    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin:/bin")
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> bool:
@@ -210,7 +207,7 @@ class FlatService:
         self.simulated: dict[str, dict[str, dict[str, Any]]] = {}  # host uuid -> L3 uuid -> body
         self.runtimes: dict[str, Runtime] = {}
         self._supervisor: asyncio.Task[None] | None = None
-        self._global = asyncio.Lock()
+        self.global_lock = asyncio.Lock()
 
     # --- names ------------------------------------------------------------------------------
 
@@ -358,7 +355,7 @@ class FlatService:
     # --- real hosts -------------------------------------------------------------------------
 
     async def _apply(self, rt: Runtime, d: render.Desired) -> None:
-        ip, nft, dnsmasq = _tool("ip"), _tool("nft"), _tool("dnsmasq")
+        ip, nft, dnsmasq = tool("ip"), tool("nft"), tool("dnsmasq")
         missing = [n for n, p in (("ip (iproute2)", ip), ("nft (nftables)", nft), ("dnsmasq", dnsmasq)) if not p]
         if missing:
             raise DriverError("FLAT_TOOLS_MISSING", "the host lacks tools the Flat provider needs", ", ".join(missing))
@@ -383,7 +380,7 @@ class FlatService:
         # rules before the processes, so no VM frame is ever forwarded unfiltered
         text = render.render_nft(rt.table, d, rt.outer, rt.ns_mac)
         if text != rt.nft:
-            await _run([nft, "-f", "-"], stdin=text.encode())
+            await run([nft, "-f", "-"], stdin=text.encode())
             rt.nft = text
         # processes: dnsmasq only when Flat provides DHCP, the metadata server only for Userdata
         dns_argv = [ip, "netns", "exec", rt.ns, dnsmasq, "--keep-in-foreground", f"--conf-file={conf}"]
@@ -429,25 +426,25 @@ class FlatService:
     async def _ensure_namespace(self, ip: str, rt: Runtime, l3: render.L3Conf) -> None:
         fresh = False
         if not Path(f"/run/netns/{rt.ns}").exists():
-            await _run([ip, "netns", "add", rt.ns], ok_if="File exists")
-            await _run([ip, "-n", rt.ns, "link", "set", "dev", "lo", "up"])
+            await run([ip, "netns", "add", rt.ns], ok_if="File exists")
+            await run([ip, "-n", rt.ns, "link", "set", "dev", "lo", "up"])
             fresh = True
         if not Path(f"/sys/class/net/{rt.outer}").exists():
-            await _run([ip, "-n", rt.ns, "link", "del", INNER], check=False)
-            await _run([ip, "link", "add", rt.outer, "type", "veth", "peer", "name", INNER, "netns", rt.ns])
-            await _run([ip, "link", "set", "dev", rt.outer, "addrgenmode", "none"], check=False)
+            await run([ip, "-n", rt.ns, "link", "del", INNER], check=False)
+            await run([ip, "link", "add", rt.outer, "type", "veth", "peer", "name", INNER, "netns", rt.ns])
+            await run([ip, "link", "set", "dev", rt.outer, "addrgenmode", "none"], check=False)
             fresh = True
         if _master(rt.outer) != l3.bridge:
-            await _run([ip, "link", "set", "dev", rt.outer, "master", l3.bridge, "up"])
+            await run([ip, "link", "set", "dev", rt.outer, "master", l3.bridge, "up"])
         want = (l3.dhcp_ip, l3.prefix, rt.ns_mac)
         if fresh or rt.addr != want:
-            await _run([ip, "-n", rt.ns, "link", "set", "dev", INNER, "down"])
-            await _run([ip, "-n", rt.ns, "link", "set", "dev", INNER, "address", rt.ns_mac, "addrgenmode", "none"])
-            await _run([ip, "-n", rt.ns, "addr", "flush", "dev", INNER])
-            await _run([ip, "-n", rt.ns, "addr", "add", f"{l3.dhcp_ip}/{l3.prefix}", "dev", INNER])
-            await _run([ip, "-n", rt.ns, "addr", "add", f"{v.METADATA_IP}/32", "dev", INNER])
-            await _run([ip, "-n", rt.ns, "link", "set", "dev", INNER, "up"])
-            await _run([ip, "link", "set", "dev", rt.outer, "up"])
+            await run([ip, "-n", rt.ns, "link", "set", "dev", INNER, "down"])
+            await run([ip, "-n", rt.ns, "link", "set", "dev", INNER, "address", rt.ns_mac, "addrgenmode", "none"])
+            await run([ip, "-n", rt.ns, "addr", "flush", "dev", INNER])
+            await run([ip, "-n", rt.ns, "addr", "add", f"{l3.dhcp_ip}/{l3.prefix}", "dev", INNER])
+            await run([ip, "-n", rt.ns, "addr", "add", f"{v.METADATA_IP}/32", "dev", INNER])
+            await run([ip, "-n", rt.ns, "link", "set", "dev", INNER, "up"])
+            await run([ip, "link", "set", "dev", rt.outer, "up"])
             rt.addr = want
 
     async def _release(self, rt: Runtime) -> None:
@@ -459,14 +456,14 @@ class FlatService:
             else:
                 stale = Proc(name, [], rt.dir / f"{name}.log", rt.dir / f"{name}.pid", str(rt.dir))
                 await asyncio.to_thread(stale.kill_stale)
-        ip, nft = _tool("ip"), _tool("nft")
+        ip, nft = tool("ip"), tool("nft")
         if nft:
-            await _run([nft, "delete", "table", "bridge", rt.table], check=False)
+            await run([nft, "delete", "table", "bridge", rt.table], check=False)
         if ip:
             if Path(f"/sys/class/net/{rt.outer}").exists():
-                await _run([ip, "link", "del", rt.outer], check=False)
+                await run([ip, "link", "del", rt.outer], check=False)
             if Path(f"/run/netns/{rt.ns}").exists():
-                await _run([ip, "netns", "del", rt.ns], check=False)
+                await run([ip, "netns", "del", rt.ns], check=False)
         shutil.rmtree(rt.dir, ignore_errors=True)
         rt.nft, rt.addr = None, None
 
@@ -559,18 +556,3 @@ def _dnsmasq_user(state_dir: Path) -> tuple[str, str]:
         except KeyError:
             _USER = ("root", "root")
     return _USER
-
-
-async def _run(argv: list[str], stdin: bytes | None = None, check: bool = True, ok_if: str = "") -> tuple[int, str]:
-    """Run a command (never through a shell); DriverError when it fails and ``check``."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    out, err = await proc.communicate(stdin)
-    text = (out + err).decode(errors="replace").strip()
-    if proc.returncode and check and not (ok_if and ok_if in text):
-        raise DriverError("FLAT_COMMAND_FAILED", f"{os.path.basename(argv[0])} failed", f"{argv}: {text[:500]}")
-    return proc.returncode or 0, text

@@ -1,0 +1,276 @@
+"""The agent's own commands: /host/*, /vm/*, /storage/{local,smp}/* and /bs/*."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from nimbostack.agent.bridge import ensure_bridge
+from nimbostack.agent.driver import DriverError
+from nimbostack.agent.host import Agent, command, storage_command
+from nimbostack.agent.storage import LocalStorage, PullFile
+from nimbostack.wire import DiskSpec, NicSpec, VmSpec
+
+log = logging.getLogger(__name__)
+
+
+def _vm_spec(a: Agent, raw: dict[str, Any]) -> VmSpec:
+    raw = dict(raw)
+    raw["disks"] = [_disk(a, d) for d in raw.get("disks", [])]
+    raw["nics"] = [NicSpec(**n) for n in raw.get("nics", [])]
+    if raw.get("iso_path"):
+        raw["iso_path"] = a.real(raw["iso_path"])
+    return VmSpec(**raw)
+
+
+def _disk(a: Agent, raw: dict[str, Any]) -> DiskSpec:
+    disk = DiskSpec(**raw)
+    disk.path = a.real(disk.path)
+    return disk
+
+
+@command("/host/connect")
+async def _connect(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    return await a.connect(b["hostUuid"], b)
+
+
+@command("/host/ping")
+async def _ping(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    key = b["hostUuid"] if a.multi_host else "local"
+    # "connected": false tells the management node this agent restarted and needs /host/connect
+    return {"connected": key in a.drivers}
+
+
+async def _plug(a: Agent, spec: VmSpec) -> list[str]:
+    """What a VM needs on this host besides its domain: its L2 bridges, a console log."""
+    warnings: list[str] = []
+    if not a.multi_host:  # simulated hosts have no bridges
+        for nic in spec.nics:
+            warnings += await ensure_bridge(nic.bridge, nic.physical_interface, nic.vlan)
+        if a.console_dir:
+            Path(a.console_dir).mkdir(parents=True, exist_ok=True)
+            spec.console_log = spec.console_log or str(Path(a.console_dir) / f"{spec.uuid}.log")
+    for w in warnings:
+        log.warning("VM %s: %s", spec.uuid, w)
+    return warnings
+
+
+@command("/vm/start")
+async def _start(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    spec = _vm_spec(a, b["vm"])
+    warnings = await _plug(a, spec)
+    await a.driver(b["hostUuid"]).start_vm(spec)
+    return {"warnings": warnings}
+
+
+@command("/vm/prepare-migration")
+async def _prepare_migration(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    """On the destination, before a live migration: the incoming domain plugs into bridges that
+    must exist already (libvirt does not create them)."""
+    spec = _vm_spec(a, b["vm"])
+    warnings = await _plug(a, spec)
+    return {"warnings": warnings, "consoleLog": spec.console_log}
+
+
+@command("/vm/stop")
+async def _stop(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.driver(b["hostUuid"]).stop_vm(b["vmUuid"], b.get("graceful", True), b.get("timeout", 60))
+    return {}
+
+
+@command("/vm/reboot")
+async def _reboot(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.driver(b["hostUuid"]).reboot_vm(b["vmUuid"])
+    return {}
+
+
+@command("/vm/pause")
+async def _pause(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.driver(b["hostUuid"]).pause_vm(b["vmUuid"])
+    return {}
+
+
+@command("/vm/resume")
+async def _resume(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.driver(b["hostUuid"]).resume_vm(b["vmUuid"])
+    return {}
+
+
+@command("/vm/destroy")
+async def _destroy(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.driver(b["hostUuid"]).destroy_vm(b["vmUuid"])
+    return {}
+
+
+@command("/vm/states")
+async def _states(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    return {"states": await a.driver(b["hostUuid"]).vm_states()}
+
+
+@command("/vm/attach-disk")
+async def _attach_disk(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.driver(b["hostUuid"]).attach_disk(b["vmUuid"], _disk(a, b["disk"]))
+    return {}
+
+
+@command("/vm/detach-disk")
+async def _detach_disk(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.driver(b["hostUuid"]).detach_disk(b["vmUuid"], _disk(a, b["disk"]))
+    return {}
+
+
+@command("/vm/attach-iso")
+async def _attach_iso(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.driver(b["hostUuid"]).attach_iso(b["vmUuid"], a.real(b["isoPath"]))
+    return {}
+
+
+@command("/vm/detach-iso")
+async def _detach_iso(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.driver(b["hostUuid"]).detach_iso(b["vmUuid"])
+    return {}
+
+
+@command("/vm/console")
+async def _console(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    addr = await a.driver(b["hostUuid"]).console_address(b["vmUuid"])
+    return {"hostIp": addr.host_ip, "port": addr.port, "protocol": addr.protocol}
+
+
+@command("/vm/migrate")
+async def _migrate(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    """Live migration to another host. Real: libvirt migrates the running domain to ``destUri``
+    (peer to peer, shared storage). Simulated: the domain moves to the destination's driver
+    (on this agent) and the move is recorded."""
+    source, dest, vm = b["hostUuid"], b["destHostUuid"], b["vmUuid"]
+    driver = a.driver(source)
+    if a.multi_host:
+        target = a.drivers.get(dest)
+        if target is None:
+            raise DriverError("HOST_NOT_CONNECTED", "the destination host is not connected to this agent", dest)
+        await driver.migrate_vm(vm, b.get("destUri", ""), dest, target)
+        a.migrations.append({"vmUuid": vm, "from": source, "to": dest, "at": time.time()})
+    else:
+        await driver.migrate_vm(vm, b["destUri"], dest, None, b.get("destConsoleLog"))
+    return {}
+
+
+@storage_command("init")
+async def _ls_init(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    root = a.real(b["path"])
+    if shared and not st.simulate and not os.path.isdir(root):
+        raise DriverError("STORAGE_NOT_MOUNTED", "the shared mount point is not there",
+                          f"{root} does not exist on this host; mount the shared file system there first")
+    total, available = await st.capacity(root, b.get("simulatedCapacity") or (1 << 40))
+    if not shared:  # a shared file system may be in the middle of another host's copy
+        st.clean_partials(root)
+    return {"totalCapacity": total, "availableCapacity": available}
+
+
+@storage_command("create-root")
+async def _ls_root(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    root, path = a.real(b["path"]), a.real(b["installPath"])
+    if b.get("empty"):
+        actual = await st.create_empty(root, path, b["size"])
+    else:
+        cache = await st.cache_image(root, b["imageUuid"], b["imageUrl"], b.get("md5"))
+        actual = await st.create_from_image(root, path, cache, b.get("size", 0))
+    return {"actualSize": actual}
+
+
+@storage_command("create-empty")
+async def _ls_empty(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    return {"actualSize": await st.create_empty(a.real(b["path"]), a.real(b["installPath"]), b["size"])}
+
+
+@storage_command("cache-image")
+async def _ls_cache(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    cache = await st.cache_image(a.real(b["path"]), b["imageUuid"], b["imageUrl"], b.get("md5"))
+    return {"cachePath": a.logical(cache)}
+
+
+@storage_command("delete")
+async def _ls_delete(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    await st.delete(a.real(b["path"]), a.real(b["installPath"]))
+    return {}
+
+
+@storage_command("info")
+async def _ls_info(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    out = await st.info(a.real(b["path"]), a.real(b["installPath"]))
+    if out.get("backing"):
+        out["backing"] = a.logical(str(out["backing"]))
+    return out
+
+
+@storage_command("snapshot")
+async def _ls_snapshot(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    """Take a snapshot: ``installPath`` (the volume's file) is frozen and the volume continues in
+    ``newInstallPath`` on top of it. A running VM switches files live (``vmUuid``, ``disk``)."""
+    root, old, new = a.real(b["path"]), a.real(b["installPath"]), a.real(b["newInstallPath"])
+    if b.get("vmUuid"):
+        disk = _disk(a, b["disk"])
+        await a.driver(b["hostUuid"]).snapshot_disk(b["vmUuid"], disk, new)
+        if st.simulate:
+            st.files[new], st.backing[new] = 0, old
+    else:
+        await st.overlay(root, old, new)
+    return {"size": st.actual_size(old)}
+
+
+@storage_command("overlay")
+async def _ls_overlay(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    await st.overlay(a.real(b["path"]), a.real(b["backing"]), a.real(b["installPath"]))
+    return {}
+
+
+@storage_command("rebase")
+async def _ls_rebase(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    backing = a.real(b["backing"]) if b.get("backing") else None
+    return {"actualSize": await st.rebase(a.real(b["path"]), a.real(b["installPath"]), backing)}
+
+
+@storage_command("pull")
+async def _ls_pull(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    """Copy a volume's files from another host's agent (``sourceUrl``, ``sourceHostUuid``), which
+    serves them at GET /storage/file."""
+    root = a.real(b["path"])
+    files = [
+        PullFile(a.real(f["installPath"]), f["installPath"], a.real(f["backing"]) if f.get("backing") else None,
+                 bool(f.get("skipIfExists")))
+        for f in b["files"]
+    ]
+
+    def fetch(f: PullFile) -> str:
+        query = urlencode({"hostUuid": b["sourceHostUuid"], "root": b["path"], "path": f.source_path})
+        return f"{b['sourceUrl']}/storage/file?{query}"
+
+    source = a.store(b["sourceHostUuid"], shared) if st.simulate else None
+    sizes = await st.pull(root, files, fetch, source)
+    return {"sizes": {a.logical(k): v for k, v in sizes.items()}}
+
+
+@command("/bs/connect")
+async def _bs_connect(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    total, available = await a.backup.capacity(b["path"])
+    return {"totalCapacity": total, "availableCapacity": available}
+
+
+@command("/bs/download")
+async def _bs_download(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    return await a.backup.download(b["path"], b["imageUuid"], b["url"], b["format"], b.get("md5"))
+
+
+@command("/bs/progress")
+async def _bs_progress(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    return {"progress": a.backup.progress.get(b["imageUuid"])}
+
+
+@command("/bs/delete")
+async def _bs_delete(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.backup.delete(b["path"], b["installPath"])
+    return {}

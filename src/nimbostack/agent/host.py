@@ -1,0 +1,151 @@
+"""The host agent's state (Agent), its command registry (COMMANDS, command, storage_command) and path remapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any
+
+import httpx
+
+from nimbostack.agent.backup import BackupStore
+from nimbostack.agent.driver import DriverError, HypervisorDriver
+from nimbostack.agent.storage import LocalStorage
+
+log = logging.getLogger(__name__)
+
+DriverFactory = Callable[[str, dict[str, Any]], HypervisorDriver]
+
+
+class Agent:
+    def __init__(self, driver_factory: DriverFactory, storage: LocalStorage, multi_host: bool,
+                 console_dir: str | None = None, path_map: list[tuple[str, str]] | None = None) -> None:
+        self.console_dir = console_dir  # where guests' serial consoles are logged
+        self.driver_factory = driver_factory
+        self.storage = storage
+        self.multi_host = multi_host  # simulator: one driver per host uuid
+        # (path the management node names, path on this machine), as a bind mount would map them:
+        # several agents on one machine keep their "local" storage apart this way
+        self.path_map = sorted(((norm_path(a), norm_path(b)) for a, b in path_map or []), key=lambda p: -len(p[0]))
+        self._sim_stores: dict[str, LocalStorage] = {}
+        self.roots: set[str] = set()  # primary storage urls the management node named here
+        self.migrations: list[dict[str, Any]] = []  # simulator: the live migrations it recorded
+        self.drivers: dict[str, HypervisorDriver] = {}
+        self.backup = BackupStore()
+        self.management_url: str | None = None
+        self._http = httpx.AsyncClient(timeout=10)
+        # events are posted as tasks of their own; with hundreds at once in httpx's pool, its
+        # bookkeeping (every queued request against every connection, on each request) cost more
+        # than all the agent's other work. A few at a time keep that queue short.
+        self._event_slots = asyncio.Semaphore(8)
+        self._pending_events: list[dict[str, Any]] = []
+        # host-side services (e.g. "flat": network namespaces, dnsmasq, metadata), closed with the agent
+        self.extensions: dict[str, Any] = {}
+
+    def real(self, path: str) -> str:
+        """The path on this machine of a path the management node names (``--path-map``)."""
+        return _remap(path, self.path_map)
+
+    def logical(self, path: str) -> str:
+        """The inverse of ``real``: the path the management node knows."""
+        return _remap(path, sorted(((b, a) for a, b in self.path_map), key=lambda p: -len(p[0])))
+
+    def store(self, host_uuid: str, shared: bool = False) -> LocalStorage:
+        """The files of a host's storage. Real: the one file system. Simulated: one store per
+        simulated host for local storage, one for every host for shared (mounted) storage."""
+        if not self.storage.simulate:
+            return self.storage
+        if not self.multi_host:
+            return self.storage
+        return self._sim_stores.setdefault("*shared*" if shared else host_uuid, LocalStorage(simulate=True))
+
+    def driver(self, host_uuid: str) -> HypervisorDriver:
+        key = host_uuid if self.multi_host else "local"
+        d = self.drivers.get(key)
+        if d is None:
+            raise DriverError(
+                "HOST_NOT_CONNECTED",
+                "the host is not connected to this agent",
+                f"host {host_uuid}: call /host/connect first",
+            )
+        return d
+
+    async def connect(self, host_uuid: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.management_url = body.get("managementUrl") or self.management_url
+        key = host_uuid if self.multi_host else "local"
+        if key not in self.drivers:
+            driver = self.driver_factory(host_uuid, body)
+            driver.on_state_change(lambda vm, state, h=host_uuid: self.report(h, vm, state))
+            self.drivers[key] = driver
+        facts = await self.drivers[key].host_facts()
+        return {"facts": asdict(facts)}
+
+    async def report(self, host_uuid: str, vm_uuid: str, state: str) -> None:
+        """Push a VM state change to the management node; keep it for retry if that fails."""
+        if not self.management_url:
+            return
+        event = {"hostUuid": host_uuid, "vmUuid": vm_uuid, "state": state}
+        asyncio.get_running_loop().create_task(self._post_event(event))
+
+    async def _post_event(self, event: dict[str, Any]) -> None:
+        try:
+            async with self._event_slots:
+                await self._http.post(f"{self.management_url}/agent/events", json=event)
+        except httpx.HTTPError as err:
+            log.warning("could not report %s: %s (the management node reconciles on its next ping)", event, err)
+
+    async def close(self) -> None:
+        for ext in self.extensions.values():
+            await ext.close()
+        for d in self.drivers.values():
+            await d.close()
+        await self._http.aclose()
+
+
+def norm_path(path: str) -> str:
+    return os.path.normpath(path) if path else path
+
+
+def _remap(path: str, pairs: list[tuple[str, str]]) -> str:
+    for src, dst in pairs:
+        if src == "/":
+            return dst.rstrip("/") + path
+        if path == src or path.startswith(src + "/"):
+            return dst + path[len(src):]
+    return path
+
+
+Command = Callable[[Agent, dict[str, Any]], Awaitable[dict[str, Any]]]
+COMMANDS: dict[str, Command] = {}
+
+
+def command(path: str) -> Callable[[Command], Command]:
+    def register(fn: Command) -> Command:
+        COMMANDS[path] = fn
+        return fn
+
+    return register
+
+
+# Primary storages kept as files: /storage/local/* (LocalStorage: a share on each host) and
+# /storage/smp/* (SharedMountPoint: one file system every host has mounted) take the same
+# commands; the body's "path" is the storage's url, paths are absolute and inside it.
+StorageCommand = Callable[[Agent, dict[str, Any], LocalStorage, bool], Awaitable[dict[str, Any]]]
+
+
+def storage_command(name: str) -> Callable[[StorageCommand], StorageCommand]:
+    def register(fn: StorageCommand) -> StorageCommand:
+        for prefix, shared in (("/storage/local", False), ("/storage/smp", True)):
+
+            async def run(a: Agent, b: dict[str, Any], fn: StorageCommand = fn, shared: bool = shared
+                          ) -> dict[str, Any]:
+                a.roots.add(norm_path(b["path"]))
+                return await fn(a, b, a.store(b["hostUuid"], shared), shared)
+
+            COMMANDS[f"{prefix}/{name}"] = run
+        return fn
+
+    return register
