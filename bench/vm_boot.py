@@ -28,10 +28,9 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from nimbostack.harness import Api, Running, free_port
 
-from tests.conftest import Api, Running, free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 AGENT_TIMES: dict[str, list[float]] = defaultdict(list)
 

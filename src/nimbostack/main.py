@@ -63,7 +63,7 @@ def _settings(a: argparse.Namespace) -> Any:
     )
 
 
-def _agent_app(
+def agent_app(
     driver: str,
     domain_type: str,
     host_ip: str,
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         _run(_serve([(create_app(_settings(a)), a.listen, a.port)]))
     elif a.command == "agent":
         port = a.port or (7071 if a.driver == "simulator" else 7070)
-        app = _agent_app(
+        app = agent_app(
             a.driver,
             a.domain_type,
             a.host_ip,
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             _serve(
                 [
                     (
-                        _agent_app(driver, a.domain_type, "127.0.0.1", str(settings.data_dir / "agent")),
+                        agent_app(driver, a.domain_type, "127.0.0.1", str(settings.data_dir / "agent")),
                         "127.0.0.1",
                         agent_port,
                     ),

@@ -1,0 +1,160 @@
+"""An all-in-one in one process (a management node and an agent on loopback ports) and a small
+ZStack wire client: what the benchmarks and the tests drive, over HTTP exactly as any client would."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from nimbostack.api.app import create_app
+from nimbostack.core import spec
+from nimbostack.core.platform import Settings
+from nimbostack.db.engine import sqlite_url
+from nimbostack.main import agent_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.2) -> Any:
+    """The first true value of ``predicate()``, asked every ``every`` s; fails after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class ApiError(Exception):
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(json.dumps(error))
+        self.code = error.get("code")
+        self.error = error
+
+
+class Api:
+    """A small ZStack wire client: call("CreateZone", name="z") → the reply body."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.http = httpx.Client(timeout=120)
+        self.session: str | None = None
+
+    def raw(self, name: str, params: dict[str, Any], session: bool = True) -> dict[str, Any]:
+        full = spec.messages()[name].full_name if name in spec.messages() else name
+        body = dict(params)
+        if session and self.session:
+            body["session"] = {"uuid": self.session}
+        r = self.http.post(f"{self.base}/zstack/api", json={full: body})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        while answer["state"] == "Processing":
+            time.sleep(0.02)
+            answer = self.http.get(f"{self.base}/zstack/api/result/{answer['uuid']}").json()
+        (reply,) = json.loads(answer["result"]).values()
+        return reply
+
+    def call(self, name: str, /, **params: Any) -> dict[str, Any]:
+        reply = self.raw(name, params)
+        if not reply["success"]:
+            raise ApiError(reply["error"])
+        return reply
+
+    def fails(self, name: str, /, **params: Any) -> dict[str, Any]:
+        reply = self.raw(name, params)
+        assert not reply["success"], f"{name} should have failed: {reply}"
+        return reply["error"]
+
+    def login(self, name: str = "admin", password: str = "password") -> str:
+        reply = self.call("LogInByAccount", accountName=name, password=hashlib.sha512(password.encode()).hexdigest())
+        self.session = reply["inventory"]["uuid"]
+        return self.session
+
+    def query(self, name: str, /, *conds: tuple[str, str, Any], **params: Any) -> list[dict[str, Any]]:
+        conditions = [{"name": n, "op": op, "value": v} for n, op, v in conds]
+        return self.call(name, conditions=conditions, **params)["inventories"]
+
+
+class Running:
+    """A management node + simulator agent in a background thread's event loop."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        db_url: str | None = None,
+        quick_wait: float = 0.2,
+        port: int | None = None,
+        agent_port: int | None = None,
+        background: bool = False,
+        driver: str = "simulator",
+        listen: str = "127.0.0.1",
+    ) -> None:
+        """``port``/``agent_port`` reuse a stopped node's ports (a restart on the same data dir);
+        ``background`` runs the pings, the expunger and the GC poll; ``driver`` "libvirt" makes the
+        agent a real KVM host agent; ``listen`` is the management node's address (agents on other
+        machines push their events there)."""
+        self.db_url = db_url
+        self.port, self.agent_port = port or free_port(), agent_port or free_port()
+        settings = Settings(
+            data_dir=data_dir,
+            db_url=db_url or sqlite_url(data_dir),
+            port=self.port,
+            management_url=f"http://{listen}:{self.port}",
+            simulator_agent_url=f"http://127.0.0.1:{self.agent_port}",
+            quick_wait=quick_wait,
+            background=background,
+        )
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.app = create_app(settings)
+        self.servers = [
+            uvicorn.Server(
+                uvicorn.Config(
+                    agent_app(driver, "auto", "127.0.0.1", str(data_dir / "agent")),
+                    host="127.0.0.1",
+                    port=self.agent_port,
+                    log_level="warning",
+                )
+            ),
+            uvicorn.Server(uvicorn.Config(self.app, host=listen, port=self.port, log_level="warning")),
+        ]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not all(s.started for s in self.servers):
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the management node did not start")
+            time.sleep(0.05)
+        self.url = f"http://{listen}:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        for s in self.servers:
+            s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.loop.run_until_complete(asyncio.gather(*(s.serve() for s in self.servers)))
+
+    @property
+    def platform(self) -> Any:
+        return self.app.state.nimbo["p"]
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def stop(self) -> None:
+        for s in reversed(self.servers):
+            s.should_exit = True
+        self.thread.join(30)
