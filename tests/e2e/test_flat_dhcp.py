@@ -60,11 +60,12 @@ class Host:
     """One simulated KVM host: an Agent with its own Flat namespace prefix, on a loop thread."""
 
     def __init__(self, name: str, prefix: str, state_dir: Path, bridge: str, wire: str, l3: str = L3) -> None:
-        from nimbostack.agent import server  # noqa: F401  (importing the server registers every command)
-        from nimbostack.agent.flat.service import FlatService
+        from nimbostack.agent import plugins, server  # noqa: F401  (the server registers the core commands)
         from nimbostack.agent.host import COMMANDS, Agent
         from nimbostack.agent.storage import LocalStorage
+        from nimbostack.plugins.flat.host.service import FlatService
 
+        plugins.load_all()  # the /flat/* commands
         self.name, self.bridge, self.wire, self.l3 = name, bridge, wire, l3
         self.uuid = uuid.uuid4().hex
         self.commands = COMMANDS

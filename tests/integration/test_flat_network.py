@@ -404,7 +404,7 @@ def test_a_vm_start_adds_its_entries_and_a_host_without_state_gets_the_full_stat
     assert [e["vmUuid"] for e in body["vms"]] == [
         v["uuid"] for v in sorted((first, second), key=lambda v: v["vmNics"][0]["ip"])
     ]
-    from nimbostack.network import flat
+    from nimbostack.plugins.flat import service as flat
 
     full = node.run(flat.desired_state(node.platform, host, l3, {"DHCP", "Userdata"}))
     assert body == full

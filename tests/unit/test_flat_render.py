@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from nimbostack.agent.flat import metadata, render
+from nimbostack.plugins.flat.host import metadata, render
 from nimbostack.wire import validate as v
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUnitTestKey alice@example"

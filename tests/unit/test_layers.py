@@ -1,13 +1,15 @@
 """The package's imports point down, never in a circle, and take no private names from another module.
 
 Floors, top to bottom: the entry points (main, bootstrap, cli) → api (the wire) → the services
-(compute, storage, network) → core → db → wire (the node ↔ agent contract). The host agent is a
+(compute, storage, network, plugins) → core → db → wire (the node ↔ agent contract). The host agent is a
 house of its own that shares only ``nimbostack.wire`` with the management side. Every import counts,
 those under ``TYPE_CHECKING`` and inside functions too: a circle hidden there is still a circle."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +24,13 @@ FLOORS = {
     "compute": 3,
     "storage": 3,
     "network": 3,
+    "plugins": 3,
     "api": 4,
     "web": 4,
     "bootstrap": 5,
     "cli": 5,
     "main": 6,
+    "harness": 6,
 }
 # entry points that choose at run time what to load (the agent or the server): their imports
 # inside functions are deferred loading, not a way around a circle
@@ -86,8 +90,11 @@ def _imports(module: str) -> list[tuple[str, str, int, bool]]:
 
 
 def _floor(module: str) -> tuple[str, int]:
-    part = module.split(".")[1] if "." in module else "main"
-    if part == "agent":
+    parts = module.split(".")
+    part = parts[1] if len(parts) > 1 else "main"
+    # a plugin's host agent part (plugins/<name>/agent.py, and host/ with what runs on the host)
+    # belongs to the agent's house
+    if part == "agent" or (part == "plugins" and len(parts) > 3 and parts[3] in ("agent", "host")):
         return "agent", -1
     return part, FLOORS.get(part, 5)
 
@@ -179,3 +186,20 @@ def test_no_imports_inside_functions() -> None:
 def test_the_checker_sees_imports(module: str) -> None:
     """The checks above would pass on a graph they failed to read: make sure they read one."""
     assert any(t.startswith("nimbostack.core") for t, _, _, _ in GRAPH[module])
+
+
+BENCH = SRC.parent / "bench"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py") if p.name != "__init__.py"))
+def test_benchmarks_need_only_the_package(script: str) -> None:
+    """A newcomer runs them in the venv ``scripts/up`` makes, which has no pytest and no tests/."""
+    tree = ast.parse((BENCH / script).read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not roots & {"tests", "pytest", "conftest"}, f"{script} imports test code: {roots}"
+    # and it starts from anywhere: nothing found through the current directory or a path it adds
+    done = subprocess.run(
+        [sys.executable, "-I", str(BENCH / script), "--help"], cwd="/", capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr

@@ -11,7 +11,7 @@ import pytest
 from nimbostack.agent.host import Agent
 from nimbostack.agent.storage import LocalStorage
 from nimbostack.main import _bytes, _path_map
-from nimbostack.storage.local_migration import _files
+from nimbostack.plugins.local_storage.migration import _files
 
 
 def _agent(path_map: list[tuple[str, str]]) -> Agent:

@@ -130,22 +130,41 @@ def command(path: str) -> Callable[[Command], Command]:
     return register
 
 
-# Primary storages kept as files: /storage/local/* (LocalStorage: a share on each host) and
-# /storage/smp/* (SharedMountPoint: one file system every host has mounted) take the same
-# commands; the body's "path" is the storage's url, paths are absolute and inside it.
+# Primary storages kept as files take the same commands under their plugin's prefix
+# (/storage/local/* for LocalStorage, /storage/smp/* for SharedMountPoint: agent/plugins.py); the
+# body's "path" is the storage's url, paths are absolute and inside it.
 StorageCommand = Callable[[Agent, dict[str, Any], LocalStorage, bool], Awaitable[dict[str, Any]]]
+STORAGE_COMMANDS: dict[str, StorageCommand] = {}
+# command prefix -> shared (one file system every host has mounted) or a share of each host's own
+STORAGE_KINDS: dict[str, bool] = {}
 
 
 def storage_command(name: str) -> Callable[[StorageCommand], StorageCommand]:
     def register(fn: StorageCommand) -> StorageCommand:
-        for prefix, shared in (("/storage/local", False), ("/storage/smp", True)):
-
-            async def run(a: Agent, b: dict[str, Any], fn: StorageCommand = fn, shared: bool = shared
-                          ) -> dict[str, Any]:
-                a.roots.add(norm_path(b["path"]))
-                return await fn(a, b, a.store(b["hostUuid"], shared), shared)
-
-            COMMANDS[f"{prefix}/{name}"] = run
+        STORAGE_COMMANDS[name] = fn
+        for prefix, shared in STORAGE_KINDS.items():
+            _route(prefix, name, fn, shared)
         return fn
 
     return register
+
+
+def add_storage_kind(prefix: str, shared: bool) -> None:
+    """A primary storage type kept as files answers every storage command under ``prefix``."""
+    STORAGE_KINDS[prefix] = shared
+    for name, fn in STORAGE_COMMANDS.items():
+        _route(prefix, name, fn, shared)
+
+
+def remove_storage_kind(prefix: str) -> None:
+    STORAGE_KINDS.pop(prefix, None)
+    for name in STORAGE_COMMANDS:
+        COMMANDS.pop(f"{prefix}/{name}", None)
+
+
+def _route(prefix: str, name: str, fn: StorageCommand, shared: bool) -> None:
+    async def run(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+        a.roots.add(norm_path(b["path"]))
+        return await fn(a, b, a.store(b["hostUuid"], shared), shared)
+
+    COMMANDS[f"{prefix}/{name}"] = run

@@ -3,8 +3,8 @@
 Every command is ``POST /<path>`` with a JSON body that names ``hostUuid``; every answer is
 ``{"success": true, ...}`` or ``{"success": false, "error": {code, description, details}}``.
 A simulator agent serves many hosts (one SimulatorDriver each) over the same wire. The commands
-are in ``commands.py``, ``guard.py`` (``/simulator/*``) and ``flat/commands.py``, which register
-them in ``host.COMMANDS``."""
+are in ``commands.py``, ``guard.py`` (``/simulator/*``) and the plugins' agent parts (loaded by
+``plugins.py``: the storage prefixes, ``/flat/*``), which register them in ``host.COMMANDS``."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from nimbostack.agent import commands, guard  # noqa: F401  (a command module registers its commands on import)
+from nimbostack.agent import commands, guard, plugins  # noqa: F401  (a command module registers its commands on import)
 from nimbostack.agent.driver import DriverError
-from nimbostack.agent.flat import commands as flat_commands  # noqa: F401  (registers /flat/* on import)
 from nimbostack.agent.host import COMMANDS, Agent, norm_path
 from nimbostack.wire import DEADLINE_HEADER
 
@@ -25,6 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(agent: Agent) -> FastAPI:
+    plugins.load_all()
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
         yield

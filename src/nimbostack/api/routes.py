@@ -1,6 +1,10 @@
-"""Importing this module registers every API handler and query target."""
+"""Importing this module registers every API handler and query target: the core families', and
+the built-in plugins' (nimbostack/plugins)."""
 
 from nimbostack.api import identity, tags  # noqa: F401
 from nimbostack.compute import host, infra, migrate, vm, vm_delete, vm_lifecycle  # noqa: F401
-from nimbostack.network import eip, flat, l2l3  # noqa: F401
-from nimbostack.storage import backup, local_migration, primary, snapshot, volume  # noqa: F401
+from nimbostack.network import eip, l2l3  # noqa: F401
+from nimbostack.plugins import loader
+from nimbostack.storage import backup, primary, snapshot, volume  # noqa: F401
+
+loader.load_all()

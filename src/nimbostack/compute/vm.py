@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select, update
@@ -11,18 +11,20 @@ from sqlalchemy import bindparam, select, update
 from nimbostack.compute.allocator import candidate_hosts, new_mac, release_all, take_host
 from nimbostack.compute.vmspec import ISO_INSTALL_TAG, VOLUMES_OF_VMS, build_spec, image_source
 from nimbostack.core import gc, hooks, query
+from nimbostack.core.auth import Caller
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import invalid, not_allowed
 from nimbostack.core.flow import FlowChain
 from nimbostack.core.hosts import agent
 from nimbostack.core.resources import (
-    add_creation_tags,
+    add_tags,
     disown,
     inv,
     load,
     new_uuid,
     own,
     register_queries,
+    wanted_uuid,
 )
 from nimbostack.db import models as m
 from nimbostack.db.engine import NO_SYNC, get_record, insert_now, records
@@ -117,51 +119,96 @@ query.register(
 register_queries("QueryVmInstance", "QueryVmNic")
 
 
+@dataclass(frozen=True)
+class NewVm:
+    """A VM to make: what CreateVmInstance asks for, or what an appliance (a virtual router) needs
+    for itself, on behalf of ``caller``, who owns the VM and its volumes."""
+
+    caller: Caller
+    name: str
+    instance_offering_uuid: str
+    image_uuid: str
+    l3_network_uuids: list[str]
+    default_l3_network_uuid: str | None = None
+    description: str | None = None
+    type: str = "UserVm"
+    root_disk_offering_uuid: str | None = None
+    data_disk_offering_uuids: list[str] = field(default_factory=list)
+    zone_uuid: str | None = None
+    cluster_uuid: str | None = None
+    host_uuid: str | None = None
+    system_tags: list[str] = field(default_factory=list)
+    user_tags: list[str] = field(default_factory=list)
+    resource_uuid: str | None = None
+
+
 @api("CreateVmInstance")
 async def create_vm(ctx: ApiContext) -> dict[str, Any]:
-    p = ctx.p
-    l3_uuids = ctx.list("l3NetworkUuids")
+    new = NewVm(
+        caller=ctx.caller,
+        name=ctx.req("name"),
+        instance_offering_uuid=ctx.req("instanceOfferingUuid"),
+        image_uuid=ctx.req("imageUuid"),
+        l3_network_uuids=[str(u) for u in ctx.list("l3NetworkUuids")],
+        default_l3_network_uuid=ctx.str("defaultL3NetworkUuid"),
+        description=ctx.str("description"),
+        type=ctx.str("type", "UserVm") or "UserVm",
+        root_disk_offering_uuid=ctx.str("rootDiskOfferingUuid"),
+        data_disk_offering_uuids=[str(u) for u in ctx.list("dataDiskOfferingUuids")],
+        zone_uuid=ctx.str("zoneUuid"),
+        cluster_uuid=ctx.str("clusterUuid"),
+        host_uuid=ctx.str("hostUuid"),
+        system_tags=[str(t) for t in ctx.list("systemTags")],
+        user_tags=ctx.list("userTags"),
+        resource_uuid=ctx.str("resourceUuid"),
+    )
+    return {"inventory": await create_vm_instance(ctx.p, new)}
+
+
+async def create_vm_instance(p: Platform, new: NewVm) -> dict[str, Any]:
+    """Make the VM, its volumes and NICs, and start it; its inventory once Running. On any failure
+    every step is undone (host capacity, storage, IPs, volume files, the domain, what the VM start
+    extensions put on the host) and the error is raised."""
+    l3_uuids = new.l3_network_uuids
     if not l3_uuids:
         raise invalid("l3NetworkUuids must name at least one L3 network")
     if len(set(l3_uuids)) != len(l3_uuids):
         raise invalid("l3NetworkUuids names one L3 network twice")
-    default_l3 = ctx.str("defaultL3NetworkUuid") or l3_uuids[0]
+    default_l3 = new.default_l3_network_uuid or l3_uuids[0]
     if default_l3 not in l3_uuids:
         raise invalid(f"defaultL3NetworkUuid {default_l3} is not one of l3NetworkUuids")
-    vm_type = ctx.str("type", "UserVm") or "UserVm"
     async with p.db.tx() as s:
         # read only, as records (db/engine.py)
-        offering = await load(
-            s, m.InstanceOffering, ctx.req("instanceOfferingUuid"), ctx, "InstanceOffering", readonly=True
-        )
+        offering = await load(s, m.InstanceOffering, new.instance_offering_uuid, new, "InstanceOffering", readonly=True)
         if offering.state != "Enabled":
             raise not_allowed(f"instance offering {offering.uuid} is {offering.state}")
-        image = await load(s, m.Image, ctx.req("imageUuid"), ctx, "Image", readonly=True)
+        image = await load(s, m.Image, new.image_uuid, new, "Image", readonly=True)
         if image.status != "Ready" or image.state != "Enabled":
             raise not_allowed(f"image {image.uuid} is {image.state}/{image.status}; it must be Enabled and Ready")
         root_size = image.size
-        root_offering = ctx.str("rootDiskOfferingUuid")
         if image.mediaType == "ISO":
-            if not root_offering:
+            if not new.root_disk_offering_uuid:
                 raise invalid("a VM created from an ISO needs rootDiskOfferingUuid for its empty root volume")
-            root_size = (await load(s, m.DiskOffering, root_offering, ctx, "DiskOffering", readonly=True)).diskSize
+            root_size = (
+                await load(s, m.DiskOffering, new.root_disk_offering_uuid, new, "DiskOffering", readonly=True)
+            ).diskSize
         data_sizes = [
-            (await load(s, m.DiskOffering, u, ctx, "DiskOffering", readonly=True)).diskSize
-            for u in ctx.list("dataDiskOfferingUuids")
+            (await load(s, m.DiskOffering, u, new, "DiskOffering", readonly=True)).diskSize
+            for u in new.data_disk_offering_uuids
         ]
         for u in l3_uuids:
-            l3 = await load(s, m.L3Network, u, ctx, "L3Network", readonly=True)
+            l3 = await load(s, m.L3Network, u, new, "L3Network", readonly=True)
             if l3.state != "Enabled":
                 raise not_allowed(f"L3 network {u} is {l3.state}")
         vm = m.VmInstance(
-            uuid=new_uuid(ctx),
-            name=ctx.req("name"),
-            description=ctx.str("description"),
+            uuid=wanted_uuid(new.resource_uuid),
+            name=new.name,
+            description=new.description,
             imageUuid=image.uuid,
             instanceOfferingUuid=offering.uuid,
             platform=image.platform,
             defaultL3NetworkUuid=default_l3,
-            type=vm_type,
+            type=new.type,
             memorySize=offering.memorySize,
             cpuNum=offering.cpuNum,
             cpuSpeed=offering.cpuSpeed,
@@ -171,8 +218,8 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
             isoUuid=image.uuid if image.mediaType == "ISO" else None,
         )
         await insert_now(s, vm)
-        await own(s, ctx, vm.uuid, "VmInstanceVO")
-        await add_creation_tags(s, ctx, vm.uuid, "VmInstanceVO")
+        await own(s, new, vm.uuid, "VmInstanceVO")
+        await add_tags(s, vm.uuid, "VmInstanceVO", new.system_tags, new.user_tags)
         if image.mediaType == "ISO":
             await insert_now(
                 s,
@@ -184,15 +231,14 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                     inherent=True,
                 )
             )
-    tags = [str(t) for t in ctx.list("systemTags")]
-    static_ips = {t.split("::")[1]: t.split("::")[2] for t in tags if t.startswith("staticIp::")}
+    static_ips = {t.split("::")[1]: t.split("::")[2] for t in new.system_tags if t.startswith("staticIp::")}
     cpu = vm.cpuNum * vm.cpuSpeed
 
     async def allocate(c: dict[str, Any]) -> None:
         """Host, storage, volumes and IPs in one transaction: all taken, or none."""
         async with p.db.tx() as s:
             hosts = await candidate_hosts(
-                s, cpu, vm.memorySize, l3_uuids, ctx.str("zoneUuid"), ctx.str("clusterUuid"), ctx.str("hostUuid")
+                s, cpu, vm.memorySize, l3_uuids, new.zone_uuid, new.cluster_uuid, new.host_uuid
             )
             chosen = c["host"] = await take_host(s, hosts, cpu, vm.memorySize)
             placed: dict[str, Any] = {
@@ -202,14 +248,13 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                 "hypervisorType": "KVM" if chosen.hypervisorType == "KVM" else chosen.hypervisorType,
             }
             sizes = [("Root", root_size, None)] + [
-                ("Data", size, u) for size, u in zip(data_sizes, ctx.list("dataDiskOfferingUuids"), strict=True)
+                ("Data", size, u) for size, u in zip(data_sizes, new.data_disk_offering_uuids, strict=True)
             ]
             vols = []
             for device_id, (vtype, size, offering_uuid) in enumerate(sizes):
                 vol_uuid = new_uuid()
                 ps = await primary.reserve(s, chosen.clusterUuid, chosen.uuid, size, vol_uuid, "VolumeVO")
                 ps_uuid = ps.uuid
-                folder = "rootVolumes" if vtype == "Root" else "dataVolumes"
                 vol = m.Volume(
                     uuid=vol_uuid,
                     name=f"ROOT-for-{vm.name}" if vtype == "Root" else f"DATA-for-{vm.name}",
@@ -223,10 +268,10 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
                     deviceId=device_id,
                     hostUuid=primary.placement(ps, chosen.uuid),
                     status="Creating",
-                    installPath=f"{ps.url}/{folder}/acct-{ctx.caller.account_uuid}/vol-{vol_uuid}/{vol_uuid}.qcow2",
+                    installPath=primary.install_path(ps, new.caller.account_uuid, vol_uuid, vtype),
                 )
                 await insert_now(s, vol)
-                await own(s, ctx, vol_uuid, "VolumeVO")
+                await own(s, new, vol_uuid, "VolumeVO")
                 vols.append(vol)
                 if vtype == "Root":
                     placed["rootVolumeUuid"] = vol_uuid
@@ -318,7 +363,7 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
         async with p.db.tx() as s:
             await s.execute(_VM_RUNNING, {"vm": vm.uuid, "host": c["host"].uuid}, execution_options=NO_SYNC)
             row = await get_record(s, m.VmInstance, vm.uuid)
-            return {"inventory": await inv(s, "QueryObjectVmInstanceInventory", row)}
+            return await inv(s, "QueryObjectVmInstanceInventory", row)
 
 
 _VM_STARTING = update(m.VmInstance).where(m.VmInstance.uuid == bindparam("vm")).values(state="Starting")

@@ -15,7 +15,7 @@ from nimbostack.db import models as m
 from nimbostack.db.engine import get_record, records
 from nimbostack.network.l2l3 import bridge_name
 from nimbostack.storage import backup, primary
-from nimbostack.wire import DiskSpec, NicSpec, VmSpec
+from nimbostack.wire import NicSpec, VmSpec
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -47,6 +47,7 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
         vm = await get_record(s, m.VmInstance, vm_uuid)
         assert vm is not None
         vols = (await s.execute(VOLUMES_OF_VMS, {"vms": [vm_uuid]})).scalars().all()
+        disks = [await primary.disk_source(s, v, cache) for v in vols]
         nic_l2s = (await s.execute(_NICS_WITH_L2, {"vm": vm_uuid})).all()
         nics = [nic for nic, _ in nic_l2s]
         l2s: dict[str, m.L2Network] = {}
@@ -62,7 +63,7 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
         name=vm.name,
         cpu_num=vm.cpuNum,
         memory=vm.memorySize,
-        disks=[DiskSpec(v.uuid, v.installPath or "", v.deviceId or 0, v.format, cache) for v in vols],
+        disks=disks,
         nics=[
             NicSpec(
                 n.uuid,

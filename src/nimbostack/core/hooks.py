@@ -86,3 +86,18 @@ async def host_connected(p: Platform, host_uuid: str) -> None:
 async def tags_changed(ctx: ApiContext, resource_type: str, resource_uuid: str) -> None:
     for hook in TAG_CHANGE:
         await hook(ctx, resource_type, resource_uuid)
+
+
+def off_vm_start(ext: VmStartExtension) -> None:
+    if ext in VM_START:
+        VM_START.remove(ext)
+
+
+def off_host_connect(hook: HostHook) -> None:
+    if hook in HOST_CONNECT:
+        HOST_CONNECT.remove(hook)
+
+
+def off_tag_change(hook: TagHook) -> None:
+    if hook in TAG_CHANGE:
+        TAG_CHANGE.remove(hook)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nimbostack.core import query
+from nimbostack.core.auth import Caller
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_found
 from nimbostack.core.tags import validate_system_tag
@@ -20,8 +21,19 @@ T = TypeVar("T")
 _UUID = re.compile(r"^[0-9a-f]{32}$")
 
 
+class Acting(Protocol):
+    """On whose behalf: an API call's context, or a service request that carries its caller."""
+
+    @property
+    def caller(self) -> Caller: ...
+
+
 def new_uuid(ctx: ApiContext | None = None) -> str:
-    wanted = ctx.str("resourceUuid") if ctx is not None else None
+    return wanted_uuid(ctx.str("resourceUuid") if ctx is not None else None)
+
+
+def wanted_uuid(wanted: str | None) -> str:
+    """The ``resourceUuid`` a creator asked for, checked, or a new one."""
     if wanted:
         if not _UUID.match(wanted):
             raise invalid(f"resourceUuid {wanted!r} must be 32 lower-case hex characters")
@@ -39,7 +51,7 @@ async def load(
     s: AsyncSession,
     model: type[T],
     uuid: str | None,
-    ctx: ApiContext,
+    ctx: Acting,
     kind: str | None = None,
     owned: bool = False,
     readonly: bool = False,
@@ -67,7 +79,7 @@ def require_admin(ctx: ApiContext) -> None:
         raise ApiError(PERMISSION_DENIED, "Permission denied", f"only an admin account can call {ctx.msg.name}")
 
 
-async def own(s: AsyncSession, ctx: ApiContext, uuid: str, resource_type: str) -> None:
+async def own(s: AsyncSession, ctx: Acting, uuid: str, resource_type: str) -> None:
     await insert_now(
         s,
         AccountResourceRef(
@@ -87,10 +99,16 @@ async def disown(s: AsyncSession, uuids: list[str]) -> None:
 
 async def add_creation_tags(s: AsyncSession, ctx: ApiContext, uuid: str, resource_type: str) -> None:
     """The ``systemTags`` / ``userTags`` every Create/Add message may carry."""
-    for tag in ctx.list("systemTags"):
-        validate_system_tag(resource_type, str(tag))
-        await insert_now(s, SystemTag(uuid=new_uuid(), resourceUuid=uuid, resourceType=resource_type, tag=str(tag)))
-    for tag in ctx.list("userTags"):
+    await add_tags(s, uuid, resource_type, [str(t) for t in ctx.list("systemTags")], ctx.list("userTags"))
+
+
+async def add_tags(
+    s: AsyncSession, uuid: str, resource_type: str, system: list[str], user: list[Any]
+) -> None:
+    for tag in system:
+        validate_system_tag(resource_type, tag)
+        await insert_now(s, SystemTag(uuid=new_uuid(), resourceUuid=uuid, resourceType=resource_type, tag=tag))
+    for tag in user:
         if not str(tag).strip():
             raise invalid("a user tag must not be empty")
         await insert_now(s, UserTag(uuid=new_uuid(), resourceUuid=uuid, resourceType=resource_type, tag=str(tag)))

@@ -25,6 +25,7 @@ from nimbostack.core.resources import (
 )
 from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
+from nimbostack.network import providers
 
 # --- inventories with composite fields ---------------------------------------------------------
 
@@ -192,22 +193,26 @@ register_queries(
 
 # --- providers ---------------------------------------------------------------------------------
 
-PROVIDERS = {
-    "Flat": ("Flat Network Service Provider", ["DHCP", "Userdata", "Eip"]),
-    "VirtualRouter": ("VirtualRouter", ["DHCP", "DNS", "SNAT", "PortForwarding", "Eip", "LoadBalancer"]),
-    "SecurityGroup": ("SecurityGroup", ["SecurityGroup"]),
-}
+# Providers whose plugins are not written yet: their rows exist (ZStack lists them), attaching them
+# is recorded, and what needs their implementation (an EIP) is refused.
+providers.register(
+    providers.ServiceProvider(
+        "VirtualRouter", "VirtualRouter", ("DHCP", "DNS", "SNAT", "PortForwarding", "Eip", "LoadBalancer")
+    )
+)
+providers.register(providers.ServiceProvider("SecurityGroup", "SecurityGroup", ("SecurityGroup",)))
 
 
 async def seed_providers(db: Any) -> None:
+    """A NetworkServiceProvider row for each registered provider (plugins register theirs)."""
     async with db.tx() as s:
         have = set((await s.execute(select(m.NetworkServiceProvider.type))).scalars())
-        for ptype, (name, services) in PROVIDERS.items():
+        for ptype, provider in providers.PROVIDERS.items():
             if ptype in have:
                 continue
             uuid = new_uuid()
-            s.add(m.NetworkServiceProvider(uuid=uuid, name=name, description=name, type=ptype))
-            for t in services:
+            s.add(m.NetworkServiceProvider(uuid=uuid, name=provider.name, description=provider.name, type=ptype))
+            for t in provider.services:
                 s.add(m.NetworkServiceType(networkServiceProviderUuid=uuid, type=t))
 
 
@@ -366,13 +371,8 @@ async def delete_l3(ctx: ApiContext) -> dict[str, Any]:
         await s.execute(delete(m.UsedIp).where(m.UsedIp.l3NetworkUuid == row.uuid))
         await s.delete(row)
         await disown(s, [row.uuid])
-    for hook in L3_DELETE_HOOKS:
-        await hook(ctx.p, row.uuid)
+    await providers.l3_deleted(ctx.p, row.uuid)
     return {}
-
-
-L3_DELETE_HOOKS: list[Any] = []  # network service providers clean host-side state here
-L3_SERVICE_HOOKS: list[Any] = []  # (platform, l3 uuid) after services are attached to / detached from an L3
 
 
 def _ip(name: str, value: str) -> ipaddress.IPv4Address:
@@ -628,8 +628,7 @@ async def attach_services(ctx: ApiContext) -> dict[str, Any]:
                     )
         await s.flush()
         out = {"inventory": await inv(s, "QueryObjectL3NetworkInventory", l3)}
-    for hook in L3_SERVICE_HOOKS:
-        await hook(ctx.p, l3.uuid)
+    await providers.l3_services_changed(ctx.p, l3.uuid)
     return out
 
 
@@ -647,8 +646,7 @@ async def detach_services(ctx: ApiContext) -> dict[str, Any]:
             )
         await s.flush()
         out = {"inventory": await inv(s, "QueryObjectL3NetworkInventory", l3)}
-    for hook in L3_SERVICE_HOOKS:
-        await hook(ctx.p, l3.uuid)
+    await providers.l3_services_changed(ctx.p, l3.uuid)
     return out
 
 

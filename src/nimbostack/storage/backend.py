@@ -1,50 +1,23 @@
-"""Primary storage backends behind one narrow interface.
+"""Primary storage backends behind one narrow interface, and their registry.
 
-The VM and volume flows ask a backend four things: hold capacity for a volume (or snapshot) that
-will live on it for a given host, give it back, where the volume then lives (``placement``: a
-host for storage on the host's own disks, None for storage every host reaches), and which agent
-commands keep its files (``command``). Types:
-
-* ``LocalStorage``: each host of the attached clusters keeps its share of the storage under the
-  same path; capacity is per host (LocalStorageHostRef) and each volume holds bytes of one host
-  (LocalStorageResourceRef). A volume lives on one host; LocalStorageMigrateVolume moves it.
-* ``SharedMountPoint`` (release 1.2): a file system mounted at the same path on every host of
-  the attached clusters (NFS, GlusterFS, OCFS2 ...); capacity is one pool
-  (PrimaryStorageResourceRef), a volume lives on no host in particular, so a stopped VM starts
-  on any host of those clusters and a running one migrates live.
-
-Both keep qcow2 files through the agent (``/storage/local/*`` and ``/storage/smp/*``).
-A new type adds a class here and registers it; the flows do not change."""
+The VM and volume flows ask a backend: hold capacity for a volume (or snapshot) that will live on
+it for a given host, give it back, where the volume then lives (``placement``: a host for storage
+on the host's own disks, None for storage every host reaches), where a new volume's file goes
+(``install_path``), how a hypervisor reaches it (``disk_source``), and which agent commands keep
+its files (``command``). Each type is a plugin (``nimbostack/plugins/local_storage``,
+``plugins/shared_mount_point``) that registers its backend; the flows do not change."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from nimbostack.db import models as m
-from nimbostack.db.engine import NO_SYNC, insert_now
+from nimbostack.wire import DiskSpec
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
-
-
-# A host's share of a LocalStorage and the storage's total, taken atomically (check and take in one
-# UPDATE). Built once (db/engine.py, "Statements built once"): every VM create takes. Run without
-# session synchronisation: nothing reads the capacity of a storage loaded in the same session.
-_FORCE_TAKE_SHARE = (
-    update(m.LocalStorageHostRef)
-    .where(
-        m.LocalStorageHostRef.primaryStorageUuid == bindparam("ps"), m.LocalStorageHostRef.hostUuid == bindparam("host")
-    )
-    .values(availableCapacity=m.LocalStorageHostRef.availableCapacity - bindparam("size"))
-)
-_TAKE_SHARE = _FORCE_TAKE_SHARE.where(m.LocalStorageHostRef.availableCapacity >= bindparam("size"))
-_TAKE_TOTAL = (
-    update(m.PrimaryStorage)
-    .where(m.PrimaryStorage.uuid == bindparam("ps"))
-    .values(availableCapacity=m.PrimaryStorage.availableCapacity - bindparam("size"))
-)
 
 
 class PrimaryStorageBackend:
@@ -55,6 +28,15 @@ class PrimaryStorageBackend:
     def command(self, name: str) -> str:
         return f"{self.agent_prefix}/{name}"
 
+    def install_path(self, ps: m.PrimaryStorage, account_uuid: str, volume_uuid: str, volume_type: str) -> str:
+        """Where a new volume's file goes: below the storage's url, one folder per account and volume."""
+        folder = "rootVolumes" if volume_type == "Root" else "dataVolumes"
+        return f"{ps.url}/{folder}/acct-{account_uuid}/vol-{volume_uuid}/{volume_uuid}.qcow2"
+
+    def disk_source(self, volume_uuid: str, install_path: str, device_id: int, fmt: str, cache: str) -> DiskSpec:
+        """How the hypervisor opens the volume: a file at its install path (storage kept as files)."""
+        return DiskSpec(volume_uuid, install_path, device_id, fmt, cache)
+
     def placement(self, host_uuid: str | None) -> str | None:
         """Volume.hostUuid of a volume made through ``host_uuid``."""
         return host_uuid if self.host_bound else None
@@ -63,14 +45,14 @@ class PrimaryStorageBackend:
         """A host of an attached cluster (re)connected, or the storage was attached to its cluster."""
         raise NotImplementedError
 
-    async def reserve(self, s: Any, ps: m.PrimaryStorage, host_uuid: str | None, size: int,
+    async def reserve(self, s: AsyncSession, ps: m.PrimaryStorage, host_uuid: str | None, size: int,
                       resource_uuid: str, resource_type: str, force: bool = False) -> bool:
         """Hold ``size`` bytes for the resource (inside the caller's transaction); False when the
         storage (or the host's share of it) has not that much free. ``force``: record bytes
         already written (a snapshot's file), free or not."""
         raise NotImplementedError
 
-    async def release(self, s: Any, resource_uuid: str) -> bool:
+    async def release(self, s: AsyncSession, resource_uuid: str) -> bool:
         """Give back what the resource holds; False when it held nothing here."""
         raise NotImplementedError
 
@@ -83,6 +65,10 @@ def register(backend: PrimaryStorageBackend) -> PrimaryStorageBackend:
     return backend
 
 
+def unregister(kind: str) -> None:
+    BACKENDS.pop(kind, None)
+
+
 def of(ps: m.PrimaryStorage | str) -> PrimaryStorageBackend:
     kind = ps if isinstance(ps, str) else ps.type
     backend = BACKENDS.get(kind)
@@ -91,7 +77,7 @@ def of(ps: m.PrimaryStorage | str) -> PrimaryStorageBackend:
     return backend
 
 
-async def _agent_init(platform: Platform, backend: PrimaryStorageBackend, ps_uuid: str, host_uuid: str
+async def agent_init(platform: Platform, backend: PrimaryStorageBackend, ps_uuid: str, host_uuid: str
                       ) -> tuple[m.PrimaryStorage, dict[str, Any]]:
     async with platform.db.tx() as s:
         ps = await s.get(m.PrimaryStorage, ps_uuid)
@@ -101,162 +87,3 @@ async def _agent_init(platform: Platform, backend: PrimaryStorageBackend, ps_uui
     reply = await platform.agents.call(url, backend.command("init"),
                                        {"hostUuid": host_uuid, "path": ps.url, "primaryStorageUuid": ps_uuid})
     return ps, reply
-
-
-class LocalStorageBackend(PrimaryStorageBackend):
-    type = "LocalStorage"
-    agent_prefix = "/storage/local"
-    host_bound = True
-
-    async def init_host(self, platform: Platform, ps_uuid: str, host_uuid: str) -> None:
-        """Ask the host for its capacity under the storage path and record its share."""
-        _, reply = await _agent_init(platform, self, ps_uuid, host_uuid)
-        async with platform.db.tx() as s:
-            ref = (
-                await s.execute(
-                    select(m.LocalStorageHostRef).where(
-                        m.LocalStorageHostRef.primaryStorageUuid == ps_uuid,
-                        m.LocalStorageHostRef.hostUuid == host_uuid,
-                    )
-                )
-            ).scalar_one_or_none()
-            if ref is None:
-                ref = m.LocalStorageHostRef(primaryStorageUuid=ps_uuid, hostUuid=host_uuid)
-                s.add(ref)
-            ref.totalCapacity = ref.totalPhysicalCapacity = reply["totalCapacity"]
-            ref.availablePhysicalCapacity = reply["availableCapacity"]
-            used = (
-                await s.execute(
-                    select(func.coalesce(func.sum(m.LocalStorageResourceRef.size), 0)).where(
-                        m.LocalStorageResourceRef.primaryStorageUuid == ps_uuid,
-                        m.LocalStorageResourceRef.hostUuid == host_uuid,
-                    )
-                )
-            ).scalar_one()
-            ref.availableCapacity = ref.totalCapacity - int(used)
-            await s.flush()
-            await self.sum_capacity(s, ps_uuid)
-
-    @staticmethod
-    async def sum_capacity(s: Any, ps_uuid: str) -> None:
-        total, avail, ptotal, pavail = (
-            await s.execute(
-                select(
-                    func.coalesce(func.sum(m.LocalStorageHostRef.totalCapacity), 0),
-                    func.coalesce(func.sum(m.LocalStorageHostRef.availableCapacity), 0),
-                    func.coalesce(func.sum(m.LocalStorageHostRef.totalPhysicalCapacity), 0),
-                    func.coalesce(func.sum(m.LocalStorageHostRef.availablePhysicalCapacity), 0),
-                ).where(m.LocalStorageHostRef.primaryStorageUuid == ps_uuid)
-            )
-        ).one()
-        await s.execute(
-            update(m.PrimaryStorage)
-            .where(m.PrimaryStorage.uuid == ps_uuid)
-            .values(
-                totalCapacity=total,
-                availableCapacity=avail,
-                totalPhysicalCapacity=ptotal,
-                availablePhysicalCapacity=pavail,
-            )
-        )
-
-    @staticmethod
-    async def take(s: Any, ps_uuid: str, host_uuid: str, size: int, force: bool = False) -> bool:
-        """Take ``size`` bytes of the host's share (``force``: even beyond what is free)."""
-        params = {"ps": ps_uuid, "host": host_uuid, "size": size}
-        res = await s.execute(_FORCE_TAKE_SHARE if force else _TAKE_SHARE, params, execution_options=NO_SYNC)
-        if not res.rowcount:
-            return False
-        await s.execute(_TAKE_TOTAL, params, execution_options=NO_SYNC)
-        return True
-
-    @staticmethod
-    async def give(s: Any, ps_uuid: str, host_uuid: str, size: int) -> None:
-        await s.execute(
-            update(m.LocalStorageHostRef)
-            .where(m.LocalStorageHostRef.primaryStorageUuid == ps_uuid, m.LocalStorageHostRef.hostUuid == host_uuid)
-            .values(availableCapacity=m.LocalStorageHostRef.availableCapacity + size)
-        )
-        await s.execute(
-            update(m.PrimaryStorage)
-            .where(m.PrimaryStorage.uuid == ps_uuid)
-            .values(availableCapacity=m.PrimaryStorage.availableCapacity + size)
-        )
-
-    async def reserve(self, s: Any, ps: m.PrimaryStorage, host_uuid: str | None, size: int,
-                      resource_uuid: str, resource_type: str, force: bool = False) -> bool:
-        if not host_uuid or not await self.take(s, ps.uuid, host_uuid, size, force):
-            return False
-        await insert_now(
-            s,
-            m.LocalStorageResourceRef(
-                resourceUuid=resource_uuid,
-                primaryStorageUuid=ps.uuid,
-                hostUuid=host_uuid,
-                size=size,
-                resourceType=resource_type,
-            ),
-        )
-        return True
-
-    async def release(self, s: Any, resource_uuid: str) -> bool:
-        ref = await s.get(m.LocalStorageResourceRef, resource_uuid)
-        if ref is None:
-            return False
-        await self.give(s, ref.primaryStorageUuid, ref.hostUuid, ref.size)
-        await s.delete(ref)
-        return True
-
-
-class SharedMountPointBackend(PrimaryStorageBackend):
-    type = "SharedMountPoint"
-    agent_prefix = "/storage/smp"
-    host_bound = False
-
-    async def init_host(self, platform: Platform, ps_uuid: str, host_uuid: str) -> None:
-        """The host has the file system mounted (the agent refuses otherwise); one pool."""
-        _, reply = await _agent_init(platform, self, ps_uuid, host_uuid)
-        async with platform.db.tx() as s:
-            ps = await s.get(m.PrimaryStorage, ps_uuid)
-            used = (
-                await s.execute(
-                    select(func.coalesce(func.sum(m.PrimaryStorageResourceRef.size), 0)).where(
-                        m.PrimaryStorageResourceRef.primaryStorageUuid == ps_uuid
-                    )
-                )
-            ).scalar_one()
-            ps.totalCapacity = ps.totalPhysicalCapacity = reply["totalCapacity"]
-            ps.availablePhysicalCapacity = reply["availableCapacity"]
-            ps.availableCapacity = ps.totalCapacity - int(used)
-
-    async def reserve(self, s: Any, ps: m.PrimaryStorage, host_uuid: str | None, size: int,
-                      resource_uuid: str, resource_type: str, force: bool = False) -> bool:
-        where = [m.PrimaryStorage.uuid == ps.uuid]
-        if not force:
-            where.append(m.PrimaryStorage.availableCapacity >= size)
-        res = await s.execute(
-            update(m.PrimaryStorage)
-            .where(*where)
-            .values(availableCapacity=m.PrimaryStorage.availableCapacity - size)
-        )
-        if not res.rowcount:
-            return False
-        await insert_now(s, m.PrimaryStorageResourceRef(resourceUuid=resource_uuid, primaryStorageUuid=ps.uuid,
-                                                        size=size, resourceType=resource_type))
-        return True
-
-    async def release(self, s: Any, resource_uuid: str) -> bool:
-        ref = await s.get(m.PrimaryStorageResourceRef, resource_uuid)
-        if ref is None:
-            return False
-        await s.execute(
-            update(m.PrimaryStorage)
-            .where(m.PrimaryStorage.uuid == ref.primaryStorageUuid)
-            .values(availableCapacity=m.PrimaryStorage.availableCapacity + ref.size)
-        )
-        await s.delete(ref)
-        return True
-
-
-LOCAL = register(LocalStorageBackend())
-SHARED_MOUNT_POINT = register(SharedMountPointBackend())

@@ -27,6 +27,7 @@ from nimbostack.core.resources import (
 from nimbostack.db import models as m
 from nimbostack.db.engine import records
 from nimbostack.storage import backend
+from nimbostack.wire import DiskSpec
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -83,7 +84,7 @@ def directory_path(url: str) -> str:
     return posixpath.normpath(url)
 
 
-async def _add_ps(ctx: ApiContext, ps_type: str) -> dict[str, Any]:
+async def add_primary_storage(ctx: ApiContext, ps_type: str) -> dict[str, Any]:
     async with ctx.p.db.tx() as s:
         zone = await load(s, m.Zone, ctx.req("zoneUuid"), ctx, "Zone")
         path = directory_path(ctx.req("url"))
@@ -100,18 +101,6 @@ async def _add_ps(ctx: ApiContext, ps_type: str) -> dict[str, Any]:
         await add_creation_tags(s, ctx, row.uuid, "PrimaryStorageVO")
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectPrimaryStorageInventory", row)}
-
-
-@api("AddLocalPrimaryStorage", admin=True)
-async def add_local_ps(ctx: ApiContext) -> dict[str, Any]:
-    return await _add_ps(ctx, "LocalStorage")
-
-
-@api("AddSharedMountPointPrimaryStorage", admin=True)
-async def add_smp_ps(ctx: ApiContext) -> dict[str, Any]:
-    """Release 1.2: a directory every host of the attached clusters has mounted (NFS, GlusterFS,
-    OCFS2 ...); checked on each host when the storage is attached to its cluster."""
-    return await _add_ps(ctx, "SharedMountPoint")
 
 
 async def init_host_share(platform: Platform, ps_uuid: str, host_uuid: str) -> None:
@@ -312,6 +301,30 @@ async def release(s: Any, resource_uuid: str) -> None:
 def placement(ps: m.PrimaryStorage, host_uuid: str | None) -> str | None:
     """Volume.hostUuid of a volume made on ``ps`` through ``host_uuid``."""
     return backend.of(ps).placement(host_uuid)
+
+
+def install_path(ps: m.PrimaryStorage, account_uuid: str, volume_uuid: str, volume_type: str) -> str:
+    """Where a new volume's file goes on the storage (its backend decides)."""
+    return backend.of(ps).install_path(ps, account_uuid, volume_uuid, volume_type)
+
+
+# a primary storage's type never changes: each is read once (every VM start asks, per volume)
+_TYPE_OF: dict[str, str] = {}
+
+
+async def disk_source(s: Any, vol: m.Volume, cache: str = "none", device_id: int | None = None) -> DiskSpec:
+    """How the hypervisor opens the volume, as its storage's backend says (``device_id``: the
+    one it is being given, not yet recorded)."""
+    kind = _TYPE_OF.get(vol.primaryStorageUuid or "")
+    if kind is None:
+        kind = (await s.execute(_TYPE, {"ps": vol.primaryStorageUuid})).scalar_one()
+        _TYPE_OF[vol.primaryStorageUuid or ""] = kind
+    return backend.of(kind).disk_source(
+        vol.uuid, vol.installPath or "", vol.deviceId or 0 if device_id is None else device_id, vol.format, cache
+    )
+
+
+_TYPE = select(m.PrimaryStorage.type).where(m.PrimaryStorage.uuid == bindparam("ps"))
 
 
 def command(ps: m.PrimaryStorage, name: str) -> str:

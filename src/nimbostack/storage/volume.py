@@ -24,7 +24,6 @@ from nimbostack.core.resources import (
 from nimbostack.db import models as m
 from nimbostack.storage import primary
 from nimbostack.storage.snapshot import drop_snapshots
-from nimbostack.wire import DiskSpec
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -125,7 +124,7 @@ async def attach_data_volume(ctx: ApiContext) -> dict[str, Any]:
                     s, vm.clusterUuid or "", where, vol.size, vol.uuid, "VolumeVO", root.primaryStorageUuid
                 )
                 vol.primaryStorageUuid, vol.hostUuid = ps.uuid, primary.placement(ps, where)
-                vol.installPath = f"{ps.url}/dataVolumes/acct-{ctx.caller.account_uuid}/vol-{vol.uuid}/{vol.uuid}.qcow2"
+                vol.installPath = primary.install_path(ps, ctx.caller.account_uuid, vol.uuid, "Data")
                 vol.status = "Creating"
             ps = await s.get(m.PrimaryStorage, vol.primaryStorageUuid)
             ps_path = ps.url
@@ -142,9 +141,9 @@ async def attach_data_volume(ctx: ApiContext) -> dict[str, Any]:
                     {"path": ps_path, "installPath": vol.installPath, "size": vol.size},
                 )
             if vm.state == "Running":
-                disk = DiskSpec(
-                    vol.uuid, vol.installPath or "", device_id, vol.format, await p.config.get("kvm", "vm.cacheMode")
-                )
+                cache = await p.config.get("kvm", "vm.cacheMode")
+                async with p.db.tx() as s:
+                    disk = await primary.disk_source(s, vol, cache, device_id)
                 await agent(p, vm.hostUuid, "/vm/attach-disk", {"vmUuid": vm.uuid, "disk": disk.__dict__})
         except BaseException:
             async with p.db.tx() as s:
@@ -181,7 +180,8 @@ async def detach_data_volume(ctx: ApiContext) -> dict[str, Any]:
         if vm is not None and vm.state not in ("Running", "Stopped"):
             raise not_allowed(f"VM {vm.uuid} is {vm.state}; detach needs it Running or Stopped")
         if vm is not None and vm.state == "Running":
-            disk = DiskSpec(vol.uuid, vol.installPath or "", vol.deviceId or 0, vol.format)
+            async with p.db.tx() as s:
+                disk = await primary.disk_source(s, vol)
             await agent(p, vm.hostUuid, "/vm/detach-disk", {"vmUuid": vm.uuid, "disk": disk.__dict__})
         async with p.db.tx() as s:
             row = await s.get(m.Volume, vol.uuid)

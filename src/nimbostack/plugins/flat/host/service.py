@@ -28,8 +28,8 @@ from typing import Any
 
 from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DriverError
-from nimbostack.agent.flat import render
-from nimbostack.agent.flat.tools import run, tool
+from nimbostack.plugins.flat.host import render
+from nimbostack.plugins.flat.host.tools import run, tool
 from nimbostack.wire import validate as v
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,8 @@ class FlatService:
         # processes: dnsmasq only when Flat provides DHCP, the metadata server only for Userdata
         dns_argv = [ip, "netns", "exec", rt.ns, dnsmasq, "--keep-in-foreground", f"--conf-file={conf}"]
         state = str(rt.dir / "metadata.json")
-        md_argv = [ip, "netns", "exec", rt.ns, self.python, "-m", "nimbostack.agent.flat.metadata", "--state", state]
+        metadata = "nimbostack.plugins.flat.host.metadata"
+        md_argv = [ip, "netns", "exec", rt.ns, self.python, "-m", metadata, "--state", state]
         md_argv += ["--port", str(self.metadata_port)]
         await self._ensure_proc(rt, "dnsmasq", "DHCP" in l3.services, dns_argv, str(conf), conf_changed, hosts_changed)
         await self._ensure_proc(rt, "metadata", "Userdata" in l3.services, md_argv, state, False, False)

@@ -1,13 +1,13 @@
 """The Flat network service provider on the management node: distributed DHCP and userdata.
 
 Every host runs, per Flat L3 network, its own DHCP server and metadata service (agent side:
-``nimbostack.agent.flat``) that know only the VMs running on that host. This module decides what
+``nimbostack.plugins.flat.host``) that know only the VMs running on that host. This module decides what
 each host serves and pushes it as the full desired state of one L3 network on one host
 (``/flat/apply``, idempotent), whenever that changes:
 
-* before a VM starts on a host and after it stops or is destroyed (core/hooks.py VM_START, with its release);
-* when a VM's ``userdata::`` / ``sshkey::`` / ``hostname::`` tags change (hooks.TAG_CHANGE);
-* when a host (re)connects (hooks.HOST_CONNECT): the upgrade walkthrough (1.0 §13) switches an
+* before a VM starts on a host and after it stops or is destroyed (a VM start extension, with its release);
+* when a VM's ``userdata::`` / ``sshkey::`` / ``hostname::`` tags change;
+* when a host (re)connects: the upgrade walkthrough (1.0 §13) switches an
   L3 network from the VirtualRouter provider to Flat and reconnects the hosts;
 * when Flat services are attached to or detached from an L3 network, or it is deleted
   (``/flat/release`` on every host).
@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, delete, select
 
-from nimbostack.core import hooks
 from nimbostack.core.errors import AGENT_ERROR, ApiError
 from nimbostack.core.hosts import agent
 from nimbostack.core.tags import system_tags, tag_value
@@ -438,10 +437,3 @@ async def on_services_changed(p: Platform, l3_uuid: str) -> None:
             log.warning(
                 "Flat services of L3 %s not applied on host %s: %s (ReconnectHost retries)", l3_uuid, host_uuid, err
             )
-
-
-hooks.on_vm_start(hooks.VmStartExtension("Flat DHCP and userdata", on_vm_start, on_vm_stop))
-hooks.on_tag_change(on_tag_change)
-hooks.on_host_connect(on_host_connect)
-l2l3.L3_DELETE_HOOKS.append(on_l3_delete)
-l2l3.L3_SERVICE_HOOKS.append(on_services_changed)

@@ -1,7 +1,7 @@
 """The metadata/userdata HTTP service of one L3 network, run by the agent inside the L3's DHCP
 namespace::
 
-    ip netns exec NS python -m nimbostack.agent.flat.metadata --state FILE [--port 80]
+    ip netns exec NS python -m nimbostack.plugins.flat.host.metadata --state FILE [--port 80]
 
 It answers on every address of the namespace: the DHCP server's IP (CloudStack style, what
 cloud-init's CloudStack datasource reads) and 169.254.169.254 (EC2 style). The caller is

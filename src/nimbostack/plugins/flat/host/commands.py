@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from nimbostack.agent.flat.eip import EipService
-from nimbostack.agent.flat.service import FlatService
 from nimbostack.agent.host import Agent, command
+from nimbostack.plugins.flat.host.eip import EipService
+from nimbostack.plugins.flat.host.service import FlatService
 
 
 def flat_service(agent: Agent) -> FlatService:

@@ -23,8 +23,8 @@ from typing import Any
 
 from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DriverError
-from nimbostack.agent.flat.service import FlatService
-from nimbostack.agent.flat.tools import run, tool
+from nimbostack.plugins.flat.host.service import FlatService
+from nimbostack.plugins.flat.host.tools import run, tool
 from nimbostack.wire import validate as v
 
 PUB, PRIV = "pub0", "priv0"

@@ -33,13 +33,12 @@ from nimbostack.core.flow import FlowChain
 from nimbostack.core.hosts import agent
 from nimbostack.core.resources import inv, load
 from nimbostack.db import models as m
-from nimbostack.storage import backend
+from nimbostack.plugins.local_storage.backend import LOCAL
 from nimbostack.storage.snapshot import serial, snapshots_of
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
 
-LOCAL = backend.LOCAL
 
 
 async def _plan(s: Any, vol: m.Volume) -> tuple[m.PrimaryStorage, list[m.VolumeSnapshot], int]:

@@ -1,0 +1,194 @@
+"""The Flat provider's distributed EIP (release 1.2): each host maps the VIPs of the EIPs on NICs of
+VMs running there onto their private IPs, both ways. No virtual router: when the VM stops the
+mapping goes, when it starts elsewhere it follows.
+
+Each host gets the full set of EIPs it should serve (``/flat/eip/sync``, idempotent) whenever
+that set changes: a VM with an EIP starts or stops, an EIP is attached, detached, deleted or
+changes state, the host (re)connects."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import bindparam, select
+
+from nimbostack.core.errors import ApiError
+from nimbostack.core.hosts import agent
+from nimbostack.core.tags import system_tags
+from nimbostack.db import models as m
+from nimbostack.network import l2l3, providers
+from nimbostack.plugins.flat import service as flat
+
+if TYPE_CHECKING:
+    from nimbostack.core.platform import Platform
+
+log = logging.getLogger(__name__)
+
+
+# --- hosts ---------------------------------------------------------------------------------------
+
+
+async def _nic_host(s: Any, nic_uuid: str | None) -> str | None:
+    if not nic_uuid:
+        return None
+    row = (
+        await s.execute(
+            select(m.VmInstance.hostUuid)
+            .join(m.VmNic, m.VmNic.vmInstanceUuid == m.VmInstance.uuid)
+            .where(m.VmNic.uuid == nic_uuid, m.VmInstance.state.in_(flat.ACTIVE))
+        )
+    ).first()
+    return row[0] if row else None
+
+
+async def _bridge_of(s: Any, l3_uuid: str) -> tuple[str, m.L2Network]:
+    l3 = await s.get(m.L3Network, l3_uuid)
+    l2 = await s.get(m.L2Network, l3.l2NetworkUuid)
+    return l2l3.bridge_name(l2, await system_tags(s, l2.uuid)), l2
+
+
+async def desired_eips(p: Platform, host_uuid: str) -> list[dict[str, Any]]:
+    """What one host should serve: enabled EIPs on NICs of VMs running there whose L3 network
+    takes its Eip service from the Flat provider."""
+    async with p.db.tx() as s:
+        flat_eip_l3s = providers.l3s_served_by(flat.PROVIDER_TYPE, "Eip")
+        rows = (
+            await s.execute(
+                select(m.Eip, m.Vip, m.VmNic)
+                .join(m.Vip, m.Vip.uuid == m.Eip.vipUuid)
+                .join(m.VmNic, m.VmNic.uuid == m.Eip.vmNicUuid)
+                .join(m.VmInstance, m.VmInstance.uuid == m.VmNic.vmInstanceUuid)
+                .where(
+                    m.VmInstance.hostUuid == host_uuid,
+                    m.VmInstance.state.in_(flat.ACTIVE),
+                    m.Eip.state == "Enabled",
+                    m.Vip.state == "Enabled",
+                    m.VmNic.l3NetworkUuid.in_(flat_eip_l3s),
+                )
+                .order_by(m.Vip.ip)
+            )
+        ).all()
+        out = []
+        for eip, vip, nic in rows:
+            pub_bridge, pub_l2 = await _bridge_of(s, vip.l3NetworkUuid)
+            priv_bridge, priv_l2 = await _bridge_of(s, nic.l3NetworkUuid)
+            out.append(
+                {
+                    "eipUuid": eip.uuid,
+                    "vipUuid": vip.uuid,
+                    "vip": vip.ip,
+                    "vipNetmask": vip.netmask,
+                    "vipGateway": vip.gateway,
+                    "publicBridge": pub_bridge,
+                    "publicPhysicalInterface": pub_l2.physicalInterface,
+                    "publicVlan": pub_l2.vlan if pub_l2.type == "L2VlanNetwork" else None,
+                    "nicUuid": nic.uuid,
+                    "vmIp": nic.ip,
+                    "vmMac": nic.mac,
+                    "privateBridge": priv_bridge,
+                    "privatePhysicalInterface": priv_l2.physicalInterface,
+                    "privateVlan": priv_l2.vlan if priv_l2.type == "L2VlanNetwork" else None,
+                    "privateGateway": nic.gateway,
+                    "privateNetmask": nic.netmask,
+                }
+            )
+        return out
+
+
+async def sync_host(p: Platform, host_uuid: str) -> None:
+    async with p.queues.serial(f"flat-eip:{host_uuid}"):
+        eips = await desired_eips(p, host_uuid)
+        await agent(p, host_uuid, "/flat/eip/sync", {"eips": eips})
+
+
+async def sync_nic_host(p: Platform, nic_uuid: str | None) -> None:
+    async with p.db.tx() as s:
+        host_uuid = await _nic_host(s, nic_uuid)
+    if host_uuid:
+        await sync_host(p, host_uuid)
+        await _refresh_metadata(p, nic_uuid)
+
+
+async def _refresh_metadata(p: Platform, nic_uuid: str | None) -> None:
+    """public-ipv4 in the metadata follows the EIP."""
+    async with p.db.tx() as s:
+        nic = await s.get(m.VmNic, nic_uuid) if nic_uuid else None
+    if nic is not None:
+        await flat.refresh_vm(p, nic.vmInstanceUuid)
+
+
+# built once (db/engine.py, "Statements built once")
+_PUBLIC_IPS = (
+    select(m.VmNic.vmInstanceUuid, m.Eip.vipIp)
+    .join(m.Eip, m.Eip.vmNicUuid == m.VmNic.uuid)
+    .where(
+        m.VmNic.vmInstanceUuid.in_(bindparam("vms", expanding=True)),
+        m.VmNic.l3NetworkUuid == bindparam("l3"),
+        m.Eip.state == "Enabled",
+    )
+)
+_VM_HAS_EIP = (
+    select(m.Eip.uuid).join(m.VmNic, m.VmNic.uuid == m.Eip.vmNicUuid).where(m.VmNic.vmInstanceUuid == bindparam("vm"))
+)
+
+
+async def public_ips(s: Any, l3_uuid: str, vm_uuids: list[str]) -> dict[str, dict[str, Any]]:
+    if not vm_uuids:
+        return {}
+    rows = await s.execute(_PUBLIC_IPS, {"vms": vm_uuids, "l3": l3_uuid})
+    return {vm: {"publicIp": ip} for vm, ip in rows}
+
+
+# --- hooks ---------------------------------------------------------------------------------------
+
+
+async def _vm_has_eip(p: Platform, vm_uuid: str) -> bool:
+    async with p.db.tx() as s:
+        return (await s.execute(_VM_HAS_EIP, {"vm": vm_uuid})).first() is not None
+
+
+async def on_vm_start(p: Platform, vm_uuid: str, host_uuid: str) -> None:
+    if await _vm_has_eip(p, vm_uuid):
+        await sync_host(p, host_uuid)
+
+
+async def on_vm_stop(p: Platform, vm_uuid: str, host_uuid: str | None) -> None:
+    if host_uuid and await _vm_has_eip(p, vm_uuid):
+        try:
+            await sync_host(p, host_uuid)  # the VM is Stopping/Destroying: no longer in the set
+        except ApiError as err:
+            log.warning("VM %s stopped but its EIP stays on host %s: %s", vm_uuid, host_uuid, err)
+
+
+async def on_host_connect(p: Platform, host_uuid: str) -> None:
+    try:
+        await sync_host(p, host_uuid)
+    except ApiError as err:
+        log.warning("host %s connected, but its EIPs failed: %s", host_uuid, err)
+
+
+async def on_l3_changed(p: Platform, l3_uuid: str) -> None:
+    """An L3 network was deleted (its VIPs and EIPs with it) or its services changed."""
+    async with p.db.tx() as s:
+        hosts = (await s.execute(select(m.Host.uuid).where(m.Host.status == "Connected"))).scalars().all()
+    sem = asyncio.Semaphore(16)
+
+    async def one(h: str) -> None:
+        async with sem:
+            try:
+                await sync_host(p, h)
+            except ApiError as err:
+                log.warning("could not sync EIPs of host %s: %s", h, err)
+
+    await asyncio.gather(*(one(h) for h in hosts))
+
+
+class FlatEip:
+    """The Eip service of the Flat provider (network/providers.py EipBackend)."""
+
+    async def nic_changed(self, p: Platform, nic_uuid: str) -> None:
+        await sync_nic_host(p, nic_uuid)
+
+

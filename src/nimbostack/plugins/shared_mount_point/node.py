@@ -1,0 +1,9 @@
+"""What the SharedMountPoint plugin gives the management node."""
+
+from __future__ import annotations
+
+from nimbostack.plugins.loader import Plugin
+from nimbostack.plugins.shared_mount_point import api
+from nimbostack.plugins.shared_mount_point.backend import SHARED_MOUNT_POINT
+
+PLUGIN = Plugin(name="shared_mount_point", apis=(api,), primary_storage=(SHARED_MOUNT_POINT,))
