@@ -32,12 +32,9 @@ pytestmark = pytest.mark.e2e
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed: .ci/run installs it")
 
 from nimbostack.agent.driver import DriverError  # noqa: E402
-from nimbostack.agent.drivers.libvirt.driver import (  # noqa: E402
-    METADATA_NS,
-    LibvirtDriver,
-    domain_name,
-    probe_kvm,
-)
+from nimbostack.agent.drivers.libvirt.connection import probe_kvm  # noqa: E402
+from nimbostack.agent.drivers.libvirt.domain_xml import METADATA_NS, domain_name  # noqa: E402
+from nimbostack.agent.drivers.libvirt.driver import LibvirtDriver  # noqa: E402
 from nimbostack.wire import PAUSED, REBOOTED, RUNNING, STOPPED, DiskSpec, NicSpec, VmSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))

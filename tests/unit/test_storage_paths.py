@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
+from nimbostack.agent.drivers.libvirt.domain_xml import build_domain_xml, set_domain_owner
 from nimbostack.agent.host import Agent
 from nimbostack.agent.storage import LocalStorage
 from nimbostack.main import _bytes, _path_map
 from nimbostack.plugins.local_storage.migration import _files
+from nimbostack.wire import VmSpec
 
 
 def _agent(path_map: list[tuple[str, str]]) -> Agent:
@@ -59,10 +61,6 @@ def test_a_volume_chain_is_copied_parents_first_with_its_backing() -> None:
 
 
 def test_migration_rewrites_the_domain_owner() -> None:
-    pytest.importorskip("libvirt", reason="libvirt-python is not installed: .ci/run installs it (.[libvirt])")
-    from nimbostack.agent.drivers.libvirt.driver import build_domain_xml, set_domain_owner
-    from nimbostack.wire import VmSpec
-
     spec = VmSpec(uuid="0" * 31 + "1", name="v", cpu_num=1, memory=64 << 20, disks=[], nics=[])
     xml = build_domain_xml(spec, "qemu", owner="host-a")
     assert "host-a" in xml

@@ -1,27 +1,14 @@
-"""The libvirt/QEMU hypervisor driver of the host agent.
-
-Every blocking libvirt call runs in a worker thread of its own pool; libvirt's own
-default event loop runs in one daemon thread per process so that lifecycle events and keepalive
-work, and events are handed to the asyncio loop with ``call_soon_threadsafe``.
-
-Domains are named ``nimbo-<32 hex vm uuid>`` and carry the VM uuid as their libvirt UUID, so a
-domain is recognised as ours from its name and UUID alone (no extra round trip per domain).
-"""
+"""LibvirtDriver: the host agent's HypervisorDriver on libvirt and QEMU."""
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import os
-import subprocess
-import tempfile
 import threading
 import time
-import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -29,28 +16,32 @@ from urllib.parse import urlsplit
 import libvirt
 
 from nimbostack.agent.driver import DriverError, StateListener
-from nimbostack.wire import PAUSED, REBOOTED, RUNNING, STOPPED, ConsoleAddress, DiskSpec, HostFacts, NicSpec, VmSpec
+from nimbostack.agent.drivers.libvirt.connection import LibvirtConnection, probe_kvm
+from nimbostack.agent.drivers.libvirt.domain_xml import (
+    ARCH,
+    CDROM_BUS,
+    CDROM_TARGET,
+    CONSOLE_MODES,
+    DOMAIN_PREFIX,
+    MACHINE,
+    METADATA_NS,
+    build_domain_xml,
+    cdrom_element,
+    disk_element,
+    disk_snapshot_xml,
+    disk_target,
+    domain_name,
+    find_disk,
+    set_console_log,
+    set_domain_owner,
+    vm_hex,
+    vm_uuid_of_domain,
+)
+from nimbostack.wire import PAUSED, REBOOTED, RUNNING, STOPPED, ConsoleAddress, DiskSpec, HostFacts, VmSpec
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-DOMAIN_PREFIX = "nimbo-"
-METADATA_NS = "http://nimbostack.io/xmlns/libvirt/vm/1.0"
-METADATA_PREFIX = "nimbo"
-ARCH = "x86_64"
-MACHINE = "pc"
-
-CACHE_MODES = ("none", "writethrough", "writeback", "directsync", "unsafe")
-DISK_FORMATS = ("qcow2", "raw")
-CONSOLE_MODES = ("vnc", "spice")
-CPU_MODES = ("none", "host-model", "host-passthrough")
-BOOT_DEVICES = {"HardDisk": "hd", "CdRom": "cdrom", "Network": "network"}
-
-# The cdrom is created with every domain (empty when there is no ISO) because an IDE drive
-# cannot be hot-plugged: only its media can be changed on a running guest.
-CDROM_TARGET = "hdc"
-CDROM_BUS = "ide"
 
 MEDIA_CHANGE_ATTEMPTS = 12
 # How long detach_disk waits for the guest to release a hot-unplugged disk.
@@ -58,8 +49,6 @@ DETACH_TIMEOUT = 20.0
 # Guests that were still booting when the ACPI button was pressed never saw it; press again.
 SHUTDOWN_RESEND_INTERVAL = 5.0
 STOP_POLL_INTERVAL = 0.2
-
-ET.register_namespace(METADATA_PREFIX, METADATA_NS)
 
 _STATE_OF_EVENT: dict[int, str] = {
     libvirt.VIR_DOMAIN_EVENT_STARTED: RUNNING,
@@ -92,371 +81,11 @@ _STATE_OF_DOMAIN: dict[int, str] = {
 GUEST_NICE = 5
 QEMU_PID_DIR = "/run/libvirt/qemu"
 
-# Threads for blocking libvirt calls, apart from asyncio's default pool (CPUs + 4 threads), which
-# image copies and fsyncs hold for minutes: a VM start or a state query must not queue behind
-# them. libvirtd serves 20 calls at a time by default.
-_LIBVIRT_THREADS = ThreadPoolExecutor(max_workers=20, thread_name_prefix="libvirt")
-
 # A live migration's source pauses and stops the domain: not a state change of the VM.
 _MIGRATION_EVENTS = {
     (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED),
     (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED),
 }
-
-_CONNECTION_ERRORS = {
-    libvirt.VIR_ERR_NO_CONNECT,
-    libvirt.VIR_ERR_INVALID_CONN,
-    libvirt.VIR_ERR_RPC,
-    libvirt.VIR_ERR_AUTH_FAILED,
-}
-
-
-# --------------------------------------------------------------------------- libvirt plumbing
-
-
-def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
-    """libvirt prints every error on stderr by default; ours become DriverErrors instead."""
-
-
-libvirt.registerErrorHandler(_ignore_libvirt_error, None)
-
-_event_loop_lock = threading.Lock()
-_event_loop_thread: threading.Thread | None = None
-
-
-def _run_libvirt_event_loop() -> None:
-    while True:
-        try:
-            if libvirt.virEventRunDefaultImpl() < 0:
-                time.sleep(0.1)
-        except Exception:  # pragma: no cover - the loop must survive a bad callback
-            log.exception("libvirt event loop iteration failed")
-            time.sleep(0.1)
-
-
-def _ensure_libvirt_event_loop() -> None:
-    """Start libvirt's default event loop once per process; it must exist before ``open``."""
-    global _event_loop_thread
-    with _event_loop_lock:
-        if _event_loop_thread is not None:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-        thread = threading.Thread(target=_run_libvirt_event_loop, name="libvirt-events", daemon=True)
-        thread.start()
-        _event_loop_thread = thread
-
-
-def _is_connection_error(err: libvirt.libvirtError) -> bool:
-    code = err.get_error_code()
-    if code in _CONNECTION_ERRORS:
-        return True
-    return code == libvirt.VIR_ERR_SYSTEM_ERROR and err.get_error_domain() == libvirt.VIR_FROM_RPC
-
-
-def _translate(err: libvirt.libvirtError, action: str) -> DriverError:
-    code = err.get_error_code()
-    message = (err.get_error_message() or str(err)).strip()
-    details = f"libvirt error code {code} (domain {err.get_error_domain()})"
-    if code == libvirt.VIR_ERR_NO_DOMAIN:
-        return DriverError("VM_NOT_FOUND", f"Could not {action}: the domain does not exist on this host.", message)
-    if _is_connection_error(err):
-        return DriverError(
-            "LIBVIRT_UNAVAILABLE", f"Could not {action}: the connection to libvirtd failed: {message}", details
-        )
-    if code == libvirt.VIR_ERR_OPERATION_INVALID:
-        return DriverError("INVALID_STATE", f"Could not {action}: {message}", details)
-    if code in (libvirt.VIR_ERR_OPERATION_TIMEOUT, libvirt.VIR_ERR_AGENT_UNRESPONSIVE):
-        return DriverError("LIBVIRT_TIMEOUT", f"Could not {action}: {message}", details)
-    return DriverError("LIBVIRT_ERROR", f"Could not {action}: {message}", details)
-
-
-# ------------------------------------------------------------------------------ naming helpers
-
-
-def vm_hex(vm_uuid: str) -> str:
-    """The 32-hex form of a VM uuid (ZStack style), accepting the dashed form too."""
-    try:
-        return uuidlib.UUID(vm_uuid).hex
-    except (ValueError, TypeError, AttributeError):
-        raise DriverError("INVALID_ARGUMENT", f"VM uuid {vm_uuid!r} is not a UUID.") from None
-
-
-def domain_name(vm_uuid: str) -> str:
-    return DOMAIN_PREFIX + vm_hex(vm_uuid)
-
-
-def vm_uuid_of_domain(name: str, domain_uuid: str) -> str | None:
-    """The VM uuid of a nimbostack domain, or None for domains someone else defined."""
-    if not name.startswith(DOMAIN_PREFIX):
-        return None
-    hex_part = name[len(DOMAIN_PREFIX) :]
-    try:
-        if uuidlib.UUID(hex_part).hex != hex_part or uuidlib.UUID(domain_uuid).hex != hex_part:
-            return None
-    except ValueError:
-        return None
-    return hex_part
-
-
-def disk_target(device_id: int) -> str:
-    """vda, vdb, ..., vdz, vdaa, ... the way libvirt numbers disk names."""
-    if device_id < 0:
-        raise DriverError("INVALID_ARGUMENT", f"Disk device id {device_id} is negative.")
-    suffix = ""
-    n = device_id
-    while True:
-        suffix = chr(ord("a") + n % 26) + suffix
-        n = n // 26 - 1
-        if n < 0:
-            return "vd" + suffix
-
-
-def nic_target(nic: NicSpec) -> str:
-    """Tap device name: stable per NIC so firewall rules can name it; within IFNAMSIZ (15)."""
-    hex_part = "".join(c for c in nic.uuid.lower() if c in "0123456789abcdef")[:8]
-    if not hex_part:
-        raise DriverError("INVALID_ARGUMENT", f"NIC uuid {nic.uuid!r} has no hex digits to name its tap.")
-    return f"vnic{hex_part}"
-
-
-# ---------------------------------------------------------------------------------- domain XML
-
-
-def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
-    el = ET.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()})
-    if text is not None:
-        el.text = text
-    return el
-
-
-def disk_element(disk: DiskSpec) -> ET.Element:
-    if disk.cache_mode not in CACHE_MODES:
-        raise DriverError(
-            "INVALID_ARGUMENT", f"Disk cache mode {disk.cache_mode!r} is not one of {', '.join(CACHE_MODES)}."
-        )
-    if disk.format not in DISK_FORMATS:
-        raise DriverError("INVALID_ARGUMENT", f"Disk format {disk.format!r} is not one of {', '.join(DISK_FORMATS)}.")
-    el = ET.Element("disk", {"type": "file", "device": "disk"})
-    _sub(el, "driver", name="qemu", type=disk.format, cache=disk.cache_mode)
-    _sub(el, "source", file=disk.path)
-    _sub(el, "target", dev=disk_target(disk.device_id), bus="virtio")
-    # virtio-blk serials hold 20 bytes; the volume uuid prefix lets a guest find /dev/disk/by-id.
-    serial = "".join(c for c in disk.volume_uuid if c.isalnum())[:20]
-    if serial:
-        _sub(el, "serial", serial)
-    return el
-
-
-def cdrom_element(iso_path: str | None, target: str = CDROM_TARGET, bus: str = CDROM_BUS) -> ET.Element:
-    el = ET.Element("disk", {"type": "file", "device": "cdrom"})
-    _sub(el, "driver", name="qemu", type="raw")
-    if iso_path:
-        _sub(el, "source", file=iso_path)
-    _sub(el, "target", dev=target, bus=bus)
-    _sub(el, "readonly")
-    return el
-
-
-def interface_element(nic: NicSpec) -> ET.Element:
-    el = ET.Element("interface", {"type": "bridge"})
-    _sub(el, "mac", address=nic.mac)
-    _sub(el, "source", bridge=nic.bridge)
-    _sub(el, "target", dev=nic_target(nic))
-    _sub(el, "model", type="virtio")
-    return el
-
-
-def build_domain_xml(
-    spec: VmSpec,
-    domain_type: str,
-    console_listen: str = "0.0.0.0",
-    video_model: str | None = None,
-    owner: str | None = None,
-) -> str:
-    """The libvirt domain XML of ``spec``. Built with ElementTree so that any VM name, path or
-    bridge is escaped rather than interpreted."""
-    vm = vm_hex(spec.uuid)
-    if spec.cpu_num < 1:
-        raise DriverError("INVALID_ARGUMENT", f"VM {vm} needs at least one vCPU, got {spec.cpu_num}.")
-    if spec.memory < 1 << 20:
-        raise DriverError("INVALID_ARGUMENT", f"VM {vm} needs at least 1 MiB of memory, got {spec.memory}.")
-    if spec.console_mode not in CONSOLE_MODES:
-        raise DriverError(
-            "INVALID_ARGUMENT", f"Console mode {spec.console_mode!r} is not one of {', '.join(CONSOLE_MODES)}."
-        )
-    if spec.cpu_mode not in CPU_MODES:
-        raise DriverError("INVALID_ARGUMENT", f"CPU mode {spec.cpu_mode!r} is not one of {', '.join(CPU_MODES)}.")
-    dashed = str(uuidlib.UUID(vm))
-
-    dom = ET.Element("domain", {"type": domain_type})
-    _sub(dom, "name", DOMAIN_PREFIX + vm)
-    _sub(dom, "uuid", dashed)
-    # libvirt refuses newlines in <title>; the exact name is kept in the metadata.
-    _sub(dom, "title", " ".join(spec.name.splitlines()) or vm)
-    metadata = _sub(dom, "metadata")
-    instance = _sub(metadata, f"{{{METADATA_NS}}}instance")
-    _sub(instance, f"{{{METADATA_NS}}}uuid", vm)
-    _sub(instance, f"{{{METADATA_NS}}}name", spec.name)
-    if owner:  # the host (agent) the domain was started for: several agents may share a libvirtd
-        _sub(instance, f"{{{METADATA_NS}}}host", owner)
-
-    kib = str(max(1, spec.memory // 1024))
-    _sub(dom, "memory", kib, unit="KiB")
-    _sub(dom, "currentMemory", kib, unit="KiB")
-    _sub(dom, "vcpu", str(spec.cpu_num), placement="static")
-
-    sysinfo = _sub(dom, "sysinfo", type="smbios")
-    system = _sub(sysinfo, "system")
-    _sub(system, "entry", "NimboStack", name="manufacturer")
-    _sub(system, "entry", spec.smbios_product, name="product")
-    _sub(system, "entry", vm, name="serial")
-    _sub(system, "entry", dashed, name="uuid")
-
-    os_el = _sub(dom, "os")
-    _sub(os_el, "type", "hvm", arch=ARCH, machine=MACHINE)
-    seen: set[str] = set()
-    for item in spec.boot_order or ["HardDisk"]:
-        dev = BOOT_DEVICES.get(item)
-        if dev is None:
-            raise DriverError("INVALID_ARGUMENT", f"Boot device {item!r} is not one of {', '.join(BOOT_DEVICES)}.")
-        if dev not in seen:
-            seen.add(dev)
-            _sub(os_el, "boot", dev=dev)
-    _sub(os_el, "smbios", mode="sysinfo")
-
-    features = _sub(dom, "features")
-    _sub(features, "acpi")
-    _sub(features, "apic")
-
-    if spec.cpu_mode != "none":
-        cpu = _sub(dom, "cpu", mode=spec.cpu_mode)
-        if spec.cpu_mode == "host-passthrough":
-            cpu.set("check", "none")
-
-    clock = _sub(dom, "clock", offset="utc")
-    _sub(clock, "timer", name="rtc", tickpolicy="catchup")
-    _sub(clock, "timer", name="pit", tickpolicy="delay")
-    _sub(clock, "timer", name="hpet", present="no")
-
-    _sub(dom, "on_poweroff", "destroy")
-    _sub(dom, "on_reboot", "restart")
-    _sub(dom, "on_crash", "destroy")
-    pm = _sub(dom, "pm")
-    # A suspended-to-RAM guest looks hung to users; the cloud offers pause instead.
-    _sub(pm, "suspend-to-mem", enabled="no")
-    _sub(pm, "suspend-to-disk", enabled="no")
-
-    devices = _sub(dom, "devices")
-    targets: set[str] = set()
-    for disk in sorted(spec.disks, key=lambda d: d.device_id):
-        el = disk_element(disk)
-        target = disk_target(disk.device_id)
-        if target in targets:
-            raise DriverError("INVALID_ARGUMENT", f"Two disks of VM {vm} use device id {disk.device_id}.")
-        targets.add(target)
-        devices.append(el)
-    devices.append(cdrom_element(spec.iso_path))
-
-    taps: set[str] = set()
-    for nic in sorted(spec.nics, key=lambda n: n.device_id):
-        el = interface_element(nic)
-        tap = nic_target(nic)
-        if tap in taps:
-            raise DriverError("INVALID_ARGUMENT", f"Two NICs of VM {vm} map to the tap name {tap}.")
-        taps.add(tap)
-        devices.append(el)
-
-    serial = _sub(devices, "serial", type="pty")
-    if spec.console_log:
-        # A pty keeps `virsh console` usable while everything the guest prints is also logged.
-        _sub(serial, "log", file=spec.console_log, append="off")
-    _sub(serial, "target", port="0")
-    console = _sub(devices, "console", type="pty")
-    _sub(console, "target", type="serial", port="0")
-
-    graphics = _sub(devices, "graphics", type=spec.console_mode, autoport="yes", listen=console_listen)
-    _sub(graphics, "listen", type="address", address=console_listen)
-    video = _sub(devices, "video")
-    model = video_model or ("qxl" if spec.console_mode == "spice" else "vga")
-    _sub(video, "model", type=model, heads="1", primary="yes")
-    # An absolute pointer keeps the VNC/SPICE mouse in sync with the guest's.
-    _sub(devices, "input", type="tablet", bus="usb")
-    rng = _sub(devices, "rng", model="virtio")
-    _sub(rng, "backend", "/dev/urandom", model="random")
-    _sub(devices, "memballoon", model="virtio")
-    return ET.tostring(dom, encoding="unicode")
-
-
-# ---------------------------------------------------------------------------- KVM usability
-
-# A 64 KiB PC firmware image that switches to 32-bit protected mode, counts down 10 million
-# iterations of `dec; jnz` and writes 0x10 to isa-debug-exit (QEMU exits with status 33).
-# Hardware KVM runs it in milliseconds and TCG in ~0.1 s; a KVM that emulates guest code in
-# software (nested KVM without usable hardware support, as on some CI sandboxes) needs tens of
-# seconds or stops with "KVM internal error ... emulation failure". /dev/kvm existing, and
-# libvirt offering kvm domains, proves neither.
-_PROBE_CODE = bytes.fromhex(
-    "fa2e660f011650000f20c06683c8010f22c066ea1a000f00080066b810008ed88ed0b9809698004975fdb010"
-    "e6f4f4ebfd8db426000000000000000000000000ffff0000009acf00ffff00000092cf00170038000f00"
-)
-_PROBE_EXIT_STATUS = 33
-_PROBE_TIMEOUT = 4.0
-
-
-def _probe_firmware() -> bytes:
-    rom = bytearray(65536)
-    rom[: len(_PROBE_CODE)] = _PROBE_CODE
-    rom[0xFFF0:0xFFF5] = bytes([0xEA, 0x00, 0x00, 0x00, 0xF0])  # reset vector: ljmp f000:0000
-    return bytes(rom)
-
-
-def probe_kvm(emulator: str = "qemu-system-x86_64", timeout: float = _PROBE_TIMEOUT) -> tuple[bool, str]:
-    """Boot the probe firmware under ``-accel kvm``; (usable, reason)."""
-    if not os.path.exists("/dev/kvm"):
-        return False, "/dev/kvm does not exist"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False, "/dev/kvm is not accessible"
-    with tempfile.TemporaryDirectory(prefix="nimbo-kvm-probe-") as tmp:
-        firmware = os.path.join(tmp, "probe.rom")
-        with open(firmware, "wb") as f:
-            f.write(_probe_firmware())
-        cmd = [
-            emulator,
-            "-machine",
-            "pc",
-            "-accel",
-            "kvm",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "none",
-            "-monitor",
-            "none",
-            "-m",
-            "16",
-            "-bios",
-            firmware,
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=4",
-        ]
-        started = time.monotonic()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            return False, (
-                f"a 10-million-instruction test guest did not finish within {timeout:.0f} s "
-                "under KVM (KVM emulates guest code in software here)"
-            )
-        except OSError as e:
-            return False, f"cannot run {emulator}: {e}"
-        elapsed = time.monotonic() - started
-    if proc.returncode == _PROBE_EXIT_STATUS:
-        return True, f"KVM test guest ran in {elapsed:.2f} s"
-    err = " ".join(line for line in proc.stderr.splitlines() if "warning" not in line)[-300:]
-    return False, f"KVM test guest failed (exit status {proc.returncode}): {err or 'no output'}"
-
 
 _detected_lock = threading.Lock()
 _detected: dict[str, tuple[str, str]] = {}
@@ -492,12 +121,14 @@ class LibvirtDriver:
         self._domain_type: str | None = None if domain_type == "auto" else domain_type
         self.domain_type_reason = "" if domain_type == "auto" else "forced by configuration"
         self._domcaps: dict[str, ET.Element] = {}
-        self._conn: libvirt.virConnect | None = None
-        self._conn_lock = threading.RLock()
-        self._lifecycle_cb: int | None = None
-        self._reboot_cb: int | None = None
-        self._ever_connected = False
-        self._closed = False
+        self._connection = LibvirtConnection(
+            uri,
+            self._on_lifecycle,
+            self._on_reboot,
+            on_lost=lambda: self._call_on_loop(self._schedule_reconnect),
+            # Events sent while we were disconnected are lost; compare states instead.
+            on_reconnected=lambda: self._call_on_loop(self._schedule_resync),
+        )
         self._listeners: list[StateListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[tuple[str, str]] | None = None
@@ -519,76 +150,6 @@ class LibvirtDriver:
     def is_local(self) -> bool:
         """Local URIs let the driver look at host files (bridges, images, /dev/kvm) directly."""
         return not urlsplit(self.uri).hostname
-
-    def _connection(self) -> libvirt.virConnect:
-        with self._conn_lock:
-            conn = self._conn
-            if conn is not None:
-                try:
-                    if conn.isAlive():
-                        return conn
-                except libvirt.libvirtError:
-                    pass
-                log.warning("libvirt connection to %s lost; reconnecting", self.uri)
-                self._drop_connection()
-            if self._closed:
-                raise DriverError("DRIVER_CLOSED", "The libvirt driver has been closed.")
-            _ensure_libvirt_event_loop()
-            try:
-                conn = libvirt.open(self.uri)
-            except libvirt.libvirtError as e:
-                raise DriverError(
-                    "LIBVIRT_UNAVAILABLE",
-                    f"Cannot connect to libvirt at {self.uri}: is libvirtd running (scripts/start-libvirtd)?",
-                    (e.get_error_message() or str(e)).strip(),
-                ) from None
-            try:
-                # Without keepalive a dead libvirtd is only noticed on the next call, and events stop.
-                conn.setKeepAlive(5, 3)
-            except libvirt.libvirtError:
-                pass
-            self._conn = conn
-            try:
-                self._lifecycle_cb = conn.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
-                )
-                self._reboot_cb = conn.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None
-                )
-                conn.registerCloseCallback(self._on_connection_closed, None)
-            except libvirt.libvirtError as e:
-                self._drop_connection()
-                raise _translate(e, "subscribe to libvirt domain events") from None
-            reconnected = self._ever_connected
-            self._ever_connected = True
-        if reconnected:
-            # Events sent while we were disconnected are lost; compare states instead.
-            self._call_on_loop(self._schedule_resync)
-        return conn
-
-    def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        for cb in (self._lifecycle_cb, self._reboot_cb):
-            if cb is not None:
-                try:
-                    conn.domainEventDeregisterAny(cb)
-                except libvirt.libvirtError:
-                    pass
-        self._lifecycle_cb = self._reboot_cb = None
-        try:
-            conn.unregisterCloseCallback()
-        except libvirt.libvirtError:
-            pass
-        try:
-            conn.close()
-        except libvirt.libvirtError:
-            pass
-
-    def _on_connection_closed(self, _conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
-        log.warning("libvirt closed the connection to %s (reason %s)", self.uri, reason)
-        self._call_on_loop(self._schedule_reconnect)
 
     def _remember_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -617,24 +178,7 @@ class LibvirtDriver:
     async def _run(self, action: str, fn: Callable[[libvirt.virConnect], T]) -> T:
         """Run ``fn(conn)`` in a worker thread; libvirt errors become DriverErrors."""
         self._remember_loop()
-
-        def work() -> T:
-            for attempt in (1, 2):
-                conn = self._connection()
-                try:
-                    return fn(conn)
-                except libvirt.libvirtError as e:
-                    if attempt == 1 and _is_connection_error(e):
-                        # libvirtd restarted under us: one retry on a fresh connection.
-                        with self._conn_lock:
-                            if self._conn is conn:
-                                self._drop_connection()
-                        continue
-                    raise _translate(e, action) from None
-            raise AssertionError("unreachable")
-
-        ctx = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(_LIBVIRT_THREADS, ctx.run, work)
+        return await self._connection.run(action, fn)
 
     # --------------------------------------------------------------------------- events
 
@@ -756,7 +300,7 @@ class LibvirtDriver:
 
     async def _reconnect(self) -> None:
         delay = 0.5
-        while not self._closed:
+        while not self._connection.closed:
             try:
                 await self._run("reconnect to libvirt", lambda conn: None)
                 return
@@ -1085,7 +629,7 @@ class LibvirtDriver:
             if dom.isActive():
                 views.append((libvirt.VIR_DOMAIN_AFFECT_LIVE, 0))
             for flag, xml_flags in views:
-                existing = _find_disk(ET.fromstring(dom.XMLDesc(xml_flags)), disk.path, target)
+                existing = find_disk(ET.fromstring(dom.XMLDesc(xml_flags)), disk.path, target)
                 if existing is None:
                     flags |= flag
                     continue
@@ -1114,7 +658,7 @@ class LibvirtDriver:
                 views.append((libvirt.VIR_DOMAIN_AFFECT_LIVE, 0))
             live = False
             for flag, xml_flags in views:
-                existing = _find_disk(ET.fromstring(dom.XMLDesc(xml_flags)), disk.path, target)
+                existing = find_disk(ET.fromstring(dom.XMLDesc(xml_flags)), disk.path, target)
                 if existing is None:
                     continue
                 dom.detachDeviceFlags(ET.tostring(existing, encoding="unicode"), flag)
@@ -1125,7 +669,7 @@ class LibvirtDriver:
             dom = _need(conn, name)
             if not dom.isActive():
                 return False
-            return _find_disk(ET.fromstring(dom.XMLDesc(0)), disk.path, target) is not None
+            return find_disk(ET.fromstring(dom.XMLDesc(0)), disk.path, target) is not None
 
         action = f"detach disk {disk.volume_uuid} from VM {vm_uuid}"
         if not await self._run(action, detach):
@@ -1203,30 +747,17 @@ class LibvirtDriver:
             if not dom.isActive():
                 raise DriverError("VM_NOT_RUNNING", f"VM {vm_uuid} is not running; snapshot its file instead.")
             current = ET.fromstring(dom.XMLDesc(0))
-            found = _find_disk(current, disk.path, target)
+            found = find_disk(current, disk.path, target)
             if found is None:
                 raise DriverError("VOLUME_NOT_FOUND", f"VM {vm_uuid} has no disk {disk.path}")
             found_target = found.find("target")
             dev = found_target.get("dev") if found_target is not None else target
-            snap = ET.Element("domainsnapshot")
-            _sub(snap, "name", f"nimbo-{uuidlib.uuid4().hex}")
-            disks = _sub(snap, "disks")
-            for d in current.findall("devices/disk"):
-                t = d.find("target")
-                if t is None or not t.get("dev"):
-                    continue
-                if t.get("dev") == dev:
-                    el = _sub(disks, "disk", name=dev, snapshot="external", type="file")
-                    _sub(el, "driver", type="qcow2")
-                    _sub(el, "source", file=new_path)
-                else:
-                    _sub(disks, "disk", name=t.get("dev", ""), snapshot="no")
             flags = (
                 libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
             )
-            dom.snapshotCreateXML(ET.tostring(snap, encoding="unicode"), flags)
+            dom.snapshotCreateXML(disk_snapshot_xml(current, dev, new_path), flags)
 
         await self._run(f"snapshot disk {disk.volume_uuid} of VM {vm_uuid}", snapshot)
 
@@ -1285,7 +816,7 @@ class LibvirtDriver:
         return await self._run(f"find the console of VM {vm_uuid}", address)
 
     async def close(self) -> None:
-        self._closed = True
+        self._connection.closed = True
         for task in list(self._background):
             task.cancel()
         if self._consumer is not None:
@@ -1296,11 +827,7 @@ class LibvirtDriver:
             self._filter = None
         self._loop = None
 
-        def shut() -> None:
-            with self._conn_lock:
-                self._drop_connection()
-
-        await asyncio.to_thread(shut)
+        await asyncio.to_thread(self._connection.drop)
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -1363,22 +890,6 @@ def _owner_of(conn: libvirt.virConnect, name: str) -> str | None:
         raise
 
 
-def set_domain_owner(xml: str, owner: str) -> str:
-    """The domain XML with ``owner`` as the host in nimbostack's metadata (for a migration)."""
-    dom = ET.fromstring(xml)
-    instance = dom.find(f"metadata/{{{METADATA_NS}}}instance")
-    if instance is None:
-        metadata = dom.find("metadata")
-        if metadata is None:
-            metadata = _sub(dom, "metadata")
-        instance = _sub(metadata, f"{{{METADATA_NS}}}instance")
-    host = instance.find(f"{{{METADATA_NS}}}host")
-    if host is None:
-        host = _sub(instance, f"{{{METADATA_NS}}}host")
-    host.text = owner
-    return ET.tostring(dom, encoding="unicode")
-
-
 def lower_priority(domain: str, nice: int, pid_dir: str = QEMU_PID_DIR) -> int:
     """Set the niceness of every thread of the domain's QEMU (niceness is per thread on Linux;
     threads QEMU makes later inherit it). Returns how many threads; 0 if QEMU is not found."""
@@ -1398,16 +909,6 @@ def lower_priority(domain: str, nice: int, pid_dir: str = QEMU_PID_DIR) -> int:
     return done
 
 
-def set_console_log(xml: str, path: str) -> str:
-    """The domain XML logging its serial console to ``path``, appended to: the destination of a
-    migration keeps its own log of the guest, and a guest coming back adds to the old one."""
-    dom = ET.fromstring(xml)
-    for log_el in dom.findall("devices/serial/log"):
-        log_el.set("file", path)
-        log_el.set("append", "on")
-    return ET.tostring(dom, encoding="unicode")
-
-
 def _force_off(dom: libvirt.virDomain) -> None:
     try:
         if dom.isActive():
@@ -1416,20 +917,6 @@ def _force_off(dom: libvirt.virDomain) -> None:
         # It may have stopped (or vanished) between the check and the destroy.
         if e.get_error_code() not in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
             raise
-
-
-def _find_disk(domain: ET.Element, path: str, target: str) -> ET.Element | None:
-    """The disk with this source file, else the one at this target."""
-    disks = domain.findall("devices/disk[@device='disk']")
-    for d in disks:
-        source = d.find("source")
-        if source is not None and source.get("file") == path:
-            return d
-    for d in disks:
-        tgt = d.find("target")
-        if tgt is not None and tgt.get("dev") == target:
-            return d
-    return None
 
 
 def _local_os_name() -> str:
