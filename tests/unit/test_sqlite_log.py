@@ -1,6 +1,8 @@
 """The SQLite write-ahead log stays short under writes that never pause: without the rewind pass
 of checkpoint_loop it grew by every page ever written (1 GB after 3,000 VM creates), and every
-page read searched its index."""
+page read searched its index. (Whether the log also grows without the rewind depends on how busy
+the machine is: SQLite starts it afresh whenever a checkpoint happens to catch up between two
+transactions, which it did on a loaded machine, so that is not asserted here.)"""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-import pytest
 from sqlalchemy import text
 
 from nimbostack.db.engine import Database
@@ -51,10 +52,3 @@ async def test_the_log_is_rewound_under_continuous_writes(tmp_path: Path) -> Non
     frames = await _log_frames_after_writes(tmp_path, restart_at=200)
     # one rewind pass every 200 frames or so; at most a pass's worth (plus what came meanwhile) left
     assert frames < 1000, f"the log holds {frames} frames after {WRITES} transactions"
-
-
-@pytest.mark.parametrize("restart_at", [10**9])
-async def test_without_rewinds_the_log_keeps_every_frame(tmp_path: Path, restart_at: int) -> None:
-    """The condition the rewind is for: passive checkpoints alone leave the log growing."""
-    frames = await _log_frames_after_writes(tmp_path, restart_at=restart_at)
-    assert frames >= WRITES, frames
