@@ -30,9 +30,9 @@ query.register(
 register_queries("QueryAccount", "QueryAccountResourceRef", "QueryGlobalConfig")
 
 
-def _session_inv(row: m.Session) -> dict[str, Any]:
+def _session_inv(token: str, row: m.Session) -> dict[str, Any]:
     return {
-        "uuid": row.uuid,
+        "uuid": token,
         "accountUuid": row.accountUuid,
         "userUuid": row.userUuid,
         "expiredDate": fmt_date(row.expiredDate),
@@ -49,8 +49,8 @@ def _digest(ctx: ApiContext) -> str:
 
 @api("LogInByAccount", public=True)
 async def login(ctx: ApiContext) -> dict[str, Any]:
-    session = await ctx.p.auth.login(ctx.req("accountName"), _digest(ctx))
-    return {"inventory": _session_inv(session)}
+    token, session = await ctx.p.auth.login(ctx.req("accountName"), _digest(ctx))
+    return {"inventory": _session_inv(token, session)}
 
 
 @api("LogOut")
@@ -83,7 +83,7 @@ async def create_account(ctx: ApiContext) -> dict[str, Any]:
             name=name,
             description=ctx.str("description"),
             type=ctx.str("type", "Normal") or "Normal",
-            passwordHash=hash_password(_digest(ctx)),
+            passwordHash=await hash_password(_digest(ctx)),
         )
         s.add(row)
         s.add(
@@ -104,7 +104,7 @@ async def update_account(ctx: ApiContext) -> dict[str, Any]:
         row = await load(s, m.Account, uuid, ctx, "Account")
         update_fields(row, ctx)
         if ctx.str("password"):
-            row.passwordHash = hash_password(_digest(ctx))
+            row.passwordHash = await hash_password(_digest(ctx))
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectAccountInventory", row)}
 

@@ -1,5 +1,7 @@
 """Accounts and sessions. Passwords arrive as SHA-512 hex digests (the wire's rule) and are stored
-as argon2 hashes of that digest."""
+as argon2 hashes of that digest, computed off the event loop. A session's token is given to the
+client once, at login; the database keeps only its SHA-256 (``session_key``), so a copy of the
+database opens no session. Failed logins are throttled per account name."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from sqlalchemy import delete, func, select
 
 from nimbostack.core.errors import (
     INVALID_SESSION,
+    LOGIN_THROTTLED,
     PERMISSION_DENIED,
     SESSION_EXPIRED,
     WRONG_CREDENTIALS,
@@ -45,8 +48,14 @@ class Access(Protocol):
     admin: bool  # admin accounts only
 
 
-def hash_password(sha512_hex: str) -> str:
-    return _hasher.hash(sha512_hex.lower())
+async def hash_password(sha512_hex: str) -> str:
+    # argon2 is deliberately slow (~85 ms): keep it off the event loop
+    return await asyncio.to_thread(_hasher.hash, sha512_hex.lower())
+
+
+def session_key(token: str) -> str:
+    """What the database keeps of a session token: its SHA-256, cut to a uuid's 32 characters."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 async def verify_password(stored: str, sha512_hex: str) -> bool:
@@ -63,6 +72,8 @@ class Auth:
     def __init__(self, db: Database, config: GlobalConfigStore) -> None:
         self.db, self.config = db, config
         self._cache: dict[str, tuple[float, Caller, datetime]] = {}
+        # per account name: (failures in a row, monotonic time of the last); kept in memory, per node
+        self._failures: dict[str, tuple[int, float]] = {}
 
     async def seed_admin(self) -> None:
 
@@ -73,19 +84,23 @@ class Auth:
                         uuid=ADMIN_UUID,
                         name="admin",
                         type=ADMIN_TYPE,
-                        passwordHash=hash_password(hashlib.sha512(b"password").hexdigest()),
+                        passwordHash=await hash_password(hashlib.sha512(b"password").hexdigest()),
                     )
                 )
 
-    async def login(self, name: str, password_digest: str) -> Session:
+    async def login(self, name: str, password_digest: str) -> tuple[str, Session]:
+        """A new session of the account: (its token, its row, whose uuid is the token's key)."""
+        await self._check_throttle(name)
         async with self.db.tx() as s:
             account = (await s.execute(select(Account).where(Account.name == name))).scalar_one_or_none()
         if account is None or not await verify_password(account.passwordHash, password_digest):
+            self._failed(name)
             raise ApiError(
                 WRONG_CREDENTIALS,
                 "Wrong account name or password",
                 "the password must be sent as its SHA-512 hex digest",
             )
+        self._failures.pop(name, None)
         timeout = await self.config.get("identity", "session.timeout")
         limit = await self.config.get("identity", "session.maxConcurrent")
         now = datetime.utcnow()
@@ -100,20 +115,49 @@ class Auth:
                     "Too many sessions",
                     f"account {name} already holds {active} sessions (identity/session.maxConcurrent)",
                 )
+            token = uuidlib.uuid4().hex
             session = Session(
-                uuid=uuidlib.uuid4().hex,
+                uuid=session_key(token),
                 accountUuid=account.uuid,
                 userUuid=account.uuid,
                 expiredDate=now + timedelta(seconds=timeout),
                 createDate=now,
             )
             s.add(session)
-        return session
+        return token, session
 
-    async def logout(self, session_uuid: str) -> None:
-        self._cache.pop(session_uuid, None)
+    async def _check_throttle(self, name: str) -> None:
+        """After ``identity/login.maxFailures`` wrong passwords in a row, the account's logins are
+        refused for ``identity/login.lockSeconds`` after the last one, then allowed again: a guesser
+        gets a handful of tries a minute, and the real user is never locked out for good."""
+        failed = self._failures.get(name)
+        if failed is None:
+            return
+        count, last = failed
+        limit = await self.config.get("identity", "login.maxFailures")
+        lock = await self.config.get("identity", "login.lockSeconds")
+        wait = last + lock - time.monotonic()
+        if wait <= 0:
+            self._failures.pop(name, None)
+            return
+        if count >= limit:
+            raise ApiError(
+                LOGIN_THROTTLED,
+                "Too many failed logins",
+                f"{count} wrong passwords in a row for account {name}; try again in {wait:.0f} s "
+                "(identity/login.maxFailures, identity/login.lockSeconds)",
+            )
+
+    def _failed(self, name: str) -> None:
+        if len(self._failures) > 100_000:  # names guessed at random must not grow this without end
+            self._failures.clear()
+        count = self._failures.get(name, (0, 0.0))[0]
+        self._failures[name] = (count + 1, time.monotonic())
+
+    async def logout(self, token: str) -> None:
+        self._cache.pop(token, None)
         async with self.db.tx() as s:
-            await s.execute(delete(Session).where(Session.uuid == session_uuid))
+            await s.execute(delete(Session).where(Session.uuid == session_key(token)))
 
     async def caller(self, session: Any, route: Access) -> Caller:
         if route.public:
@@ -138,7 +182,7 @@ class Auth:
                 raise ApiError(SESSION_EXPIRED, "The session expired", "log in again with LogInByAccount")
             return hit[1]
         async with self.db.tx() as s:
-            row = await s.get(Session, sid)
+            row = await s.get(Session, session_key(sid))
             account = await s.get(Account, row.accountUuid) if row is not None else None
         if row is None or account is None:
             self._cache.pop(sid, None)

@@ -117,6 +117,13 @@ DEFINITIONS: list[ConfigDef] = [
     ),
     ConfigDef("identity", "session.timeout", "7200", "Seconds a session lives after login", "int", min=60),
     ConfigDef("identity", "session.maxConcurrent", "500", "Sessions one account may hold at once", "int", min=1),
+    ConfigDef(
+        "identity", "login.maxFailures", "5", "Wrong passwords in a row before an account's logins pause", "int", min=1
+    ),
+    ConfigDef(
+        "identity", "login.lockSeconds", "60", "Seconds an account's logins pause after too many failures", "int",
+        min=1,
+    ),
     ConfigDef("gc", "interval", "60", "Seconds between two runs of the garbage collector's poll", "int", min=1),
 ]
 
