@@ -80,3 +80,11 @@ def test_password_hashes_are_made_off_the_event_loop(node: Running, api: Api, mo
     carol.login("carol", "a")
     carol.call("UpdateAccount", uuid=account["uuid"], password=_digest("b"))
     assert len(threads) == 3 and node.thread not in threads
+
+
+def test_the_data_dir_and_database_are_the_nodes_alone(node: Running) -> None:
+    data_dir = node.platform.settings.data_dir
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    if node.db_url is None:  # the SQLite file, with its log files
+        for name in ("nimbostack.db", "nimbostack.db-wal"):
+            assert (data_dir / name).stat().st_mode & 0o777 == 0o600, name

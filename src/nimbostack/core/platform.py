@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sqlalchemy import make_url
 
 from nimbostack.core.agents import AgentClient
 from nimbostack.core.auth import Auth
@@ -32,9 +35,21 @@ class Settings:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+def keep_private(data_dir: Path, db_url: str) -> None:
+    """The data dir is the node's alone (0700), and an SQLite database file 0600 from its first
+    byte: SQLite gives its -wal and -shm files the database file's mode."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        os.close(os.open(url.database, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(url.database, 0o600)
+
+
 class Platform:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        keep_private(settings.data_dir, settings.db_url)
         self.db = Database(settings.db_url)
         self.config = GlobalConfigStore(self.db)
         self.jobs = Jobs(self.db, settings.max_running_jobs)
