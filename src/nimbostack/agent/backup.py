@@ -9,12 +9,12 @@ import json
 import logging
 import os
 import shutil
-import urllib.parse
 from pathlib import Path
 
 import httpx
 
 from nimbostack.agent.driver import DriverError
+from nimbostack.wire.urls import MAX_REDIRECTS, FetchPolicy, UrlRefused
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -29,20 +29,28 @@ class BackupStore:
         st = os.statvfs(root)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
-    async def download(self, root: str, image_uuid: str, url: str, fmt: str, md5: str | None) -> dict[str, object]:
-        """Fetch ``url`` into ``root/images``; verify md5 if given; report virtual and actual size."""
+    async def download(
+        self, root: str, image_uuid: str, url: str, fmt: str, md5: str | None, policy: FetchPolicy
+    ) -> dict[str, object]:
+        """Fetch ``url`` into ``root/images`` as ``policy`` allows it (wire/urls.py: checked again
+        here, at every redirect and against the address reached); verify md5 if given; report
+        virtual and actual size."""
         target = Path(root) / "images" / f"{image_uuid}.{fmt}"
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".part")
         digest = hashlib.md5()
-        parsed = urllib.parse.urlparse(url)
         try:
-            if parsed.scheme in ("http", "https"):
-                await self._http(url, tmp, digest, image_uuid)
-            elif parsed.scheme in ("", "file"):
-                await self._copy(Path(urllib.parse.unquote(parsed.path)), tmp, digest, image_uuid)
-            else:
-                raise DriverError("IMAGE_URL", "unsupported image URL", f"{url}: use http(s)://, file:// or a path")
+            try:
+                local = policy.local_path(url)
+                if local is None:
+                    await self._http(url, tmp, digest, image_uuid, policy)
+                else:
+                    real = os.path.realpath(local)  # a symlink may not lead out of the listed dirs
+                    if not policy.inside_local_dirs(real):
+                        raise UrlRefused(f"{local} leads to {real}, not below a directory listed in image/localDirs")
+                    await self._copy(Path(real), tmp, digest, image_uuid)
+            except UrlRefused as err:
+                raise DriverError("IMAGE_URL_REFUSED", "the image URL is refused", str(err)) from None
             if md5 and digest.hexdigest() != md5.lower():
                 raise DriverError(
                     "IMAGE_CHECKSUM",
@@ -57,12 +65,29 @@ class BackupStore:
             self.progress.pop(image_uuid, None)
         return {"installPath": str(target), "actualSize": actual, "size": size, "md5": digest.hexdigest()}
 
-    async def _http(self, url: str, tmp: Path, digest: "hashlib._Hash", image_uuid: str) -> None:
+    async def _http(self, url: str, tmp: Path, digest: "hashlib._Hash", image_uuid: str, policy: FetchPolicy) -> None:
         try:
-            async with (
-                httpx.AsyncClient(timeout=httpx.Timeout(60, read=300)) as client,
-                client.stream("GET", url, follow_redirects=True) as resp,
-            ):
+            async with httpx.AsyncClient(timeout=httpx.Timeout(60, read=300)) as client:
+                await self._fetch(client, url, tmp, digest, image_uuid, policy)
+        except httpx.HTTPError as err:
+            raise DriverError("IMAGE_DOWNLOAD", "cannot download the image", f"{url}: {err}") from None
+
+    async def _fetch(self, client: httpx.AsyncClient, url: str, tmp: Path, digest: "hashlib._Hash",
+                     image_uuid: str, policy: FetchPolicy) -> None:
+        for _ in range(MAX_REDIRECTS + 1):
+            if policy.local_path(url) is not None:
+                raise UrlRefused(f"a redirect to {url}: only http(s) may follow http(s)")
+            await asyncio.to_thread(policy.check_host, url)
+            async with client.stream("GET", url) as resp:
+                if policy.forbid:  # the address reached, whatever DNS says now
+                    stream = resp.extensions.get("network_stream")
+                    peer = stream.get_extra_info("server_addr") if stream is not None else None
+                    if not peer:
+                        raise UrlRefused(f"{url}: the address reached is unknown")
+                    policy.check_address(str(peer[0]), url)
+                if resp.is_redirect and resp.has_redirect_location:
+                    url = str(resp.url.join(resp.headers["location"]))
+                    continue
                 if resp.status_code != 200:
                     raise DriverError(
                         "IMAGE_DOWNLOAD", "the image URL did not answer 200", f"{url}: HTTP {resp.status_code}"
@@ -75,8 +100,8 @@ class BackupStore:
                         digest.update(chunk)
                         done += len(chunk)
                         self._report(image_uuid, done, total)
-        except httpx.HTTPError as err:
-            raise DriverError("IMAGE_DOWNLOAD", "cannot download the image", f"{url}: {err}") from None
+                return
+        raise UrlRefused(f"{url}: more than {MAX_REDIRECTS} redirects")
 
     async def _copy(self, src: Path, tmp: Path, digest: "hashlib._Hash", image_uuid: str) -> None:
         if not src.is_file():

@@ -14,6 +14,7 @@ from nimbostack.agent.driver import DriverError
 from nimbostack.agent.host import Agent, command, storage_command
 from nimbostack.agent.storage import LocalStorage, PullFile
 from nimbostack.wire import DiskSpec, NicSpec, VmSpec
+from nimbostack.wire.urls import FetchPolicy
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,8 @@ async def _bs_connect(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
 
 @command("/bs/download")
 async def _bs_download(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    return await a.backup.download(b["path"], b["imageUuid"], b["url"], b["format"], b.get("md5"))
+    policy = FetchPolicy.from_wire(b.get("policy"))
+    return await a.backup.download(b["path"], b["imageUuid"], b["url"], b["format"], b.get("md5"), policy)
 
 
 @command("/bs/progress")

@@ -124,6 +124,13 @@ DEFINITIONS: list[ConfigDef] = [
         "identity", "login.lockSeconds", "60", "Seconds an account's logins pause after too many failures", "int",
         min=1,
     ),
+    ConfigDef(
+        "image",
+        "localDirs",
+        "/",
+        "Comma-separated directories an admin's AddImage may name local files in (empty: none); "
+        "tenants may never name local files",
+    ),
     ConfigDef("gc", "interval", "60", "Seconds between two runs of the garbage collector's poll", "int", min=1),
 ]
 

@@ -3,7 +3,11 @@ tags) and a command to it under the current API's deadline."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import bindparam, select
 
@@ -52,3 +56,29 @@ async def agent(
     read again for every command."""
     url = url or await agent_url_of(platform, host_uuid)
     return await platform.agents.call(url, path, {"hostUuid": host_uuid, **body})
+
+
+_OWN: list[str] = []  # this machine's addresses, read once
+
+
+async def own_addresses(platform: Platform) -> list[str]:
+    """The management node's own addresses (what a tenant's URL must not reach): those its API
+    and agents use, its host name's, and every interface's (``ip -j addr``)."""
+    if not _OWN:
+        found = {urlsplit(platform.management_url).hostname or "", platform.settings.host}
+        try:
+            infos = await asyncio.to_thread(socket.getaddrinfo, socket.gethostname(), None)
+            found.update(str(i[4][0]) for i in infos)
+        except OSError:
+            pass
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "ip", "-j", "addr", "show", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            )
+            out, _ = await proc.communicate()
+            for link in json.loads(out or b"[]"):
+                found.update(str(a.get("local")) for a in link.get("addr_info", []) if a.get("local"))
+        except (OSError, ValueError):
+            pass
+        _OWN.extend(sorted(a for a in found if a and a != "0.0.0.0"))
+    return _OWN

@@ -13,7 +13,7 @@ from sqlalchemy import delete, func, select, update
 from nimbostack.core import expunger, gc, query
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import ApiError, invalid, not_allowed
-from nimbostack.core.hosts import agent_port_of
+from nimbostack.core.hosts import agent_port_of, own_addresses
 from nimbostack.core.resources import (
     ENABLE_DISABLE,
     add_creation_tags,
@@ -29,6 +29,7 @@ from nimbostack.core.resources import (
 from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
 from nimbostack.storage.primary import directory_path
+from nimbostack.wire.urls import FetchPolicy, UrlRefused, tenant_forbidden
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -213,6 +214,13 @@ async def add_image(ctx: ApiContext) -> dict[str, Any]:
     bs_uuids = ctx.list("backupStorageUuids")
     if not bs_uuids:
         raise invalid("backupStorageUuids must name at least one backup storage")
+    policy = await fetch_policy(ctx)
+    url = ctx.req("url")
+    try:
+        if policy.local_path(url) is None:
+            await asyncio.to_thread(policy.check_host, url)
+    except UrlRefused as err:
+        raise not_allowed(f"the image URL is refused: {err}") from None
     async with ctx.p.db.tx() as s:
         stores = [await load(s, m.BackupStorage, u, ctx, "BackupStorage") for u in bs_uuids]
         for bs in stores:
@@ -222,7 +230,7 @@ async def add_image(ctx: ApiContext) -> dict[str, Any]:
             uuid=new_uuid(ctx),
             name=ctx.req("name"),
             description=ctx.str("description"),
-            url=ctx.req("url"),
+            url=url,
             mediaType=media,
             guestOsType=ctx.str("guestOsType"),
             format=fmt,
@@ -237,7 +245,7 @@ async def add_image(ctx: ApiContext) -> dict[str, Any]:
         for bs in stores:
             s.add(m.ImageBackupStorageRef(imageUuid=row.uuid, backupStorageUuid=bs.uuid, status="Downloading"))
     try:
-        results = [await _download(ctx, bs, row.uuid, row.url, fmt) for bs in stores]
+        results = [await _download(ctx, bs, row.uuid, row.url, fmt, policy) for bs in stores]
     except BaseException:
         async with ctx.p.db.tx() as s:
             await s.execute(delete(m.Image).where(m.Image.uuid == row.uuid))
@@ -258,13 +266,24 @@ async def add_image(ctx: ApiContext) -> dict[str, Any]:
         return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
 
 
-async def _download(ctx: ApiContext, bs: m.BackupStorage, image_uuid: str, url: str, fmt: str) -> dict[str, Any]:
+async def fetch_policy(ctx: ApiContext) -> FetchPolicy:
+    """What the caller's image URLs may name: an admin, local files below image/localDirs and any
+    host; a tenant, no local file and no host that is this node, a loopback or link-local address."""
+    if ctx.caller.is_admin:
+        dirs = await ctx.p.config.get("image", "localDirs")
+        return FetchPolicy(local_dirs=tuple(d.strip() for d in str(dirs).split(",") if d.strip()))
+    return FetchPolicy(forbid=tenant_forbidden(await own_addresses(ctx.p)))
+
+
+async def _download(
+    ctx: ApiContext, bs: m.BackupStorage, image_uuid: str, url: str, fmt: str, policy: FetchPolicy
+) -> dict[str, Any]:
     """Have the store fetch the image; its progress becomes the job's progress."""
     if bs.type == "SimulatorBackupStorage":  # "downloads" at once
         return {"size": SIMULATED_IMAGE_SIZE, "actualSize": SIMULATED_IMAGE_SIZE, "md5": None,
                 "installPath": f"{bs.url}/images/{image_uuid}.{fmt}"}
     body = {"hostUuid": bs.uuid, "path": bs.url, "imageUuid": image_uuid, "url": url, "format": fmt,
-            "md5": tag_value([str(t) for t in ctx.list("systemTags")], "md5::")}
+            "md5": tag_value([str(t) for t in ctx.list("systemTags")], "md5::"), "policy": policy.to_wire()}
     download = asyncio.create_task(ctx.p.agents.call(bs.agentUrl, "/bs/download", body))
     last = None
     try:
