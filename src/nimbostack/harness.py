@@ -149,7 +149,7 @@ class Running:
 
     @property
     def platform(self) -> Any:
-        return self.app.state.nimbo["p"]
+        return self.app.wire.platform
 
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)

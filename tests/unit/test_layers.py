@@ -1,7 +1,8 @@
 """The package's imports point down, never in a circle, and take no private names from another module.
 
-Floors, top to bottom: the entry points (main, bootstrap, cli) → api (the wire) → the services
-(compute, storage, network, plugins) → core → db → wire (the node ↔ agent contract). The host agent is a
+Floors, top to bottom: the entry points (main, harness, bootstrap, cli) → api (the wire) → node (the
+management node's start-up) → the services (compute, storage, network, plugins) → core → db → wire
+(the node ↔ agent contract). The host agent is a
 house of its own that shares only ``nimbostack.wire`` with the management side. Every import counts,
 those under ``TYPE_CHECKING`` and inside functions too: a circle hidden there is still a circle."""
 
@@ -25,12 +26,13 @@ FLOORS = {
     "storage": 3,
     "network": 3,
     "plugins": 3,
-    "api": 4,
-    "web": 4,
-    "bootstrap": 5,
-    "cli": 5,
-    "main": 6,
-    "harness": 6,
+    "node": 4,
+    "api": 5,
+    "web": 5,
+    "bootstrap": 6,
+    "cli": 6,
+    "main": 7,
+    "harness": 7,
 }
 # entry points that choose at run time what to load (the agent or the server): their imports
 # inside functions are deferred loading, not a way around a circle
@@ -96,7 +98,7 @@ def _floor(module: str) -> tuple[str, int]:
     # belongs to the agent's house
     if part == "agent" or (part == "plugins" and len(parts) > 3 and parts[3] in ("agent", "host")):
         return "agent", -1
-    return part, FLOORS.get(part, 5)
+    return part, FLOORS.get(part, FLOORS["bootstrap"])
 
 
 GRAPH = {m: _imports(m) for m in MODULES}

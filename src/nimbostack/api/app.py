@@ -1,30 +1,29 @@
-"""The management node's HTTP server."""
+"""The management node's HTTP server: one Starlette route table over the node that node.py starts."""
 
 from __future__ import annotations
 
-import asyncio
-import gc as pygc
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send, StatelessLifespan
 
+from nimbostack import node
 from nimbostack.api import routes  # noqa: F401  (registers handlers)
 from nimbostack.api.dispatch import Dispatcher
+from nimbostack.api.docs import docs_page
 from nimbostack.api.openapi import openapi_document
-from nimbostack.compute import host as hostmod
-from nimbostack.compute import recovery, vmsync
-from nimbostack.core import expunger, gc
-from nimbostack.core.context import Route
-from nimbostack.core.errors import INTERNAL, INVALID_ARGUMENT, ApiError
+from nimbostack.compute import vmsync
+from nimbostack.core import gc
+from nimbostack.core.context import Route as ApiRoute
+from nimbostack.core.envelope import error_result
+from nimbostack.core.errors import INTERNAL, INVALID_ARGUMENT, RESOURCE_NOT_FOUND, ApiError
 from nimbostack.core.platform import Platform, Settings
-from nimbostack.network.l2l3 import seed_providers
 
 log = logging.getLogger(__name__)
 
@@ -33,96 +32,20 @@ log = logging.getLogger(__name__)
 # many polls: under load each poll was a request as costly as the work the job itself did.
 RESULT_WAIT = 3.0
 
+Answer = Callable[[Scope, Receive], Awaitable[tuple[int, dict[str, Any]]]]
+
 
 async def _no_handler(_ctx: Any) -> dict[str, Any]:
     return {}
 
 
 # the session check of the read-only HTTP endpoints beside the API (GET /gc)
-_ADMIN_READ = Route(_no_handler, admin=True)
+_ADMIN_READ = ApiRoute(_no_handler, admin=True)
 
 
-async def start_platform(settings: Settings) -> Platform:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    p = Platform(settings)
-    await p.db.migrate()
-    await p.config.seed()
-    await p.auth.seed_admin()
-    await seed_providers(p.db)
-    await recovery.recover(p)
-    return p
-
-
-class _WireFastPath:
-    """The three requests every API call makes (POST /zstack/api, GET /zstack/api/result/JOB, and
-    the agent's POST /agent/events), answered straight from ASGI with the same bytes the routes
-    below would send. FastAPI's middleware, routing, request and response objects cost about as
-    much CPU as the node's own handling of a result poll, and a busy node answers thousands a
-    second. Any other request, or these with another method, goes through FastAPI as before. A
-    failure here is answered in the wire's shape (an APIReply error), never a bare 500."""
-
-    RESULT = "/zstack/api/result/"
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        post: Callable[[bytes], Awaitable[dict[str, Any]]],
-        result: Callable[[str], Awaitable[tuple[int, dict[str, Any]]]],
-        event: Callable[[bytes], Awaitable[dict[str, Any]]],
-    ) -> None:
-        self.app, self.post, self.result, self.event = app, post, result, event
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            try:
-                if await self._fast(scope, receive, send):
-                    return
-            except ClientDisconnect:
-                return
-            except Exception as err:  # a bug, or an agent's malformed event: say so in the wire's shape
-                log.exception("%s %s failed", scope["method"], scope["path"])
-                error = {"code": INTERNAL, "description": "Internal error", "details": f"{type(err).__name__}: {err}"}
-                reply = {"org.zstack.header.message.APIReply": {"success": False, "error": error}}
-                return await self._answer(send, 200, {"state": "Done", "result": json.dumps(reply)})
-        await self.app(scope, receive, send)
-
-    async def _fast(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        method, path = scope["method"], scope["path"]
-        if method == "POST" and path == "/zstack/api":
-            await self._answer(send, 200, await self.post(await _body(receive)))
-            return True
-        if method == "GET" and path.startswith(self.RESULT) and "/" not in path[len(self.RESULT) :]:
-            job_uuid = path[len(self.RESULT) :]
-            if job_uuid:
-                await self._answer(send, *(await self.result(job_uuid)))
-                return True
-        if method == "POST" and path == "/agent/events":
-            await self._answer(send, 200, await self.event(await _body(receive)))
-            return True
-        return False
-
-    @staticmethod
-    async def _answer(send: Send, status: int, content: dict[str, Any]) -> None:
-        # as starlette's JSONResponse renders it
-        body = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
-        headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _NodeApp(FastAPI):
-    """FastAPI, with the wire's hot requests taken before its middleware (``_WireFastPath``)."""
-
-    fast_path: _WireFastPath | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.fast_path is not None:
-            await self.fast_path(scope, receive, send)
-        else:
-            await self.slow_path(scope, receive, send)
-
-    async def slow_path(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await super().__call__(scope, receive, send)
+def _failed(err: ApiError) -> dict[str, Any]:
+    """The wire's answer to a request that reached no API message: an APIReply error, Done."""
+    return {"state": "Done", "result": error_result(None, err)}
 
 
 async def _body(receive: Receive) -> bytes:
@@ -136,124 +59,131 @@ async def _body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    state: dict[str, Any] = {}
+async def _send_json(send: Send, status: int, content: dict[str, Any]) -> None:
+    # the bytes and headers starlette's JSONResponse sends, without building one
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
-        p = await start_platform(settings)
-        state["p"] = p
-        state["dispatcher"] = Dispatcher(p, settings.quick_wait)
-        loops = [hostmod.ping_loop(p), expunger.expunge_loop(p), gc.gc_loop(p)] if settings.background else []
-        loops.append(p.config.refresh_loop())  # always: other nodes' config changes must arrive
-        loops.append(p.db.checkpoint_loop())  # always: SQLite's log is written back only there
-        tasks = [asyncio.create_task(loop) for loop in loops]
-        # Everything alive now (modules, the API table, SQLAlchemy's mappers and caches) lives as
-        # long as the node: keep it out of the collector's scans. And let the young generation
-        # grow bigger before a collection: an API call makes thousands of short-lived ORM objects,
-        # and the default threshold (700) ran a collection every few statements.
-        pygc.collect()
-        pygc.freeze()
-        pygc.set_threshold(50_000, 20, 20)
-        log.info("management node ready on port %s (database %s)", settings.port, settings.db_url.split("://")[0])
-        yield
-        for t in tasks:
-            t.cancel()
-        await p.close()
 
-    app = _NodeApp(title="nimbostack", version="0.1.0", lifespan=lifespan, docs_url="/docs", openapi_url=None)
-    app.state.nimbo = state
+class WireEndpoint:
+    """One of the requests every API call makes, as a raw ASGI app in the route table (starlette's
+    Route takes an object that is not a function as ASGI). Starlette's Request, JSONResponse and a
+    function endpoint's wrapping cost about as much CPU as the node's own handling of a result
+    poll, and a busy node answers thousands a second. A failure is answered in the wire's shape
+    (an APIReply error), never a bare 500."""
 
-    async def api_post(raw: bytes) -> dict[str, Any]:
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            body = json.loads(raw)
-        except ValueError as err:
-            return {
-                "state": "Done",
-                "result": json.dumps(
-                    {
-                        "org.zstack.header.message.APIReply": {
-                            "success": False,
-                            "error": {
-                                "code": INVALID_ARGUMENT,
-                                "description": "The body is not JSON",
-                                "details": str(err),
-                            },
-                        }
-                    }
-                ),
-            }
-        return await state["dispatcher"].handle(body)
+            status, content = await self.answer(scope, receive)
+        except ClientDisconnect:
+            return
+        except Exception as err:  # a bug, or an agent's malformed event: say so in the wire's shape
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            status, content = 200, _failed(ApiError(INTERNAL, "Internal error", f"{type(err).__name__}: {err}"))
+        await _send_json(send, status, content)
 
-    async def api_result(job_uuid: str) -> tuple[int, dict[str, Any]]:
+
+class Wire:
+    """The routes' answers, from the platform and dispatcher that the lifespan hands over (``serve``)."""
+
+    platform: Platform
+    dispatcher: Dispatcher
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         # a poll of a job still running here is held until it ends or RESULT_WAIT passes
-        found = await state["p"].jobs.result(job_uuid, wait=RESULT_WAIT if settings.quick_wait > 0 else 0)
+        self.result_wait = RESULT_WAIT if settings.quick_wait > 0 else 0
+
+    def serve(self, p: Platform) -> None:
+        self.platform = p
+        self.dispatcher = Dispatcher(p, self.settings.quick_wait)
+
+    async def api_post(self, _scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
+        try:
+            body = json.loads(await _body(receive))
+        except ValueError as err:
+            return 200, _failed(ApiError(INVALID_ARGUMENT, "The body is not JSON", str(err)))
+        return 200, await self.dispatcher.handle(body)
+
+    async def api_result(self, scope: Scope, _receive: Receive) -> tuple[int, dict[str, Any]]:
+        job_uuid = scope["path_params"]["job_uuid"]
+        found = await self.platform.jobs.result(job_uuid, wait=self.result_wait)
         if found is None:
-            return 404, {
-                "state": "Done",
-                "result": json.dumps(
-                    {
-                        "org.zstack.header.message.APIReply": {
-                            "success": False,
-                            "error": {
-                                "code": "SYS.1006",
-                                "description": "Unknown job",
-                                "details": f"no API job {job_uuid}",
-                            },
-                        }
-                    }
-                ),
-            }
+            return 404, _failed(ApiError(RESOURCE_NOT_FOUND, "Unknown job", f"no API job {job_uuid}"))
         job_state, result, progress = found
         if job_state == "Processing":
             extra = {"progress": progress} if progress else {}
             return 200, {"state": "Processing", "uuid": job_uuid, **extra}
         return 200, {"state": "Done", "result": result}
 
-    async def agent_event(raw: bytes) -> dict[str, Any]:
-        ev = json.loads(raw)
-        await vmsync.on_event(state["p"], ev["hostUuid"], ev["vmUuid"], ev["state"])
-        return {"success": True}
+    async def agent_event(self, _scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
+        ev = json.loads(await _body(receive))
+        await vmsync.on_event(self.platform, ev["hostUuid"], ev["vmUuid"], ev["state"])
+        return 200, {"success": True}
 
-    @app.post("/zstack/api")
-    async def zstack_api(request: Request) -> JSONResponse:
-        return JSONResponse(await api_post(await request.body()))
-
-    @app.get("/zstack/api/result/{job_uuid}")
-    async def zstack_result(job_uuid: str) -> JSONResponse:
-        status, body = await api_result(job_uuid)
-        return JSONResponse(body, status_code=status)
-
-    @app.post("/agent/events")
-    async def agent_events(request: Request) -> JSONResponse:
-        return JSONResponse(await agent_event(await request.body()))
-
-    app.fast_path = _WireFastPath(app.slow_path, post=api_post, result=api_result, event=agent_event)
-
-    @app.get("/gc")
-    async def garbage_collector(
-        request: Request, status: str | None = None, hostUuid: str | None = None, resourceUuid: str | None = None
-    ) -> JSONResponse:
+    async def garbage_collector(self, request: Request) -> JSONResponse:
         """The garbage collector's entries (release 1.2 §4), newest first; an admin session in
         ``Authorization: OAuth <session uuid>`` or ``?session=<uuid>``. Filters: status
         (Pending | Done), hostUuid, resourceUuid."""
-        p = state["p"]
         auth = request.headers.get("authorization", "")
+        query = request.query_params
         session = auth.split(" ", 1)[1].strip() if auth.lower().startswith("oauth ") else None
         try:
-            await p.auth.caller(session or request.query_params.get("session"), _ADMIN_READ)
+            await self.platform.auth.caller(session or query.get("session"), _ADMIN_READ)
         except ApiError as err:
             return JSONResponse({"success": False, "error": err.to_dict()}, status_code=403)
-        inventories = await gc.entries(p, status, hostUuid, resourceUuid)
+        filters = query.get("status"), query.get("hostUuid"), query.get("resourceUuid")
+        inventories = await gc.entries(self.platform, *filters)
         return JSONResponse({"success": True, "inventories": inventories})
 
-    @app.get("/openapi.json")
-    async def openapi() -> JSONResponse:
-        return JSONResponse(openapi_document())
+    async def health(self, _request: Request) -> JSONResponse:
+        p = self.platform
+        return JSONResponse({"status": "ok", "jobsInFlight": p.jobs.in_flight(), "queued": p.queues.pending()})
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        p = state["p"]
-        return {"status": "ok", "jobsInFlight": p.jobs.in_flight(), "queued": p.queues.pending()}
 
-    return app
+async def openapi(_request: Request) -> JSONResponse:
+    return JSONResponse(openapi_document())
+
+
+async def docs(_request: Request) -> HTMLResponse:
+    return HTMLResponse(docs_page())
+
+
+class NodeApp(Router):
+    """The node's one route table, served as the ASGI app itself: a Starlette application around it
+    would add two middlewares to every request, about as much CPU again as the router and a wire
+    endpoint take. ``wire`` is what the routes answer from."""
+
+    def __init__(self, wire: Wire, table: list[Route], lifespan: StatelessLifespan[Any]) -> None:
+        super().__init__(table, lifespan=lifespan)
+        self.wire = wire
+
+
+def create_app(settings: Settings) -> NodeApp:
+    wire = Wire(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        async with node.running(settings) as p:
+            wire.serve(p)
+            yield
+
+    api_post = WireEndpoint(wire.api_post)
+    table = [
+        # the hot three first: the router tries the routes in this order
+        Route("/zstack/api", api_post, methods=["POST"]),
+        Route("/zstack/api/result/{job_uuid}", WireEndpoint(wire.api_result), methods=["GET"]),
+        Route("/agent/events", WireEndpoint(wire.agent_event), methods=["POST"]),
+        # ZStack's SDK posts here; a redirect to /zstack/api would lose the body with many clients
+        Route("/zstack/api/", api_post, methods=["POST"]),
+        Route("/gc", wire.garbage_collector),
+        Route("/health", wire.health),
+        Route("/openapi.json", openapi),
+        Route("/docs", docs),
+    ]
+    return NodeApp(wire, table, lifespan)

@@ -56,7 +56,7 @@ def unregister(provider_type: str) -> None:
 
 def _attachments(*columns: Any) -> Select[Any]:
     """``columns`` of each (L3 network, service, provider) attachment."""
-    return select(*columns).join(
+    return select(*columns).select_from(m.NetworkServiceL3NetworkRef).join(
         m.NetworkServiceProvider,
         m.NetworkServiceProvider.uuid == m.NetworkServiceL3NetworkRef.networkServiceProviderUuid,
     )
