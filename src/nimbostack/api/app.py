@@ -106,7 +106,7 @@ class Wire:
     async def api_post(self, _scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
         try:
             body = json.loads(await _body(receive))
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # a body nested past the parser's depth too
             return 200, _failed(ApiError(INVALID_ARGUMENT, "The body is not JSON", str(err)))
         return 200, await self.dispatcher.handle(body)
 

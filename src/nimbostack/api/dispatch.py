@@ -63,7 +63,40 @@ def parse(body: Any) -> tuple[spec.MessageSpec, dict[str, Any]]:
     return msg, dict(params)
 
 
+# The longest a value may be: what the columns hold (names, descriptions), and for any other
+# string what a userdata system tag may carry (1 MiB) with room for its prefix.
+MAX_LENGTH = {"name": 255, "description": 2048}
+MAX_STRING = (1 << 20) + 4096
+MAX_DEPTH = 8  # conditions and networkServices nest two or three levels; nothing needs more
+# lists whose elements are objects, not strings
+OBJECT_LISTS = {"conditions"}
+
+
+def _check_value(where: str, value: Any, depth: int = 0) -> None:
+    """Shapes no handler should see: NUL bytes (invalid in libvirt XML, C strings, PostgreSQL
+    text), strings past any column, structures nested past any message's."""
+    if depth > MAX_DEPTH:
+        raise invalid(f"{where} is nested too deeply")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise invalid(f"{where} must not contain NUL characters")
+        if len(value) > MAX_STRING:
+            raise invalid(f"{where} is longer than {MAX_STRING} characters")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_value(f"{where}.{k}", k, depth + 1)
+            _check_value(f"{where}.{k}", v, depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_value(f"{where}[{i}]", v, depth + 1)
+
+
 def validate(msg: spec.MessageSpec, params: dict[str, Any]) -> None:
+    for name, value in params.items():
+        _check_value(name, value)
+        limit = MAX_LENGTH.get(name)
+        if limit is not None and isinstance(value, str) and len(value) > limit:
+            raise invalid(f"{name} is longer than {limit} characters")
     for alias, real in ALIASES.get(msg.name, {}).items():
         if alias in params and real not in params:
             params[real] = params.pop(alias)
@@ -75,6 +108,9 @@ def validate(msg: spec.MessageSpec, params: dict[str, Any]) -> None:
         )
     for f in msg.fields.values():
         value = params.get(f.name)
+        if f.type == "list" and f.name not in OBJECT_LISTS and isinstance(value, list):
+            if any(isinstance(v, dict | list) for v in value):
+                raise invalid(f"{f.name} must be a list of strings")
         if f.mandatory and (value is None or value == "" or value == []) and f.name != "conditions":
             raise invalid(f"missing mandatory field {f.name} of {msg.name}")
         if f.valid_values and value is not None:

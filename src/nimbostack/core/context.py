@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
 
 
+INT64 = 1 << 63  # bounds of a database integer column: -INT64 <= n < INT64
+
+
 @dataclass
 class ApiContext:
     p: Platform
@@ -58,6 +61,8 @@ class ApiContext:
             raise invalid(f"{name} must be an integer, got {value!r}") from None
         if minimum is not None and number < minimum:
             raise invalid(f"{name} must be at least {minimum}, got {number}")
+        if not -INT64 <= number < INT64:  # what a database integer column holds
+            raise invalid(f"{name} is out of range, got {number}")
         return number
 
     def bool(self, name: str, default: bool = False) -> bool:

@@ -30,7 +30,10 @@ async def allocate(s: Any, l3_uuid: str, wanted: str | None = None, used_for: st
     if not ranges:
         raise ApiError(IP_ALLOCATION_FAILED, "No IP range", f"L3 network {l3_uuid} has no IP range")
     if wanted:
-        ip = int(ipaddress.IPv4Address(wanted))
+        try:
+            ip = int(ipaddress.IPv4Address(wanted))
+        except ValueError:
+            raise invalid(f"{wanted!r} is not an IPv4 address") from None
         for r in ranges:
             if int(ipaddress.IPv4Address(r.startIp)) <= ip <= int(ipaddress.IPv4Address(r.endIp)):
                 if await _taken(s, l3_uuid, ip):
