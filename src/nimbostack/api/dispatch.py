@@ -8,6 +8,8 @@ import difflib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import IntegrityError
+
 from nimbostack.core import deadline, spec
 from nimbostack.core.context import ROUTES, ApiContext, Route
 from nimbostack.core.envelope import error_result, wrap
@@ -18,6 +20,7 @@ from nimbostack.core.errors import (
     ApiError,
     invalid,
 )
+from nimbostack.core.resources import check_visible
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -139,6 +142,9 @@ class Dispatcher:
                 raise ApiError(UNKNOWN_API, "API not supported", f"{msg.name} is not implemented by nimbostack yet")
             validate(msg, params)
             caller = await self.p.auth.caller(params.get("session"), route)
+            if not caller.is_admin:
+                async with self.p.db.tx() as s:
+                    await check_visible(s, msg, params, caller)
             ctx = ApiContext(self.p, msg, params, caller)
             timeout = self._timeout(msg, params)
         except ApiError as err:
@@ -174,6 +180,10 @@ class Dispatcher:
             return wrap(spec.reply_name(ctx.msg), {"success": True, **body})
         except ApiError as err:
             return error_result(ctx.msg, err)
+        except IntegrityError as err:  # a unique name or uuid taken by a concurrent or earlier call
+            log.info("API %s conflicted: %s", ctx.msg.name, err.orig)
+            return error_result(ctx.msg, invalid("the request conflicts with an existing resource (a uuid or a "
+                                                  "name that must be unique is taken)"))
         except TimeoutError:
             return error_result(
                 ctx.msg,

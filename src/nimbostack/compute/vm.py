@@ -177,6 +177,15 @@ async def create_vm_instance(p: Platform, new: NewVm) -> dict[str, Any]:
     default_l3 = new.default_l3_network_uuid or l3_uuids[0]
     if default_l3 not in l3_uuids:
         raise invalid(f"defaultL3NetworkUuid {default_l3} is not one of l3NetworkUuids")
+    vm_uuid = wanted_uuid(new.resource_uuid)
+    # the whole creation holds the VM's queue: a retry with the same resourceUuid waits for it
+    async with p.queues.serial(vm_uuid):
+        made = await _made_before(p, new, vm_uuid) if new.resource_uuid else None
+        return made if made is not None else await _create(p, new, vm_uuid, default_l3)
+
+
+async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dict[str, Any]:
+    l3_uuids = new.l3_network_uuids
     async with p.db.tx() as s:
         # read only, as records (db/engine.py)
         offering = await load(s, m.InstanceOffering, new.instance_offering_uuid, new, "InstanceOffering", readonly=True)
@@ -201,7 +210,7 @@ async def create_vm_instance(p: Platform, new: NewVm) -> dict[str, Any]:
             if l3.state != "Enabled":
                 raise not_allowed(f"L3 network {u} is {l3.state}")
         vm = m.VmInstance(
-            uuid=wanted_uuid(new.resource_uuid),
+            uuid=vm_uuid,
             name=new.name,
             description=new.description,
             imageUuid=image.uuid,
@@ -350,20 +359,33 @@ async def create_vm_instance(p: Platform, new: NewVm) -> dict[str, Any]:
         .then("create-volumes", create_volumes, delete_volumes)
         .then("start", start, unstart)
     )
-    async with p.queues.serial(vm.uuid):
-        try:
-            c = await chain.run({})
-        except BaseException:
-            async with p.db.tx() as s:
-                row = await s.get(m.VmInstance, vm.uuid)
-                if row is not None:
-                    await s.delete(row)
-                await disown(s, [vm.uuid])
-            raise
+    try:
+        c = await chain.run({})
+    except BaseException:
         async with p.db.tx() as s:
-            await s.execute(_VM_RUNNING, {"vm": vm.uuid, "host": c["host"].uuid}, execution_options=NO_SYNC)
-            row = await get_record(s, m.VmInstance, vm.uuid)
-            return await inv(s, "QueryObjectVmInstanceInventory", row)
+            row = await s.get(m.VmInstance, vm.uuid)
+            if row is not None:
+                await s.delete(row)
+            await disown(s, [vm.uuid])
+        raise
+    async with p.db.tx() as s:
+        await s.execute(_VM_RUNNING, {"vm": vm.uuid, "host": c["host"].uuid}, execution_options=NO_SYNC)
+        row = await get_record(s, m.VmInstance, vm.uuid)
+        return await inv(s, "QueryObjectVmInstanceInventory", row)
+
+
+async def _made_before(p: Platform, new: NewVm, uuid: str) -> dict[str, Any] | None:
+    """A retry of a create whose answer was lost names the same ``resourceUuid`` (ZStack's client
+    token): it gets the VM the first call made (that call is done: it held the VM's queue) rather
+    than a second VM; None when there is none (the first call failed and was rolled back)."""
+    async with p.db.tx() as s:
+        row = await s.get(m.VmInstance, uuid)
+        if row is None:
+            return None
+        owner = await load(s, m.VmInstance, uuid, new, "VmInstance", owned=True)
+        if owner.name != new.name or owner.imageUuid != new.image_uuid:
+            raise not_allowed(f"resourceUuid {uuid} names VM {owner.name} made by another request")
+        return await inv(s, "QueryObjectVmInstanceInventory", row)
 
 
 _VM_STARTING = update(m.VmInstance).where(m.VmInstance.uuid == bindparam("vm")).values(state="Starting")

@@ -9,8 +9,8 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nimbostack.core import query
-from nimbostack.core.auth import Caller
+from nimbostack.core import query, spec
+from nimbostack.core.auth import ADMIN_UUID, Caller
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_found
 from nimbostack.core.tags import validate_system_tag
@@ -146,3 +146,48 @@ def update_fields(row: Any, ctx: ApiContext, names: tuple[str, ...] = ("name", "
             if name == "name" and not value.strip():
                 raise invalid("name must not be empty")
             setattr(row, name, value)
+
+
+# fields named like references that name no existing resource of someone else: the uuid a new
+# resource asks for (except for tags, whose resourceUuid is the tagged resource), a session's token
+_NOT_REFERENCES = {"sessionUuid", "creatingAccountUuid"}
+
+
+def referenced_uuids(msg: spec.MessageSpec, params: dict[str, Any]) -> dict[str, str]:
+    """Every uuid the call names (``uuid``, ``...Uuid``, ``...Uuids``), with the field naming it."""
+    out: dict[str, str] = {}
+    for name, value in params.items():
+        if name in _NOT_REFERENCES or (name == "resourceUuid" and "Tag" not in msg.name):
+            continue
+        if name == "uuid" or name.endswith("Uuid"):
+            values = [value]
+        elif name.endswith("Uuids"):
+            values = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else []
+        else:
+            continue
+        for v in values:
+            if isinstance(v, str) and v.strip():
+                out.setdefault(v.strip(), name)
+    return out
+
+
+async def check_visible(s: AsyncSession, msg: spec.MessageSpec, params: dict[str, Any], caller: Caller) -> None:
+    """A normal account names only its own resources and the admin's, which are shared by design
+    (images, offerings, public L3 networks: what every account builds its VMs from); another
+    normal account's look like no resource at all, whatever the API and its handler. Whether it
+    may change an admin's resource is the handler's to say (``load(..., owned=True)``)."""
+    if caller.is_admin:
+        return
+    uuids = referenced_uuids(msg, params)
+    if not uuids:
+        return
+    foreign = (
+        await s.execute(
+            select(AccountResourceRef.resourceUuid).where(
+                AccountResourceRef.resourceUuid.in_(list(uuids)),
+                AccountResourceRef.accountUuid.not_in([caller.account_uuid, ADMIN_UUID]),
+            )
+        )
+    ).scalars().first()
+    if foreign is not None:
+        raise not_found(uuids[foreign], foreign)
