@@ -131,7 +131,7 @@ def test_delay_destroy_frees_host_and_ip_keeps_volume_until_expunged(bg_api: Api
     assert root["installPath"] in agent_state(node, host)["files"]
     api.call("DestroyVmInstance", uuid=vm["uuid"])
     (gone,) = api.query("QueryVmInstance", ("uuid", "=", vm["uuid"]))
-    assert gone["state"] == "Destroyed" and gone["vmNics"] == [] and gone["hostUuid"] is None
+    assert gone["state"] == "Destroyed" and gone["vmNics"] == [] and "hostUuid" not in gone
     h = host_of(api, host)
     assert h["availableMemoryCapacity"] == h["totalMemoryCapacity"]
     assert h["availableCpuCapacity"] == h["totalCpuCapacity"]
@@ -192,14 +192,14 @@ def test_destroy_detaches_data_volumes_or_deletes_them_when_configured(api: Api)
     api.call("AttachDataVolumeToVm", vmInstanceUuid=vm["uuid"], volumeUuid=keep["uuid"])
     api.call("DestroyVmInstance", uuid=vm["uuid"])
     (vol,) = api.query("QueryVolume", ("uuid", "=", keep["uuid"]))
-    assert vol["vmInstanceUuid"] is None and vol["status"] == "Ready"
+    assert "vmInstanceUuid" not in vol and vol["status"] == "Ready"
     set_config(api, "vm", **{"dataVolume.deleteOnVmDestroy": "true"})
     vm2 = _vm(api, env, name="vm2")
     drop = api.call("CreateDataVolume", name="drop", diskOfferingUuid=env["disk"]["uuid"])["inventory"]
     api.call("AttachDataVolumeToVm", vmInstanceUuid=vm2["uuid"], volumeUuid=drop["uuid"])
     api.call("DestroyVmInstance", uuid=vm2["uuid"])
     (vol,) = api.query("QueryVolume", ("uuid", "=", drop["uuid"]))
-    assert vol["status"] == "Deleted" and vol["vmInstanceUuid"] is None  # volume/deletionPolicy: Delay
+    assert vol["status"] == "Deleted" and "vmInstanceUuid" not in vol  # volume/deletionPolicy: Delay
 
 
 # --- recover ------------------------------------------------------------------------------------
@@ -581,6 +581,12 @@ def test_zstack_properties_sets_api_timeouts(tmp_path: Path) -> None:
         assert node.platform.timeouts.get("AddImage") == 6 * 3600
         assert node.platform.timeouts.get("org.zstack.header.vm.APICreateVmInstanceMsg") == 1
         api = login(node)
+        # the value in force is reported: the file's 6h, not the built-in 3h
+        got = api.call("GetGlobalConfig", category="apiTimeout", name="AddImage")["inventory"]
+        assert got["value"] == got["defaultValue"] == "6h"
+        api.call("UpdateGlobalConfig", category="apiTimeout", name="AddImage", value="2h")
+        got = api.call("GetGlobalConfig", category="apiTimeout", name="AddImage")["inventory"]
+        assert (got["value"], got["defaultValue"]) == ("2h", "6h")
         env = build_zone(api)
         free = ps_available(api)
         fault(node, env["hosts"][0]["uuid"], path="/vm/start", delay=3)

@@ -434,3 +434,16 @@ def test_help_examples_parse(spec: ApiSpec) -> None:
         tokens = split_line(line) if line.startswith("    ") else []
         if tokens and spec.get(tokens[0]) is not None:
             parse_command(spec, tokens)  # raises on a broken example
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        (f"RecoverVmInstance vmInstanceUuid={UUID}", "uuid"),  # the release notes' spelling
+        (f"RecoverVmInstance uuid={UUID}", "uuid"),  # the API table's
+        (f"ExpungeImage uuid={UUID}", "imageUuid"),
+        (f"RecoverDataVolume volumeUuid={UUID}", "uuid"),
+    ],
+)
+def test_the_shell_accepts_every_spelling_the_server_accepts(spec: ApiSpec, line: str, field: str) -> None:
+    assert parse_command(spec, split_line(line)).params == {field: UUID}

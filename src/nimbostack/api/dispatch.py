@@ -21,6 +21,7 @@ from nimbostack.core.errors import (
     invalid,
 )
 from nimbostack.core.resources import check_visible
+from nimbostack.core.spec import ALIASES
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -30,15 +31,6 @@ log = logging.getLogger(__name__)
 # Fields every message may carry besides its own (ZStack's APIMessage base).
 COMMON_FIELDS = {"session", "timeout", "id", "serviceId", "creatingAccountUuid", "systemTags", "userTags"}
 
-# The release notes name some parameters differently from the API table; accept both.
-ALIASES: dict[str, dict[str, str]] = {
-    "RecoverVmInstance": {"vmInstanceUuid": "uuid"},
-    "ExpungeVmInstance": {"vmInstanceUuid": "uuid"},
-    "RecoverImage": {"uuid": "imageUuid"},
-    "ExpungeImage": {"uuid": "imageUuid"},
-    "RecoverDataVolume": {"volumeUuid": "uuid"},
-    "ExpungeDataVolume": {"volumeUuid": "uuid"},
-}
 
 
 def parse(body: Any) -> tuple[spec.MessageSpec, dict[str, Any]]:

@@ -10,8 +10,9 @@ from sqlalchemy import delete, select
 from nimbostack.core import query
 from nimbostack.core.auth import ADMIN_TYPE, ADMIN_UUID, hash_password
 from nimbostack.core.context import ApiContext, api
+from nimbostack.core.deadline import format_duration
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_allowed
-from nimbostack.core.globalconfig import definition
+from nimbostack.core.globalconfig import API_TIMEOUT, definition
 from nimbostack.core.query import fmt_date
 from nimbostack.core.resources import inv, load, new_uuid, register_queries, require_admin, update_fields
 from nimbostack.db import models as m
@@ -153,10 +154,17 @@ async def get_global_config(ctx: ApiContext) -> dict[str, Any]:
                 select(m.GlobalConfig).where(m.GlobalConfig.category == category, m.GlobalConfig.name == d.name)
             )
         ).scalar_one_or_none()
+        stored = row is not None
         if row is None:  # an apiTimeout config that was never set
             row = m.GlobalConfig(category=category, name=d.name, description=d.description,
                                  defaultValue=d.default, value=d.default)
-        return {"inventory": await inv(s, "QueryObjectGlobalConfigInventory", row)}
+        out = await inv(s, "QueryObjectGlobalConfigInventory", row)
+    if category == API_TIMEOUT:
+        # what it falls back to without a global config: zstack.properties' value, or the built-in one
+        out["defaultValue"] = format_duration(ctx.p.timeouts.file_default(d.name))
+        if not stored:
+            out["value"] = out["defaultValue"]
+    return {"inventory": out}
 
 
 @api("GetVersion", public=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nimbostack.cli.spec import ApiSpec, Command, Field, QueryObject, suggest
+from nimbostack.core.spec import ALIASES
 from nimbostack.core.tagsplit import join_tag_pieces
 
 # Commands whose ``password`` travels as its SHA-512 hex digest.
@@ -271,7 +272,7 @@ def _parse_plain(command: Command, tokens: list[str]) -> dict[str, Any]:
             raise UsageError(
                 f"{command.name}: cannot parse {token!r}, parameters are key=value (see 'help {command.name}')"
             )
-        fld = command.fields.get(key)
+        fld = command.fields.get(key) or command.fields.get(ALIASES.get(command.name, {}).get(key, ""))
         if fld is None:
             raise _unknown_parameter(command, key)
         _add_param(command, params, fld, value)

@@ -84,6 +84,9 @@ class ApiContext:
                 return join_tag_pieces(value.split(","))
             return [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list):
+            if name == "systemTags" and all(isinstance(v, str) for v in value):
+                # ZStack's CLI splits a list parameter at every comma, a tag's value's too
+                return join_tag_pieces(value)
             return value
         raise invalid(f"{name} must be a list")
 

@@ -12,8 +12,19 @@ from nimbostack.core.jobs import dumps
 
 
 def wrap(msg_full_name: str, body: dict[str, Any]) -> str:
-    """The wire's ``result``: a JSON string holding {reply name: body}."""
-    return dumps({msg_full_name: body})
+    """The wire's ``result``: a JSON string holding {reply name: body}, with no ``null`` anywhere:
+    ZStack's server (Gson) omits unset fields, and zstacklib's JSON parser raises on a null."""
+    return dumps({msg_full_name: without_nulls(body)})
+
+
+def without_nulls(value: Any) -> Any:
+    """``value`` with every None field of every object (nested ones too) left out, and None list
+    items dropped."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) if isinstance(v, dict | list) else v for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) if isinstance(v, dict | list) else v for v in value if v is not None]
+    return value
 
 
 def error_result(msg: spec.MessageSpec | None, err: ApiError) -> str:

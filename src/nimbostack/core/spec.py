@@ -95,3 +95,15 @@ def query_object_spec(name: str) -> dict[str, Any]:
 
 def inventory_fields(name: str) -> list[str]:
     return list(table()["inventories"].get(name, []))
+
+
+# The release notes name some parameters differently from the API table; the server and the shell
+# accept both (the notes' examples must work as written).
+ALIASES: dict[str, dict[str, str]] = {
+    "RecoverVmInstance": {"vmInstanceUuid": "uuid"},
+    "ExpungeVmInstance": {"vmInstanceUuid": "uuid"},
+    "RecoverImage": {"uuid": "imageUuid"},
+    "ExpungeImage": {"uuid": "imageUuid"},
+    "RecoverDataVolume": {"volumeUuid": "uuid"},
+    "ExpungeDataVolume": {"volumeUuid": "uuid"},
+}

@@ -18,10 +18,12 @@ may take DHCP and Userdata from Flat and SNAT/EIP from the VirtualRouter provide
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from sqlalchemy import bindparam, delete, select
 
 from nimbostack.core.errors import AGENT_ERROR, ApiError
@@ -165,7 +167,25 @@ def hostname_of(vm: m.VmInstance, tags: list[str]) -> str:
 def userdata_of(tags: list[str]) -> str | None:
     raw = tag_value(tags, "userdata::")
     # the tag stores newlines as the two characters \ and n (the spec's minified YAML)
-    return raw.replace("\\n", "\n") if raw else None
+    return with_cloud_config_header(raw.replace("\\n", "\n")) if raw else None
+
+
+# what cloud-init recognises at the start of userdata (its "part handlers"), MIME included
+_HEADERS = ("#", "content-type:", "mime-version:")
+
+
+@functools.lru_cache(maxsize=4096)  # every push of an L3 network's state asks for each VM's
+def with_cloud_config_header(text: str) -> str:
+    """The release notes' userdata examples have no ``#cloud-config`` line, and stock cloud-init
+    runs nothing without one ("Unhandled non-multipart userdata"). Userdata with no header it
+    knows that parses as a YAML mapping gets the line; anything else is served byte for byte."""
+    if text.lstrip().lower().startswith(_HEADERS):
+        return text
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return "#cloud-config\n" + text if isinstance(doc, dict) else text
 
 
 def ssh_keys_of(vm_uuid: str, tags: list[str]) -> list[str]:
