@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nimbostack import units
+
 EPILOG = """\
 examples:
   nimbostack up                                  all-in-one: management node + local agent
@@ -33,7 +35,7 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument(
         "--db",
-        default=None,
+        default=os.environ.get("NIMBOSTACK_DB") or None,
         help="SQLAlchemy async URL; default an SQLite file in the data dir, e.g. postgresql+asyncpg://user:pw@host/db",
     )
     p.add_argument(
@@ -264,7 +266,31 @@ def main(argv: list[str] | None = None) -> int:
         "services (agent, DHCP, metadata) and the start of other guests; 0: guests compete equally (default 5)",
     )
     sub.add_parser("cli", help="the >>> shell (nimbostack cli --help)", add_help=False)
+    service = sub.add_parser(
+        "install-service",
+        help="write (and where systemd runs, enable and start) the systemd unit of the server or the agent",
+    )
+    service.add_argument("which", choices=["server", "agent"])
+    service.add_argument("--data-dir", default="/var/lib/nimbostack", help="server: its data dir")
+    service.add_argument("--port", type=int, default=None, help="default 8080 (server) or 7070 (agent)")
+    service.add_argument("--db", default=None, help="server: a database URL, kept in /etc/nimbostack/server.env")
+    service.add_argument("--user", default="root", help="server: the user it runs as")
+    service.add_argument("--state-dir", default="/var/lib/nimbostack-agent", help="agent: its state dir")
+    service.add_argument("--host-ip", default="127.0.0.1", help="agent: the IP console clients use to reach it")
+    service.add_argument("--unit-dir", default=str(units.UNIT_DIR), help="where the unit goes")
+    service.add_argument("--env-dir", default=str(units.ENV_DIR), help="where the server's environment file goes")
+    service.add_argument("--no-enable", action="store_true", help="only write the unit")
     a = parser.parse_args(argv)
+    if a.command == "install-service":
+        if a.which == "server":
+            unit = units.server_unit(Path(a.data_dir).resolve(), a.port or 8080, a.db, a.user, Path(a.env_dir))
+            Path(a.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        else:
+            unit = units.agent_unit(Path(a.state_dir).resolve(), a.port or 7070, a.host_ip)
+            Path(a.state_dir).mkdir(parents=True, exist_ok=True)
+        for line in units.install(unit, Path(a.unit_dir), enable=not a.no_enable):
+            print(line)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per agent call drowns what matters
 

@@ -33,6 +33,7 @@ FLOORS = {
     "cli": 6,
     "main": 7,
     "harness": 7,
+    "units": 6,
 }
 # entry points that choose at run time what to load (the agent or the server): their imports
 # inside functions are deferred loading, not a way around a circle
