@@ -6,14 +6,13 @@ import re
 import uuid as uuidlib
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Row, delete, select
 
 from nimbostack.core import query
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_found
 from nimbostack.core.tags import validate_system_tag
-from nimbostack.db.engine import get_record, insert_now
+from nimbostack.db.engine import Tx, get_row, insert_now
 from nimbostack.db.models import AccountResourceRef, SystemTag, UserTag
 
 T = TypeVar("T")
@@ -36,30 +35,50 @@ def check_uuid(name: str, value: str) -> str:
 
 
 async def load(
-    s: AsyncSession,
+    s: Tx,
     model: type[T],
     uuid: str | None,
     ctx: ApiContext,
     kind: str | None = None,
     owned: bool = False,
-    readonly: bool = False,
 ) -> T:
     """Fetch a row by uuid or fail with RESOURCE_NOT_FOUND; ``owned`` rows of other accounts are
-    reported as not found, so one account cannot probe another's uuids. ``readonly``: the caller
-    only reads the row, which may then come as a record (db/engine.py ``records``)."""
+    reported as not found, so one account cannot probe another's uuids."""
+    label, uuid = _wanted(model, uuid, kind)
+    row = await s.get(model, uuid)
+    if row is None:
+        raise not_found(label, uuid)
+    await _check_owner(s, ctx, label, uuid, owned)
+    return row
+
+
+async def load_row(
+    s: Tx, model: type, uuid: str | None, ctx: ApiContext, kind: str | None = None, owned: bool = False
+) -> Row[Any]:
+    """``load`` for a caller that only reads: the row's columns (db/engine.py ``get_row``)."""
+    label, uuid = _wanted(model, uuid, kind)
+    row = await get_row(s, model, uuid)
+    if row is None:
+        raise not_found(label, uuid)
+    await _check_owner(s, ctx, label, uuid, owned)
+    return row
+
+
+def _wanted(model: type, uuid: str | None, kind: str | None) -> tuple[str, str]:
+    """(what the resource is called in errors, its uuid): an error already if no uuid was given."""
     label = kind or model.__name__
     if not uuid:
         raise invalid(f"missing the uuid of the {label}")
-    row = await get_record(s, model, uuid) if readonly else await s.get(model, uuid)
-    if row is None:
-        raise not_found(label, uuid)
+    return label, uuid
+
+
+async def _check_owner(s: Tx, ctx: ApiContext, label: str, uuid: str, owned: bool) -> None:
     if owned and not ctx.caller.is_admin:
         ref = (
             await s.execute(select(AccountResourceRef.accountUuid).where(AccountResourceRef.resourceUuid == uuid))
         ).scalar_one_or_none()
         if ref != ctx.caller.account_uuid:
             raise not_found(label, uuid)
-    return row
 
 
 def require_admin(ctx: ApiContext) -> None:
@@ -67,7 +86,7 @@ def require_admin(ctx: ApiContext) -> None:
         raise ApiError(PERMISSION_DENIED, "Permission denied", f"only an admin account can call {ctx.msg.name}")
 
 
-async def own(s: AsyncSession, ctx: ApiContext, uuid: str, resource_type: str) -> None:
+async def own(s: Tx, ctx: ApiContext, uuid: str, resource_type: str) -> None:
     await insert_now(
         s,
         AccountResourceRef(
@@ -79,13 +98,13 @@ async def own(s: AsyncSession, ctx: ApiContext, uuid: str, resource_type: str) -
     )
 
 
-async def disown(s: AsyncSession, uuids: list[str]) -> None:
+async def disown(s: Tx, uuids: list[str]) -> None:
     await s.execute(delete(AccountResourceRef).where(AccountResourceRef.resourceUuid.in_(uuids)))
     await s.execute(delete(SystemTag).where(SystemTag.resourceUuid.in_(uuids)))
     await s.execute(delete(UserTag).where(UserTag.resourceUuid.in_(uuids)))
 
 
-async def add_creation_tags(s: AsyncSession, ctx: ApiContext, uuid: str, resource_type: str) -> None:
+async def add_creation_tags(s: Tx, ctx: ApiContext, uuid: str, resource_type: str) -> None:
     """The ``systemTags`` / ``userTags`` every Create/Add message may carry."""
     for tag in ctx.list("systemTags"):
         validate_system_tag(resource_type, str(tag))
@@ -96,7 +115,7 @@ async def add_creation_tags(s: AsyncSession, ctx: ApiContext, uuid: str, resourc
         await insert_now(s, UserTag(uuid=new_uuid(), resourceUuid=uuid, resourceType=resource_type, tag=str(tag)))
 
 
-async def inv(s: AsyncSession, object_name: str, row: Any) -> dict[str, Any]:
+async def inv(s: Tx, object_name: str, row: Any) -> dict[str, Any]:
     return await query.inventory(s, object_name, row)
 
 

@@ -6,7 +6,7 @@ import ipaddress
 import re
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Row, delete, func, select
 
 from nimbostack.core import query
 from nimbostack.core.context import ApiContext, api
@@ -658,8 +658,9 @@ async def query_virtual_router_vm(ctx: ApiContext) -> dict[str, Any]:
     return {"inventories": [], **({"total": 0} if ctx.bool("count") or ctx.bool("replyWithCount") else {})}
 
 
-def bridge_name(l2: m.L2Network, tags: list[str]) -> str:
-    """The Linux bridge an L2 network's NICs join on a host: ``bridge::NAME``, else br_IF[_VLAN]."""
+def bridge_name(l2: m.L2Network | Row[Any], tags: list[str]) -> str:
+    """The Linux bridge an L2 network's NICs join on a host: ``bridge::NAME``, else br_IF[_VLAN].
+    ``l2``: the network, or a row with its physicalInterface and vlan."""
     explicit = tag_value(tags, "bridge::")
     if explicit:
         return explicit

@@ -20,31 +20,33 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Row, bindparam, func, select, update
 
 from nimbostack.db import models as m
-from nimbostack.db.engine import NO_SYNC, insert_now
+from nimbostack.db.engine import Tx, insert_now, rowcount, table_of
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
 
 
 # A host's share of a LocalStorage and the storage's total, taken atomically (check and take in one
-# UPDATE). Built once (db/engine.py, "Statements built once"): every VM create takes. Run without
-# session synchronisation: nothing reads the capacity of a storage loaded in the same session.
+# UPDATE). Built once (db/engine.py, "Statements built once"): every VM create takes. UPDATEs of the
+# tables, which keep no loaded object in step: nothing reads the capacity of a storage loaded in the
+# same transaction.
+SHARE = table_of(m.LocalStorageHostRef)
+STORAGE = table_of(m.PrimaryStorage)
 _FORCE_TAKE_SHARE = (
-    update(m.LocalStorageHostRef)
-    .where(
-        m.LocalStorageHostRef.primaryStorageUuid == bindparam("ps"), m.LocalStorageHostRef.hostUuid == bindparam("host")
-    )
-    .values(availableCapacity=m.LocalStorageHostRef.availableCapacity - bindparam("size"))
+    update(SHARE)
+    .where(SHARE.c.primaryStorageUuid == bindparam("ps"), SHARE.c.hostUuid == bindparam("host"))
+    .values(availableCapacity=SHARE.c.availableCapacity - bindparam("size"))
 )
-_TAKE_SHARE = _FORCE_TAKE_SHARE.where(m.LocalStorageHostRef.availableCapacity >= bindparam("size"))
-_TAKE_TOTAL = (
-    update(m.PrimaryStorage)
-    .where(m.PrimaryStorage.uuid == bindparam("ps"))
-    .values(availableCapacity=m.PrimaryStorage.availableCapacity - bindparam("size"))
+_TAKE_SHARE = _FORCE_TAKE_SHARE.where(SHARE.c.availableCapacity >= bindparam("size"))
+_FORCE_TAKE_TOTAL = (
+    update(STORAGE)
+    .where(STORAGE.c.uuid == bindparam("ps"))
+    .values(availableCapacity=STORAGE.c.availableCapacity - bindparam("size"))
 )
+_TAKE_TOTAL = _FORCE_TAKE_TOTAL.where(STORAGE.c.availableCapacity >= bindparam("size"))
 
 
 class PrimaryStorageBackend:
@@ -63,14 +65,14 @@ class PrimaryStorageBackend:
         """A host of an attached cluster (re)connected, or the storage was attached to its cluster."""
         raise NotImplementedError
 
-    async def reserve(self, s: Any, ps: m.PrimaryStorage, host_uuid: str | None, size: int,
+    async def reserve(self, s: Tx, ps: m.PrimaryStorage | Row[Any], host_uuid: str | None, size: int,
                       resource_uuid: str, resource_type: str, force: bool = False) -> bool:
         """Hold ``size`` bytes for the resource (inside the caller's transaction); False when the
         storage (or the host's share of it) has not that much free. ``force``: record bytes
         already written (a snapshot's file), free or not."""
         raise NotImplementedError
 
-    async def release(self, s: Any, resource_uuid: str) -> bool:
+    async def release(self, s: Tx, resource_uuid: str) -> bool:
         """Give back what the resource holds; False when it held nothing here."""
         raise NotImplementedError
 
@@ -83,7 +85,7 @@ def register(backend: PrimaryStorageBackend) -> PrimaryStorageBackend:
     return backend
 
 
-def of(ps: m.PrimaryStorage | str) -> PrimaryStorageBackend:
+def of(ps: m.PrimaryStorage | Row[Any] | str) -> PrimaryStorageBackend:
     kind = ps if isinstance(ps, str) else ps.type
     backend = BACKENDS.get(kind)
     if backend is None:
@@ -138,7 +140,7 @@ class LocalStorageBackend(PrimaryStorageBackend):
             await self.sum_capacity(s, ps_uuid)
 
     @staticmethod
-    async def sum_capacity(s: Any, ps_uuid: str) -> None:
+    async def sum_capacity(s: Tx, ps_uuid: str) -> None:
         total, avail, ptotal, pavail = (
             await s.execute(
                 select(
@@ -161,17 +163,16 @@ class LocalStorageBackend(PrimaryStorageBackend):
         )
 
     @staticmethod
-    async def take(s: Any, ps_uuid: str, host_uuid: str, size: int, force: bool = False) -> bool:
+    async def take(s: Tx, ps_uuid: str, host_uuid: str, size: int, force: bool = False) -> bool:
         """Take ``size`` bytes of the host's share (``force``: even beyond what is free)."""
         params = {"ps": ps_uuid, "host": host_uuid, "size": size}
-        res = await s.execute(_FORCE_TAKE_SHARE if force else _TAKE_SHARE, params, execution_options=NO_SYNC)
-        if not res.rowcount:
+        if not rowcount(await s.execute(_FORCE_TAKE_SHARE if force else _TAKE_SHARE, params)):
             return False
-        await s.execute(_TAKE_TOTAL, params, execution_options=NO_SYNC)
+        await s.execute(_FORCE_TAKE_TOTAL, params)
         return True
 
     @staticmethod
-    async def give(s: Any, ps_uuid: str, host_uuid: str, size: int) -> None:
+    async def give(s: Tx, ps_uuid: str, host_uuid: str, size: int) -> None:
         await s.execute(
             update(m.LocalStorageHostRef)
             .where(m.LocalStorageHostRef.primaryStorageUuid == ps_uuid, m.LocalStorageHostRef.hostUuid == host_uuid)
@@ -183,7 +184,7 @@ class LocalStorageBackend(PrimaryStorageBackend):
             .values(availableCapacity=m.PrimaryStorage.availableCapacity + size)
         )
 
-    async def reserve(self, s: Any, ps: m.PrimaryStorage, host_uuid: str | None, size: int,
+    async def reserve(self, s: Tx, ps: m.PrimaryStorage | Row[Any], host_uuid: str | None, size: int,
                       resource_uuid: str, resource_type: str, force: bool = False) -> bool:
         if not host_uuid or not await self.take(s, ps.uuid, host_uuid, size, force):
             return False
@@ -199,7 +200,7 @@ class LocalStorageBackend(PrimaryStorageBackend):
         )
         return True
 
-    async def release(self, s: Any, resource_uuid: str) -> bool:
+    async def release(self, s: Tx, resource_uuid: str) -> bool:
         ref = await s.get(m.LocalStorageResourceRef, resource_uuid)
         if ref is None:
             return False
@@ -229,23 +230,15 @@ class SharedMountPointBackend(PrimaryStorageBackend):
             ps.availablePhysicalCapacity = reply["availableCapacity"]
             ps.availableCapacity = ps.totalCapacity - int(used)
 
-    async def reserve(self, s: Any, ps: m.PrimaryStorage, host_uuid: str | None, size: int,
+    async def reserve(self, s: Tx, ps: m.PrimaryStorage | Row[Any], host_uuid: str | None, size: int,
                       resource_uuid: str, resource_type: str, force: bool = False) -> bool:
-        where = [m.PrimaryStorage.uuid == ps.uuid]
-        if not force:
-            where.append(m.PrimaryStorage.availableCapacity >= size)
-        res = await s.execute(
-            update(m.PrimaryStorage)
-            .where(*where)
-            .values(availableCapacity=m.PrimaryStorage.availableCapacity - size)
-        )
-        if not res.rowcount:
+        if not rowcount(await s.execute(_FORCE_TAKE_TOTAL if force else _TAKE_TOTAL, {"ps": ps.uuid, "size": size})):
             return False
         await insert_now(s, m.PrimaryStorageResourceRef(resourceUuid=resource_uuid, primaryStorageUuid=ps.uuid,
                                                         size=size, resourceType=resource_type))
         return True
 
-    async def release(self, s: Any, resource_uuid: str) -> bool:
+    async def release(self, s: Tx, resource_uuid: str) -> bool:
         ref = await s.get(m.PrimaryStorageResourceRef, resource_uuid)
         if ref is None:
             return False
