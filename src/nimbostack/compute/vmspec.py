@@ -10,10 +10,9 @@ from sqlalchemy.exc import NoResultFound
 
 from nimbostack.core.errors import not_allowed
 from nimbostack.core.hosts import agent
-from nimbostack.core.tags import system_tags
 from nimbostack.db import models as m
 from nimbostack.db.engine import Tx, columns, get_row
-from nimbostack.network.l2l3 import bridge_name
+from nimbostack.network.l2l3 import BRIDGE_TAG, bridge_of
 from nimbostack.storage import backup, primary
 from nimbostack.wire import DiskSpec, NicSpec, VmSpec
 
@@ -32,8 +31,8 @@ VOLUMES_OF_VMS = _VOLUMES.where(m.Volume.vmInstanceUuid.in_(bindparam("vms", exp
 VOLUMES_OF_VM = _VOLUMES.where(m.Volume.vmInstanceUuid == bindparam("vm"))
 
 
-# each NIC with its L2 network in one statement, not one more per NIC (every start asks); the
-# L2's columns are named as its own, which l2l3.bridge_name reads
+# each NIC with its L2 network and that network's bridge tag in one statement, not more per NIC
+# (every start asks); the L2's columns are named as its own, which l2l3.bridge_of reads
 _NICS_WITH_L2 = (
     select(
         m.VmNic.uuid,
@@ -46,6 +45,7 @@ _NICS_WITH_L2 = (
         m.L2Network.uuid.label("l2Uuid"),
         m.L2Network.physicalInterface,
         m.L2Network.vlan,
+        BRIDGE_TAG,
     )
     .outerjoin(m.L3Network, m.L3Network.uuid == m.VmNic.l3NetworkUuid)
     .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
@@ -65,7 +65,7 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
         for nic in nics:
             if nic.l2Uuid is None:  # as the per-NIC scalar_one() this replaces did: a NIC on a vanished network
                 raise NoResultFound("No row was found when one was required")
-            bridges[nic.uuid] = bridge_name(nic, await system_tags(s, nic.l2Uuid))
+            bridges[nic.uuid] = bridge_of(nic, nic.bridgeTag)
     iso_path = await cached_image_path(platform, vm.hostUuid, vm.isoUuid) if vm.isoUuid and vm.hostUuid else None
     return VmSpec(
         uuid=vm.uuid,

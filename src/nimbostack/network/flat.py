@@ -23,11 +23,12 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Row, bindparam, delete, select
+from sqlalchemy.orm import aliased
 
 from nimbostack.core import hooks
 from nimbostack.core.errors import AGENT_ERROR, ApiError
 from nimbostack.core.hosts import agent
-from nimbostack.core.tags import system_tags, tag_value
+from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
 from nimbostack.db.engine import Tx, columns, in_values
 from nimbostack.network import ipam, l2l3
@@ -116,7 +117,18 @@ _DHCP_ROWS = (
     .where(m.UsedIp.l3NetworkUuid == bindparam("l3"), m.UsedIp.usedFor == DHCP_USED_FOR)
     .order_by(m.UsedIp.createDate, m.UsedIp.uuid)
 )
-# the L2's columns are named as its own, which l2l3.bridge_name reads
+# The L3 network with what every VM start reads of it besides: its L2 (its columns named as its
+# own, which l2l3.bridge_of reads), the L2's bridge tag and the DHCP server IP (the oldest, as
+# dhcp_ip keeps), in one statement rather than four.
+_DHCP = aliased(m.UsedIp, name="dhcp")
+_OLDEST_DHCP = (
+    select(m.UsedIp.uuid)
+    .where(m.UsedIp.l3NetworkUuid == m.L3Network.uuid, m.UsedIp.usedFor == DHCP_USED_FOR)
+    .order_by(m.UsedIp.createDate, m.UsedIp.uuid)
+    .limit(1)
+    .correlate(m.L3Network)
+    .scalar_subquery()
+)
 _L3_AND_L2 = (
     select(
         m.L3Network.uuid,
@@ -125,8 +137,13 @@ _L3_AND_L2 = (
         m.L2Network.type.label("l2Type"),
         m.L2Network.physicalInterface,
         m.L2Network.vlan,
+        l2l3.BRIDGE_TAG,
+        _DHCP.ip.label("dhcpIp"),
+        _DHCP.netmask.label("dhcpNetmask"),
+        _DHCP.gateway.label("dhcpGateway"),
     )
     .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
+    .outerjoin(_DHCP, _DHCP.uuid == _OLDEST_DHCP)
     .where(m.L3Network.uuid == bindparam("l3"))
 )
 _L3_DNS = select(m.L3NetworkDns.dns).where(m.L3NetworkDns.l3NetworkUuid == bindparam("l3")).order_by(m.L3NetworkDns.id)
@@ -206,18 +223,20 @@ async def desired_state(
 ) -> dict[str, Any] | None:
     """The body of ``/flat/apply`` for one L3 network on one host (None: nothing can be served);
     with ``only``, of ``/flat/apply-vm``: the entries of that one VM."""
-    used = await dhcp_ip(p, l3_uuid)
-    if used is None:
-        log.warning("L3 network %s has no IP range: no DHCP server IP, Flat services not applied", l3_uuid)
-        return None
     async with p.db.tx() as s:
-        # the L3 network and its L2 in one statement, not two (every VM start asks)
         l3 = (await s.execute(_L3_AND_L2, {"l3": l3_uuid})).first()
-        if l3 is None:
+        if l3 is not None and l3.dhcpIp is not None:
+            dns = list((await s.execute(_L3_DNS, {"l3": l3_uuid})).scalars())
+            rows, tags, extras = await _served(s, l3_uuid, host_uuid, exclude, only)
+    if l3 is None:
+        return None
+    if l3.dhcpIp is None:
+        # the L3 network's first VM: it has no DHCP server IP yet. Take one, outside a transaction
+        # (dhcp_ip waits for its turn in a queue), and read again.
+        if await dhcp_ip(p, l3_uuid) is None:
+            log.warning("L3 network %s has no IP range: no DHCP server IP, Flat services not applied", l3_uuid)
             return None
-        bridge = l2l3.bridge_name(l3, await system_tags(s, l3.l2Uuid))
-        dns = list((await s.execute(_L3_DNS, {"l3": l3_uuid})).scalars())
-        rows, tags, extras = await _served(s, l3_uuid, host_uuid, exclude, only)
+        return await desired_state(p, host_uuid, l3_uuid, services, exclude, only)
     vms = []
     for vm in rows:
         t = tags.get(vm.uuid, [])
@@ -244,12 +263,12 @@ async def desired_state(
         "hostUuid": host_uuid,
         "l3": {
             "uuid": l3.uuid,
-            "bridge": bridge,
+            "bridge": l2l3.bridge_of(l3, l3.bridgeTag),
             "physicalInterface": l3.physicalInterface,
             "vlan": l3.vlan if l3.l2Type == "L2VlanNetwork" else None,
-            "dhcpServerIp": used.ip,
-            "netmask": used.netmask,
-            "gateway": used.gateway,
+            "dhcpServerIp": l3.dhcpIp,
+            "netmask": l3.dhcpNetmask,
+            "gateway": l3.dhcpGateway,
             "dns": dns,
             "dnsDomain": domain,
             "services": sorted(services),
