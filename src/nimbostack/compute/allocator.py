@@ -6,14 +6,14 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import Row, bindparam, delete, func, select, update
 
 from nimbostack.core.errors import ALLOCATION_FAILED, ApiError, not_allowed
 from nimbostack.core.resources import (
     disown,
 )
 from nimbostack.db import models as m
-from nimbostack.db.engine import NO_SYNC, records
+from nimbostack.db.engine import Tx, columns, rowcount, table_of
 from nimbostack.network import ipam
 from nimbostack.storage import primary
 
@@ -43,7 +43,7 @@ def new_mac() -> str:
 
 
 async def candidate_hosts(
-    s: Any,
+    s: Tx,
     cpu: int,
     mem: int,
     l3_uuids: list[str],
@@ -51,29 +51,28 @@ async def candidate_hosts(
     cluster: str | None,
     host: str | None,
     ps_uuids: set[str] | None = None,
-) -> list[m.Host]:
-    l2s = sorted(set((await s.execute(_L2S_OF_L3S, {"l3s": l3_uuids})).scalars()))
+) -> list[Row[Any]]:
+    """Up to 8 hosts that can take the VM, most free memory first: rows of the Host's columns
+    (the callers read them, and take one by reserve_host)."""
+    l3s = sorted(set(l3_uuids))
     ps_list = sorted(ps_uuids or ())
     params: dict[str, Any] = {"cpu": cpu, "mem": mem, "zone": zone, "cluster": cluster, "host": host}
-    params.update({f"l2_{i}": u for i, u in enumerate(l2s)})
+    params.update({f"l3_{i}": u for i, u in enumerate(l3s)})
     params.update({f"ps_{i}": u for i, u in enumerate(ps_list)})
-    shape = (len(l2s), bool(zone), bool(cluster), bool(host), len(ps_list))
+    shape = (len(l3s), bool(zone), bool(cluster), bool(host), len(ps_list))
     stmt = _CANDIDATES.get(shape)
     if stmt is None:
         stmt = _CANDIDATES[shape] = _candidates_statement(*shape)
-    return list((await s.execute(stmt, params)).scalars())
+    return list((await s.execute(stmt, params)).all())
 
 
-_L2S_OF_L3S = select(m.L3Network.l2NetworkUuid).where(m.L3Network.uuid.in_(bindparam("l3s", expanding=True)))
-
-
-# the candidate-host statement of each shape (how many L2s, which filters), built once
+# the candidate-host statement of each shape (how many L3s, which filters), built once
 _CANDIDATES: dict[tuple[int, bool, bool, bool, int], Any] = {}
 
 
-def _candidates_statement(l2s: int, zone: bool, cluster: bool, host: bool, ps_uuids: int) -> Any:
+def _candidates_statement(l3s: int, zone: bool, cluster: bool, host: bool, ps_uuids: int) -> Any:
     stmt = (
-        select(m.Host)
+        select(*columns(m.Host))
         .join(m.Cluster, m.Cluster.uuid == m.Host.clusterUuid)
         .where(
             m.Host.status == "Connected",
@@ -84,12 +83,12 @@ def _candidates_statement(l2s: int, zone: bool, cluster: bool, host: bool, ps_uu
             m.Host.clusterUuid.in_(select(m.PrimaryStorageClusterRef.clusterUuid)),
         )
     )
-    for i in range(l2s):  # the host's cluster must reach every L2 the VM's networks sit on
+    for i in range(l3s):  # the host's cluster must reach the L2 each of the VM's networks sits on
         stmt = stmt.where(
             m.Host.clusterUuid.in_(
-                select(m.L2NetworkClusterRef.clusterUuid).where(
-                    m.L2NetworkClusterRef.l2NetworkUuid == bindparam(f"l2_{i}")
-                )
+                select(m.L2NetworkClusterRef.clusterUuid)
+                .join(m.L3Network, m.L3Network.l2NetworkUuid == m.L2NetworkClusterRef.l2NetworkUuid)
+                .where(m.L3Network.uuid == bindparam(f"l3_{i}"))
             )
         )
     if zone:
@@ -106,47 +105,52 @@ def _candidates_statement(l2s: int, zone: bool, cluster: bool, host: bool, ps_uu
                 )
             )
         )
-    # the callers read the hosts, and take one by _RESERVE_HOST: records will do
-    return records(stmt.order_by(m.Host.availableMemoryCapacity.desc()).limit(8))
+    return stmt.order_by(m.Host.availableMemoryCapacity.desc()).limit(8)
 
 
-# the WHERE makes the check-and-take atomic even with other management nodes writing
+# Host capacity is taken and given back by UPDATEs of the table, not through loaded objects: the
+# WHERE makes the check-and-take atomic even with other management nodes writing, and a Host object
+# loaded in the same transaction is not kept in step (none reads its capacity afterwards).
+HOST = table_of(m.Host)
 _RESERVE_HOST = (
-    update(m.Host)
+    update(HOST)
     .where(
-        m.Host.uuid == bindparam("host"),
-        m.Host.availableCpuCapacity >= bindparam("cpu"),
-        m.Host.availableMemoryCapacity >= bindparam("mem"),
+        HOST.c.uuid == bindparam("host"),
+        HOST.c.availableCpuCapacity >= bindparam("cpu"),
+        HOST.c.availableMemoryCapacity >= bindparam("mem"),
     )
     .values(
-        availableCpuCapacity=m.Host.availableCpuCapacity - bindparam("cpu"),
-        availableMemoryCapacity=m.Host.availableMemoryCapacity - bindparam("mem"),
+        availableCpuCapacity=HOST.c.availableCpuCapacity - bindparam("cpu"),
+        availableMemoryCapacity=HOST.c.availableMemoryCapacity - bindparam("mem"),
     )
 )
 
 
-async def reserve_host(s: Any, host_uuid: str, cpu: int, mem: int) -> bool:
-    res = await s.execute(_RESERVE_HOST, {"host": host_uuid, "cpu": cpu, "mem": mem}, execution_options=NO_SYNC)
-    return bool(res.rowcount)
+async def reserve_host(s: Tx, host_uuid: str, cpu: int, mem: int) -> bool:
+    res = await s.execute(_RESERVE_HOST, {"host": host_uuid, "cpu": cpu, "mem": mem})
+    return rowcount(res) > 0
 
 
-async def take_host(s: Any, hosts: list[m.Host], cpu: int, mem: int) -> m.Host:
+async def take_host(s: Tx, hosts: list[Row[Any]], cpu: int, mem: int) -> Row[Any]:
     for h in hosts:
         if await reserve_host(s, h.uuid, cpu, mem):
             return h
     raise no_host(cpu, mem)
 
 
-async def give_back_host(s: Any, host_uuid: str | None, cpu: int, mem: int) -> None:
+async def give_back_host(s: Tx, host_uuid: str | None, cpu: int, mem: int) -> None:
     if host_uuid:
-        await s.execute(
-            update(m.Host)
-            .where(m.Host.uuid == host_uuid)
-            .values(
-                availableCpuCapacity=m.Host.availableCpuCapacity + cpu,
-                availableMemoryCapacity=m.Host.availableMemoryCapacity + mem,
-            )
-        )
+        await s.execute(_GIVE_BACK_HOST, {"host": host_uuid, "cpu": cpu, "mem": mem})
+
+
+_GIVE_BACK_HOST = (
+    update(HOST)
+    .where(HOST.c.uuid == bindparam("host"))
+    .values(
+        availableCpuCapacity=HOST.c.availableCpuCapacity + bindparam("cpu"),
+        availableMemoryCapacity=HOST.c.availableMemoryCapacity + bindparam("mem"),
+    )
+)
 
 
 def no_host(cpu: int, mem: int) -> ApiError:
@@ -158,7 +162,7 @@ def no_host(cpu: int, mem: int) -> ApiError:
     )
 
 
-async def release_all(s: Any, vm_uuid: str, release_volumes: bool) -> None:
+async def release_all(s: Tx, vm_uuid: str, release_volumes: bool) -> None:
     """Give back everything a VM holds: host capacity, IPs, NICs; and its volumes if asked."""
     vm = await s.get(m.VmInstance, vm_uuid)
     if vm is None:
@@ -177,7 +181,7 @@ async def release_all(s: Any, vm_uuid: str, release_volumes: bool) -> None:
     vm.hostUuid = None
 
 
-async def volume_placement(s: Any, vm_uuid: str) -> tuple[str | None, set[str]]:
+async def volume_placement(s: Tx, vm_uuid: str) -> tuple[str | None, set[str]]:
     """(the host the VM's volumes tie it to — local storage — or None; their primary storages)."""
     vols = (
         await s.execute(

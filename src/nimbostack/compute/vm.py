@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select, update
 
 from nimbostack.compute.allocator import candidate_hosts, new_mac, release_all, take_host
-from nimbostack.compute.vmspec import ISO_INSTALL_TAG, VOLUMES_OF_VMS, build_spec, image_source
+from nimbostack.compute.vmspec import ISO_INSTALL_TAG, VOLUMES_OF_VM, VOLUMES_OF_VMS, build_spec, image_source
 from nimbostack.core import gc, hooks, query
 from nimbostack.core.auth import Caller
 from nimbostack.core.context import ApiContext, api
@@ -21,13 +22,14 @@ from nimbostack.core.resources import (
     disown,
     inv,
     load,
+    load_row,
     new_uuid,
     own,
     register_queries,
     wanted_uuid,
 )
 from nimbostack.db import models as m
-from nimbostack.db.engine import NO_SYNC, get_record, insert_now, records
+from nimbostack.db.engine import Tx, columns, insert_now, table_of
 from nimbostack.network import ipam
 from nimbostack.storage import primary
 
@@ -53,19 +55,23 @@ _NIC_FIELDS = [
 
 
 # built once (db/engine.py, "Statements built once"): every create answers an inventory
-# read only: as records (db/engine.py)
-_NICS_OF_VMS = records(
-    select(m.VmNic).where(m.VmNic.vmInstanceUuid.in_(bindparam("vms", expanding=True))).order_by(m.VmNic.deviceId)
-)
+_NICS = select(*columns(m.VmNic)).order_by(m.VmNic.deviceId)
+_NICS_OF_VMS = _NICS.where(m.VmNic.vmInstanceUuid.in_(bindparam("vms", expanding=True)))
+# one VM's: an IN list of one is rendered anew at every execution (db/engine.py in_values)
+_NICS_OF_VM = _NICS.where(m.VmNic.vmInstanceUuid == bindparam("vm"))
 
 
-async def _vm_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
+async def _vm_extra(s: Tx, rows: Sequence[Any], invs: list[dict[str, Any]]) -> None:
     uuids = [r.uuid for r in rows]
+    one = len(uuids) == 1
     nics: dict[str, list[dict[str, Any]]] = {}
-    for nic in (await s.execute(_NICS_OF_VMS, {"vms": uuids})).scalars():
+    found = await (s.execute(_NICS_OF_VM, {"vm": uuids[0]}) if one else s.execute(_NICS_OF_VMS, {"vms": uuids}))
+    for nic in found:
         nics.setdefault(nic.vmInstanceUuid, []).append(query.plain(nic, _NIC_FIELDS))
     vols: dict[str, list[dict[str, Any]]] = {}
-    vol_rows = (await s.execute(VOLUMES_OF_VMS, {"vms": uuids})).scalars().all()
+    vol_rows = (
+        await (s.execute(VOLUMES_OF_VM, {"vm": uuids[0]}) if one else s.execute(VOLUMES_OF_VMS, {"vms": uuids}))
+    ).all()
     for vol, out in zip(
         vol_rows, await query.inventories(s, query.TARGETS["QueryObjectVolumeInventory"], vol_rows), strict=True
     ):
@@ -187,26 +193,24 @@ async def create_vm_instance(p: Platform, new: NewVm) -> dict[str, Any]:
 async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dict[str, Any]:
     l3_uuids = new.l3_network_uuids
     async with p.db.tx() as s:
-        # read only, as records (db/engine.py)
-        offering = await load(s, m.InstanceOffering, new.instance_offering_uuid, new, "InstanceOffering", readonly=True)
+        # read only: rows (db/engine.py)
+        offering = await load_row(s, m.InstanceOffering, new.instance_offering_uuid, new, "InstanceOffering")
         if offering.state != "Enabled":
             raise not_allowed(f"instance offering {offering.uuid} is {offering.state}")
-        image = await load(s, m.Image, new.image_uuid, new, "Image", readonly=True)
+        image = await load_row(s, m.Image, new.image_uuid, new, "Image")
         if image.status != "Ready" or image.state != "Enabled":
             raise not_allowed(f"image {image.uuid} is {image.state}/{image.status}; it must be Enabled and Ready")
         root_size = image.size
         if image.mediaType == "ISO":
             if not new.root_disk_offering_uuid:
                 raise invalid("a VM created from an ISO needs rootDiskOfferingUuid for its empty root volume")
-            root_size = (
-                await load(s, m.DiskOffering, new.root_disk_offering_uuid, new, "DiskOffering", readonly=True)
-            ).diskSize
+            root_size = (await load_row(s, m.DiskOffering, new.root_disk_offering_uuid, new, "DiskOffering")).diskSize
         data_sizes = [
-            (await load(s, m.DiskOffering, u, new, "DiskOffering", readonly=True)).diskSize
+            (await load_row(s, m.DiskOffering, u, new, "DiskOffering")).diskSize
             for u in new.data_disk_offering_uuids
         ]
         for u in l3_uuids:
-            l3 = await load(s, m.L3Network, u, new, "L3Network", readonly=True)
+            l3 = await load_row(s, m.L3Network, u, new, "L3Network")
             if l3.state != "Enabled":
                 raise not_allowed(f"L3 network {u} is {l3.state}")
         vm = m.VmInstance(
@@ -251,19 +255,22 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
             )
             chosen = c["host"] = await take_host(s, hosts, cpu, vm.memorySize)
             placed: dict[str, Any] = {
-                "hostUuid": chosen.uuid,
-                "clusterUuid": chosen.clusterUuid,
-                "zoneUuid": chosen.zoneUuid,
-                "hypervisorType": "KVM" if chosen.hypervisorType == "KVM" else chosen.hypervisorType,
+                "vm": vm.uuid,
+                "host": chosen.uuid,
+                "cluster": chosen.clusterUuid,
+                "zone": chosen.zoneUuid,
+                "hypervisor": chosen.hypervisorType,
             }
             sizes = [("Root", root_size, None)] + [
                 ("Data", size, u) for size, u in zip(data_sizes, new.data_disk_offering_uuids, strict=True)
             ]
             vols = []
+            storages: dict[str, Any] = {}  # the volumes' primary storages, as reserve read them
             for device_id, (vtype, size, offering_uuid) in enumerate(sizes):
                 vol_uuid = new_uuid()
                 ps = await primary.reserve(s, chosen.clusterUuid, chosen.uuid, size, vol_uuid, "VolumeVO")
                 ps_uuid = ps.uuid
+                storages[ps_uuid] = ps
                 vol = m.Volume(
                     uuid=vol_uuid,
                     name=f"ROOT-for-{vm.name}" if vtype == "Root" else f"DATA-for-{vm.name}",
@@ -283,14 +290,10 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
                 await own(s, new, vol_uuid, "VolumeVO")
                 vols.append(vol)
                 if vtype == "Root":
-                    placed["rootVolumeUuid"] = vol_uuid
-            # one UPDATE, not a read of the row and its write
-            # no VmInstance is loaded in this session (vm was read by an earlier one)
-            await s.execute(
-                update(m.VmInstance).where(m.VmInstance.uuid == vm.uuid).values(**placed), execution_options=NO_SYNC
-            )
+                    placed["root"] = vol_uuid
+            await s.execute(_PLACE_VM, placed)
             c["volumes"] = [(v.installPath, v.size, v.type, v.primaryStorageUuid) for v in vols]
-            c["ps"] = {u: await get_record(s, m.PrimaryStorage, u) for u in {v.primaryStorageUuid for v in vols}}
+            c["ps"] = storages
             if image.mediaType != "ISO":
                 c["image_url"] = await image_source(s, image.uuid, chosen.zoneUuid)
             for device_id, l3_uuid in enumerate(l3_uuids):
@@ -341,9 +344,8 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
 
     async def start(c: dict[str, Any]) -> None:
         async with p.db.tx() as s:
-            # a new session: nothing loaded to synchronise
-            await s.execute(_VM_STARTING, {"vm": vm.uuid}, execution_options=NO_SYNC)
-            await s.execute(_VOLUMES_READY, {"vm": vm.uuid}, execution_options=NO_SYNC)
+            await s.execute(_VM_STARTING, {"vm": vm.uuid})
+            await s.execute(_VOLUMES_READY, {"vm": vm.uuid})
         await hooks.before_start(p, vm.uuid, c["host"].uuid)
         spec = await build_spec(p, vm.uuid)
         await agent(p, c["host"].uuid, "/vm/start", {"vm": asdict(spec)}, c["host"].agentUrl)
@@ -369,9 +371,8 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
             await disown(s, [vm.uuid])
         raise
     async with p.db.tx() as s:
-        await s.execute(_VM_RUNNING, {"vm": vm.uuid, "host": c["host"].uuid}, execution_options=NO_SYNC)
-        row = await get_record(s, m.VmInstance, vm.uuid)
-        return await inv(s, "QueryObjectVmInstanceInventory", row)
+        running = (await s.execute(_VM_RUNNING, {"vm": vm.uuid, "host": c["host"].uuid})).one()
+        return await inv(s, "QueryObjectVmInstanceInventory", running)
 
 
 async def _made_before(p: Platform, new: NewVm, uuid: str) -> dict[str, Any] | None:
@@ -388,17 +389,30 @@ async def _made_before(p: Platform, new: NewVm, uuid: str) -> dict[str, Any] | N
         return await inv(s, "QueryObjectVmInstanceInventory", row)
 
 
-_VM_STARTING = update(m.VmInstance).where(m.VmInstance.uuid == bindparam("vm")).values(state="Starting")
-
-
-_VM_RUNNING = (
-    update(m.VmInstance)
-    .where(m.VmInstance.uuid == bindparam("vm"))
-    .values(state="Running", lastHostUuid=bindparam("host"))
+# The create's writes to its VM and volumes: UPDATEs of the tables, one statement each rather than
+# a read of the row and its write. Nothing is loaded to keep in step: each transaction is new.
+VM = table_of(m.VmInstance)
+VOLUME = table_of(m.Volume)
+_PLACE_VM = (
+    update(VM)
+    .where(VM.c.uuid == bindparam("vm"))
+    .values(
+        hostUuid=bindparam("host"),
+        clusterUuid=bindparam("cluster"),
+        zoneUuid=bindparam("zone"),
+        hypervisorType=bindparam("hypervisor"),
+        rootVolumeUuid=bindparam("root"),
+    )
 )
-
-
-_VOLUMES_READY = update(m.Volume).where(m.Volume.vmInstanceUuid == bindparam("vm")).values(status="Ready")
+_VM_STARTING = update(VM).where(VM.c.uuid == bindparam("vm")).values(state="Starting")
+# and the row as the UPDATE left it, for the answer's inventory: one statement, not a second to read it
+_VM_RUNNING = (
+    update(VM)
+    .where(VM.c.uuid == bindparam("vm"))
+    .values(state="Running", lastHostUuid=bindparam("host"))
+    .returning(*VM.c)
+)
+_VOLUMES_READY = update(VOLUME).where(VOLUME.c.vmInstanceUuid == bindparam("vm")).values(status="Ready")
 
 
 async def vm_for(ctx: ApiContext, uuid: str | None = None) -> m.VmInstance:

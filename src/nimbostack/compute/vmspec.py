@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import NoResultFound
 
 from nimbostack.core.errors import not_allowed
 from nimbostack.core.hosts import agent
-from nimbostack.core.tags import system_tags
 from nimbostack.db import models as m
-from nimbostack.db.engine import get_record, records
-from nimbostack.network.l2l3 import bridge_name
+from nimbostack.db.engine import Tx, columns, get_row
+from nimbostack.network.l2l3 import BRIDGE_TAG, bridge_of
 from nimbostack.storage import backup, primary
 from nimbostack.wire import NicSpec, VmSpec
 
@@ -26,14 +25,28 @@ log = logging.getLogger(__name__)
 ISO_INSTALL_TAG = "bootOrder::installingFromIso"
 
 
-VOLUMES_OF_VMS = records(
-    select(m.Volume).where(m.Volume.vmInstanceUuid.in_(bindparam("vms", expanding=True))).order_by(m.Volume.deviceId)
-)
+_VOLUMES = select(*columns(m.Volume)).order_by(m.Volume.deviceId)
+VOLUMES_OF_VMS = _VOLUMES.where(m.Volume.vmInstanceUuid.in_(bindparam("vms", expanding=True)))
+# one VM's (every create and start asks): an IN list of one is rendered anew at every execution
+VOLUMES_OF_VM = _VOLUMES.where(m.Volume.vmInstanceUuid == bindparam("vm"))
 
 
-# each NIC with its L2 network in one statement, not one more per NIC (every start asks)
-_NICS_WITH_L2 = records(
-    select(m.VmNic, m.L2Network)
+# each NIC with its L2 network and that network's bridge tag in one statement, not more per NIC
+# (every start asks); the L2's columns are named as its own, which l2l3.bridge_of reads
+_NICS_WITH_L2 = (
+    select(
+        m.VmNic.uuid,
+        m.VmNic.mac,
+        m.VmNic.deviceId,
+        m.VmNic.ip,
+        m.VmNic.netmask,
+        m.VmNic.gateway,
+        m.VmNic.l3NetworkUuid,
+        m.L2Network.uuid.label("l2Uuid"),
+        m.L2Network.physicalInterface,
+        m.L2Network.vlan,
+        BRIDGE_TAG,
+    )
     .outerjoin(m.L3Network, m.L3Network.uuid == m.VmNic.l3NetworkUuid)
     .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
     .where(m.VmNic.vmInstanceUuid == bindparam("vm"))
@@ -44,19 +57,16 @@ _NICS_WITH_L2 = records(
 async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
     cache = await platform.config.get("kvm", "vm.cacheMode")
     async with platform.db.tx() as s:
-        vm = await get_record(s, m.VmInstance, vm_uuid)
+        vm = await get_row(s, m.VmInstance, vm_uuid)
         assert vm is not None
-        vols = (await s.execute(VOLUMES_OF_VMS, {"vms": [vm_uuid]})).scalars().all()
+        vols = (await s.execute(VOLUMES_OF_VM, {"vm": vm_uuid})).all()
         disks = [await primary.disk_source(s, v, cache) for v in vols]
-        nic_l2s = (await s.execute(_NICS_WITH_L2, {"vm": vm_uuid})).all()
-        nics = [nic for nic, _ in nic_l2s]
-        l2s: dict[str, m.L2Network] = {}
+        nics = (await s.execute(_NICS_WITH_L2, {"vm": vm_uuid})).all()
         bridges: dict[str, str] = {}
-        for nic, l2 in nic_l2s:
-            if l2 is None:  # as the per-NIC scalar_one() this replaces did: a NIC on a vanished network
+        for nic in nics:
+            if nic.l2Uuid is None:  # as the per-NIC scalar_one() this replaces did: a NIC on a vanished network
                 raise NoResultFound("No row was found when one was required")
-            bridges[nic.uuid] = bridge_name(l2, await system_tags(s, l2.uuid))
-            l2s[nic.uuid] = l2
+            bridges[nic.uuid] = bridge_of(nic, nic.bridgeTag)
     iso_path = await cached_image_path(platform, vm.hostUuid, vm.isoUuid) if vm.isoUuid and vm.hostUuid else None
     return VmSpec(
         uuid=vm.uuid,
@@ -74,8 +84,8 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
                 n.netmask or "",
                 n.gateway or "",
                 n.l3NetworkUuid,
-                l2s[n.uuid].physicalInterface,
-                l2s[n.uuid].vlan,
+                n.physicalInterface,
+                n.vlan,
             )
             for n in nics
         ],
@@ -88,16 +98,18 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
 
 # whether each backup storage is in the zone comes with the copies, in the same statement rather
 # than a second one (every VM create asks)
-_IMAGE_COPIES = records(
+_IMAGE_COPIES = (
     select(
-        m.ImageBackupStorageRef,
-        m.BackupStorage,
+        m.ImageBackupStorageRef.installPath,
+        m.BackupStorage.agentUrl,
+        m.BackupStorage.url,
         select(m.BackupStorageZoneRef.id)
         .where(
             m.BackupStorageZoneRef.backupStorageUuid == m.BackupStorage.uuid,
             m.BackupStorageZoneRef.zoneUuid == bindparam("zone"),
         )
-        .exists(),
+        .exists()
+        .label("inZone"),
     )
     .join(m.BackupStorage, m.BackupStorage.uuid == m.ImageBackupStorageRef.backupStorageUuid)
     .where(
@@ -108,15 +120,15 @@ _IMAGE_COPIES = records(
 )
 
 
-async def image_source(s: Any, image_uuid: str, zone_uuid: str | None) -> str:
+async def image_source(s: Tx, image_uuid: str, zone_uuid: str | None) -> str:
     """The URL a host fetches the image from: a Ready copy on a backup storage of the zone."""
     rows = (await s.execute(_IMAGE_COPIES, {"image": image_uuid, "zone": zone_uuid})).all()
     if zone_uuid:
-        rows = sorted(rows, key=lambda r: not r[2])
+        rows = sorted(rows, key=lambda r: not r.inZone)
     if not rows:
         raise not_allowed(f"image {image_uuid} has no Ready copy on an Enabled backup storage")
-    ref, bs = rows[0][0], rows[0][1]
-    return backup.image_source(bs, ref)
+    copy = rows[0]
+    return backup.image_source(copy.agentUrl, copy.url, copy.installPath)
 
 
 async def cached_image_path(platform: Platform, host_uuid: str, image_uuid: str) -> str:

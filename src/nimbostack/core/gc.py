@@ -21,12 +21,12 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from nimbostack.core import hooks
 from nimbostack.core.errors import HOST_DISCONNECTED, ApiError
 from nimbostack.core.query import fmt_date
 from nimbostack.db import models as m
+from nimbostack.db.engine import Tx
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -40,7 +40,7 @@ TICK = 1.0
 
 # Work that became pointless since it was deferred is marked Done without calling the agent.
 # A check answers a reason to skip, or None to run the entry.
-Check = Callable[[AsyncSession, m.GarbageCollector, dict[str, Any]], Awaitable[str | None]]
+Check = Callable[[Tx, m.GarbageCollector, dict[str, Any]], Awaitable[str | None]]
 CHECKS: dict[str, Check] = {}
 
 DESTROY_VM = "destroy-vm"
@@ -60,7 +60,7 @@ _GOING = ("Destroying", "Destroyed", "Expunging")
 
 
 @check(DESTROY_VM)
-async def _vm_back_on_host(s: AsyncSession, gc: m.GarbageCollector, body: dict[str, Any]) -> str | None:
+async def _vm_back_on_host(s: Tx, gc: m.GarbageCollector, body: dict[str, Any]) -> str | None:
     vm = await s.get(m.VmInstance, gc.resourceUuid) if gc.resourceUuid else None
     # Destroying: the destroy that deferred this entry has not marked the VM Destroyed yet (a poll
     # of the GC can come in between); the domain must still go
@@ -70,7 +70,7 @@ async def _vm_back_on_host(s: AsyncSession, gc: m.GarbageCollector, body: dict[s
 
 
 @check(DELETE_VOLUME_FILE)
-async def _volume_file_in_use(s: AsyncSession, gc: m.GarbageCollector, body: dict[str, Any]) -> str | None:
+async def _volume_file_in_use(s: Tx, gc: m.GarbageCollector, body: dict[str, Any]) -> str | None:
     # the same path on another host's local storage is another file (a migrated volume's old copy)
     path = body.get("installPath")
     here = or_(m.Volume.hostUuid == gc.hostUuid, m.Volume.hostUuid.is_(None))
@@ -88,7 +88,7 @@ async def _volume_file_in_use(s: AsyncSession, gc: m.GarbageCollector, body: dic
 
 
 @check(DELETE_IMAGE_FILE)
-async def _image_file_in_use(s: AsyncSession, gc: m.GarbageCollector, body: dict[str, Any]) -> str | None:
+async def _image_file_in_use(s: Tx, gc: m.GarbageCollector, body: dict[str, Any]) -> str | None:
     used = (
         await s.execute(
             select(m.ImageBackupStorageRef.imageUuid).where(
@@ -105,7 +105,7 @@ def unreachable(err: BaseException) -> bool:
     return isinstance(err, ApiError) and err.code == HOST_DISCONNECTED
 
 
-async def _target(s: AsyncSession, host_uuid: str) -> tuple[str, str] | None:
+async def _target(s: Tx, host_uuid: str) -> tuple[str, str] | None:
     """(agent URL, status) of a host or an agent-kept backup storage; None when it is gone."""
     host = await s.get(m.Host, host_uuid)
     if host is not None:

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Boolean, ColumnElement, DateTime, Integer, Select, func, inspect, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Boolean, ColumnElement, DateTime, Integer, Select, func, select
 from sqlalchemy.sql.sqltypes import BigInteger
 
 from nimbostack.core import spec
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid
+from nimbostack.db.engine import Tx, columns
 from nimbostack.db.models import AccountResourceRef, SystemTag, UserTag
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def parse_date(text: str) -> datetime:
 
 
 Row = Any
-Extra = Callable[[AsyncSession, Sequence[Row], list[dict[str, Any]]], Awaitable[None]]
+Extra = Callable[[Tx, Sequence[Row], list[dict[str, Any]]], Awaitable[None]]
 
 
 @dataclass
@@ -109,7 +109,7 @@ def plain(row: Row, names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-async def inventories(s: AsyncSession, target: QueryTarget, rows: Sequence[Row]) -> list[dict[str, Any]]:
+async def inventories(s: Tx, target: QueryTarget, rows: Sequence[Row]) -> list[dict[str, Any]]:
     names = target.fields()
     invs = [plain(r, names) for r in rows]
     if target.extra is not None and rows:
@@ -117,7 +117,7 @@ async def inventories(s: AsyncSession, target: QueryTarget, rows: Sequence[Row])
     return invs
 
 
-async def inventory(s: AsyncSession, object_name: str, row: Row) -> dict[str, Any]:
+async def inventory(s: Tx, object_name: str, row: Row) -> dict[str, Any]:
     return (await inventories(s, TARGETS[object_name], [row]))[0]
 
 
@@ -278,17 +278,6 @@ def build(target: QueryTarget, conditions: list[Any], caller: Caller) -> list[Co
     return clauses
 
 
-def _columns_of(model: type) -> list[Any]:
-    """The model's column attributes: a row of them reads as the object does (row.uuid, ...)."""
-    found = _COLUMNS.get(model)
-    if found is None:
-        found = _COLUMNS[model] = [getattr(model, a.key) for a in inspect(model).column_attrs]
-    return found
-
-
-_COLUMNS: dict[type, list[Any]] = {}
-
-
 async def run(ctx: ApiContext) -> dict[str, Any]:
     """Answer a ``Query<Resource>`` message."""
     target = target_for(ctx.msg.name)
@@ -305,7 +294,7 @@ async def run(ctx: ApiContext) -> dict[str, Any]:
             return {"total": total}
         # the columns, not the entity: an answer only reads its rows, and rows cost a fraction of
         # ORM objects to load (100 VM inventories: 30 -> 23 ms)
-        stmt: Select[Any] = select(*_columns_of(target.model)).where(*clauses)
+        stmt: Select[Any] = select(*columns(target.model)).where(*clauses)
         sort_by = ctx.str("sortBy")
         if sort_by:
             column = _column(target, sort_by)

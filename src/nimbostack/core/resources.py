@@ -6,15 +6,14 @@ import re
 import uuid as uuidlib
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Row, delete, select
 
 from nimbostack.core import query, spec
 from nimbostack.core.auth import ADMIN_UUID, Caller
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_found
 from nimbostack.core.tags import validate_system_tag
-from nimbostack.db.engine import get_record, insert_now
+from nimbostack.db.engine import Tx, get_row, insert_now
 from nimbostack.db.models import AccountResourceRef, SystemTag, UserTag
 
 T = TypeVar("T")
@@ -48,30 +47,50 @@ def check_uuid(name: str, value: str) -> str:
 
 
 async def load(
-    s: AsyncSession,
+    s: Tx,
     model: type[T],
     uuid: str | None,
     ctx: Acting,
     kind: str | None = None,
     owned: bool = False,
-    readonly: bool = False,
 ) -> T:
     """Fetch a row by uuid or fail with RESOURCE_NOT_FOUND; ``owned`` rows of other accounts are
-    reported as not found, so one account cannot probe another's uuids. ``readonly``: the caller
-    only reads the row, which may then come as a record (db/engine.py ``records``)."""
+    reported as not found, so one account cannot probe another's uuids."""
+    label, uuid = _wanted(model, uuid, kind)
+    row = await s.get(model, uuid)
+    if row is None:
+        raise not_found(label, uuid)
+    await _check_owner(s, ctx, label, uuid, owned)
+    return row
+
+
+async def load_row(
+    s: Tx, model: type, uuid: str | None, ctx: Acting, kind: str | None = None, owned: bool = False
+) -> Row[Any]:
+    """``load`` for a caller that only reads: the row's columns (db/engine.py ``get_row``)."""
+    label, uuid = _wanted(model, uuid, kind)
+    row = await get_row(s, model, uuid)
+    if row is None:
+        raise not_found(label, uuid)
+    await _check_owner(s, ctx, label, uuid, owned)
+    return row
+
+
+def _wanted(model: type, uuid: str | None, kind: str | None) -> tuple[str, str]:
+    """(what the resource is called in errors, its uuid): an error already if no uuid was given."""
     label = kind or model.__name__
     if not uuid:
         raise invalid(f"missing the uuid of the {label}")
-    row = await get_record(s, model, uuid) if readonly else await s.get(model, uuid)
-    if row is None:
-        raise not_found(label, uuid)
+    return label, uuid
+
+
+async def _check_owner(s: Tx, ctx: Acting, label: str, uuid: str, owned: bool) -> None:
     if owned and not ctx.caller.is_admin:
         ref = (
             await s.execute(select(AccountResourceRef.accountUuid).where(AccountResourceRef.resourceUuid == uuid))
         ).scalar_one_or_none()
         if ref != ctx.caller.account_uuid:
             raise not_found(label, uuid)
-    return row
 
 
 def require_admin(ctx: ApiContext) -> None:
@@ -79,7 +98,7 @@ def require_admin(ctx: ApiContext) -> None:
         raise ApiError(PERMISSION_DENIED, "Permission denied", f"only an admin account can call {ctx.msg.name}")
 
 
-async def own(s: AsyncSession, ctx: Acting, uuid: str, resource_type: str) -> None:
+async def own(s: Tx, ctx: Acting, uuid: str, resource_type: str) -> None:
     await insert_now(
         s,
         AccountResourceRef(
@@ -91,19 +110,19 @@ async def own(s: AsyncSession, ctx: Acting, uuid: str, resource_type: str) -> No
     )
 
 
-async def disown(s: AsyncSession, uuids: list[str]) -> None:
+async def disown(s: Tx, uuids: list[str]) -> None:
     await s.execute(delete(AccountResourceRef).where(AccountResourceRef.resourceUuid.in_(uuids)))
     await s.execute(delete(SystemTag).where(SystemTag.resourceUuid.in_(uuids)))
     await s.execute(delete(UserTag).where(UserTag.resourceUuid.in_(uuids)))
 
 
-async def add_creation_tags(s: AsyncSession, ctx: ApiContext, uuid: str, resource_type: str) -> None:
+async def add_creation_tags(s: Tx, ctx: ApiContext, uuid: str, resource_type: str) -> None:
     """The ``systemTags`` / ``userTags`` every Create/Add message may carry."""
     await add_tags(s, uuid, resource_type, [str(t) for t in ctx.list("systemTags")], ctx.list("userTags"))
 
 
 async def add_tags(
-    s: AsyncSession, uuid: str, resource_type: str, system: list[str], user: list[Any]
+    s: Tx, uuid: str, resource_type: str, system: list[str], user: list[Any]
 ) -> None:
     for tag in system:
         validate_system_tag(resource_type, tag)
@@ -114,7 +133,7 @@ async def add_tags(
         await insert_now(s, UserTag(uuid=new_uuid(), resourceUuid=uuid, resourceType=resource_type, tag=str(tag)))
 
 
-async def inv(s: AsyncSession, object_name: str, row: Any) -> dict[str, Any]:
+async def inv(s: Tx, object_name: str, row: Any) -> dict[str, Any]:
     return await query.inventory(s, object_name, row)
 
 
@@ -171,7 +190,7 @@ def referenced_uuids(msg: spec.MessageSpec, params: dict[str, Any]) -> dict[str,
     return out
 
 
-async def check_visible(s: AsyncSession, msg: spec.MessageSpec, params: dict[str, Any], caller: Caller) -> None:
+async def check_visible(s: Tx, msg: spec.MessageSpec, params: dict[str, Any], caller: Caller) -> None:
     """A normal account names only its own resources and the admin's, which are shared by design
     (images, offerings, public L3 networks: what every account builds its VMs from); another
     normal account's look like no resource at all, whatever the API and its handler. Whether it

@@ -4,12 +4,12 @@ resources with uuids, queryable and deletable."""
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from sqlalchemy import bindparam, select
 
 from nimbostack.core.errors import invalid
 from nimbostack.db import models as m
+from nimbostack.db.engine import Tx
 
 # Tagged resource type (ZStack's VO name) → model; a tag may only name an existing resource.
 RESOURCE_TYPES: dict[str, type] = {
@@ -70,6 +70,6 @@ def tag_value(tags: list[str], prefix: str) -> str | None:
 _SYSTEM_TAGS = select(m.SystemTag.tag).where(m.SystemTag.resourceUuid == bindparam("resource"))
 
 
-async def system_tags(s: Any, resource_uuid: str) -> list[str]:
+async def system_tags(s: Tx, resource_uuid: str) -> list[str]:
     rows = await s.execute(_SYSTEM_TAGS, {"resource": resource_uuid})
     return [r for (r,) in rows]

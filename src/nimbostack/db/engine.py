@@ -2,39 +2,80 @@
 
 Statements built once: those that every VM create or start runs are module-level constants with
 bind parameters (``bindparam``), not built per call. Building a statement and its cache key cost
-SQLAlchemy ~100 us, about as much as running it on SQLite; a prebuilt one has its key memoised."""
+SQLAlchemy ~100 us, about as much as running it on SQLite; a prebuilt one has its key memoised.
+
+Reads that only read select columns, not ORM entities: the answer is ``Row``s (read-only, the same
+type on every call and on both databases), and loading them skips the ORM's identity map and
+object construction, which cost a third of the node's CPU per VM create when entities were read."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Mapping
+import weakref
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from types import MappingProxyType
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
+    CursorResult,
     Engine,
+    Executable,
     Result,
+    Row,
+    ScalarResult,
+    Select,
+    Table,
     bindparam,
     create_engine,
     event,
     insert,
     inspect,
+    literal,
     make_url,
     select,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session
-
-from nimbostack.db import fastsql
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.types import TypeEngine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-S = TypeVar("S")
+T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+Params = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+
+class Tx(Protocol):
+    """One transaction of Database.tx(): an AsyncSession on PostgreSQL, an InlineSession on SQLite.
+    The part of AsyncSession the node uses, so that a handler runs unchanged on both."""
+
+    async def execute(
+        self,
+        statement: Executable,
+        params: Params | None = None,
+        *,
+        execution_options: Mapping[str, Any] = ...,
+        bind_arguments: dict[str, Any] | None = None,
+    ) -> Result[Any]: ...
+
+    async def scalar(self, statement: Executable, params: Params | None = None) -> Any: ...
+
+    async def scalars(self, statement: Executable, params: Params | None = None) -> ScalarResult[Any]: ...
+
+    async def get(self, entity: type[T], ident: Any) -> T | None: ...
+
+    async def flush(self, objects: Sequence[Any] | None = None) -> None: ...
+
+    async def delete(self, instance: object) -> None: ...
+
+    def add(self, instance: object) -> None: ...
 
 
 def sqlite_url(data_dir: str | Path) -> str:
@@ -46,11 +87,13 @@ def sqlite_url(data_dir: str | Path) -> str:
 # map for nothing, at a cost measured at ~5% of a VM create.
 NO_SYNC = {"synchronize_session": False}
 
+_NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
+
 # AsyncSession adds these to every execute: ORM rows are read at once, not left on the cursor
 _EXECUTE_OPTIONS = {"prebuffer_rows": True}
 
 
-async def insert_now(s: Any, *rows: Any) -> None:
+async def insert_now(s: Tx, *rows: Any) -> None:
     """INSERT new rows (ORM objects used as records) by statement, at once, in this order, rather
     than ``s.add`` and the unit of work's flush: a flush cost ~0.3 ms plus ~0.1 ms a row, the
     statements ~0.04 ms a row, and a VM create makes a dozen rows. The objects stay transient;
@@ -67,29 +110,93 @@ async def insert_now(s: Any, *rows: Any) -> None:
 _INSERTS: dict[type, tuple[Any, list[str]]] = {}  # per model: its INSERT, built once, and its columns
 
 
-def records(stmt: S) -> S:
-    """The statement, with its ORM entities read as records where it can (db/fastsql.py): for a
-    caller that only reads what it selects. On SQLite that skips the ORM's loading; elsewhere the
-    rows are ORM objects, which read the same."""
-    return stmt.execution_options(**{fastsql.RECORDS: True})  # type: ignore[attr-defined,no-any-return]
+def columns(model: type) -> list[Any]:
+    """The model's mapped columns, to select a row of them: it reads as the object does (row.uuid,
+    ...) but is read-only. Selected through the model's attributes, not its Table, so that the
+    statement stays ORM-enabled: on either database a session flushes pending objects before it
+    runs, as it did when the entity was selected."""
+    found = _COLUMNS.get(model)
+    if found is None:
+        mapper: Mapper[Any] = inspect(model)
+        found = _COLUMNS[model] = [getattr(model, a.key) for a in mapper.column_attrs]
+    return found
 
 
-async def get_record(s: Any, model: type, ident: Any) -> Any:
-    """``s.get(model, ident)`` for a caller that only reads the row (see ``records``); None if
-    there is no such row."""
+def table_of(model: type) -> Table:
+    """The model's Table, for statements of its columns that keep no ORM object in step (an
+    UPDATE of a Table is not synchronised with a Session's objects, on either database)."""
+    return cast(Table, model.__table__)  # type: ignore[attr-defined]
+
+
+_COLUMNS: dict[type, list[Any]] = {}
+
+
+async def get_row(s: Tx, model: type, ident: Any) -> Row[Any] | None:
+    """The row of ``model`` with this primary key, as a Row of its columns (``columns``), or None:
+    for a caller that only reads it (``s.get`` for one that changes it)."""
     stmt = _BY_KEY.get(model)
     if stmt is None:
-        (key,) = inspect(model).primary_key
-        stmt = _BY_KEY[model] = records(select(model).where(key == bindparam("key")))
-    return (await s.execute(stmt, {"key": ident})).scalar_one_or_none()
+        mapper: Mapper[Any] = inspect(model)
+        (key,) = mapper.primary_key
+        stmt = _BY_KEY[model] = select(*columns(model)).where(key == bindparam("key"))
+    return (await s.execute(stmt, {"key": ident})).one_or_none()
 
 
-_BY_KEY: dict[type, Any] = {}  # per model: its SELECT by primary key, built once
+_BY_KEY: dict[type, Select[Any]] = {}  # per model: its SELECT by primary key, built once
+
+
+def in_values(column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
+    """``column IN (values)`` for values fixed when the statement is built, each a bound value of
+    the statement's own (``IN (?, ?, ...)``). A Python list passed to ``in_`` (or a list-valued
+    parameter) becomes one "expanding" parameter instead, whose SQL SQLAlchemy renders anew at
+    every execution: measured 30 us on a 60 us statement."""
+    return cast(ColumnElement[bool], column.in_([literal(v, column.type) for v in values]))
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched (its result is a CursorResult on either database)."""
+    return cast(CursorResult[Any], result).rowcount
+
+
+# What a statement is, as InlineSession routes it
+_COLUMNS_OR_CORE = 0  # a SELECT of columns, a Core statement (of a Table, text): the Connection's
+_ENTITIES = 1  # a SELECT whose rows hold entities, ORM objects, which only the Session makes
+_ORM_DML = 2  # an UPDATE or DELETE of a mapped class: it may keep objects the Session loaded in step
+
+
+def _kind(statement: Executable) -> int:
+    found = _KINDS.get(statement)
+    if found is None:
+        if statement.is_select:
+            descriptions = getattr(statement, "column_descriptions", None)
+            # a compound SELECT, which does not describe its columns: the Session decides
+            entities = descriptions is None or any(not isinstance(d["type"], TypeEngine) for d in descriptions)
+            found = _ENTITIES if entities else _COLUMNS_OR_CORE
+        elif statement.is_dml and not statement.is_insert:  # type: ignore[attr-defined]
+            mapped = statement.entity_description.get("entity") is not None  # type: ignore[attr-defined]
+            found = _ORM_DML if mapped else _COLUMNS_OR_CORE
+        else:  # an INSERT (nothing loaded to keep in step), text, DDL
+            found = _COLUMNS_OR_CORE
+        _KINDS[statement] = found
+    return found
+
+
+# per statement, its _kind; weak: most statements are built per call. Asking the statement
+# (column_descriptions, entity_description) costs 10-40 us, more than running it.
+_KINDS: weakref.WeakKeyDictionary[Executable, int] = weakref.WeakKeyDictionary()
+
+
+def _syncs(params: Params | None, options: Mapping[str, Any], session: Session | None) -> bool:
+    """Whether an UPDATE or DELETE of a mapped class runs through the Session: to keep the objects
+    this transaction loaded in step, or with many parameter sets (the ORM's UPDATE by primary key,
+    which the Connection would run as an UPDATE of every row per set)."""
+    if params is not None and not isinstance(params, dict | Mapping):
+        return True
+    return session is not None and options.get("synchronize_session") is not False and bool(session.identity_map)
 
 
 class InlineSession:
-    """The part of AsyncSession the node uses (execute, get, flush, add, delete, scalar(s)), on the
-    node's one SQLite connection.
+    """The Tx of SQLite: the node's one SQLite connection, on the event loop.
 
     SQLite runs in this process and a statement takes microseconds, so the node runs it on the
     event loop. Through AsyncSession every call still paid for the async bridge: a new greenlet per
@@ -97,10 +204,13 @@ class InlineSession:
     statement (half the cost of a short transaction). Here each call runs directly; the awaitable
     methods stay awaitable so the code is the same for PostgreSQL, where AsyncSession is used.
 
-    The ORM Session is made only when the transaction first needs it (an entity read, an object
-    added): making, beginning and closing one cost ~100 us, and most of the node's transactions
-    are only Core statements, which fastsql runs on the DBAPI connection. Such a transaction is
-    committed on that connection; one with a Session through it (the same connection)."""
+    A statement runs on the Connection unless it needs the ORM: a SELECT of entities, or an UPDATE
+    or DELETE that keeps loaded objects in step with it. The ORM Session is made only when the
+    transaction first needs it (an entity read, an object added): making, beginning and closing one
+    cost ~100 us, and most of the node's transactions are only column reads and DML, for which
+    the Session's execution costs twice the Connection's. A Session, once made, works on the same
+    Connection, and its pending objects are flushed before a statement runs there, as the Session
+    would itself."""
 
     __slots__ = ("_db", "_session")
 
@@ -116,43 +226,35 @@ class InlineSession:
 
     async def execute(
         self,
-        statement: Any,
-        params: Any = None,
+        statement: Executable,
+        params: Params | None = None,
         *,
-        execution_options: Mapping[str, Any] | None = None,
+        execution_options: Mapping[str, Any] = _NO_OPTIONS,
         bind_arguments: dict[str, Any] | None = None,
     ) -> Result[Any]:
-        db = self._db
-        fast = fastsql.execute(db.dbapi(), db.sync_engine.dialect, self._session, statement, params, execution_options)
-        if fast is not None:
-            return cast(Result[Any], fast)
-        if statement.is_dml and (
-            statement.is_insert or (execution_options and execution_options.get("synchronize_session") is False)
-        ):
-            # an INSERT, or an UPDATE/DELETE with no loaded object to keep in step: the statement as
-            # Core on the session's connection (a third of the ORM's cost), after the flush the ORM
-            # would have done first
-            if self._session is not None:
-                self._session.flush()
-            return db.connection().execute(statement, params)
-        options = {**_EXECUTE_OPTIONS, **execution_options} if execution_options else _EXECUTE_OPTIONS
-        return self.sync_session.execute(statement, params, execution_options=options, bind_arguments=bind_arguments)
+        session = self._session
+        kind = _kind(statement)
+        if kind == _ENTITIES or (kind == _ORM_DML and _syncs(params, execution_options, session)):
+            options = {**_EXECUTE_OPTIONS, **execution_options} if execution_options else _EXECUTE_OPTIONS
+            return self.sync_session.execute(
+                statement, params, execution_options=options, bind_arguments=bind_arguments
+            )
+        if session is not None:
+            session.flush()  # cheap when nothing is pending
+        return self._db.connection().execute(statement, params, execution_options=execution_options)
 
-    async def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return (await self.execute(statement, params, **kw)).scalar()
+    async def scalar(self, statement: Executable, params: Params | None = None) -> Any:
+        return (await self.execute(statement, params)).scalar()
 
-    async def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return (await self.execute(statement, params, **kw)).scalars()
+    async def scalars(self, statement: Executable, params: Params | None = None) -> ScalarResult[Any]:
+        return (await self.execute(statement, params)).scalars()
 
-    async def get(self, entity: Any, ident: Any, **kw: Any) -> Any:
-        return self.sync_session.get(entity, ident, **kw)
+    async def get(self, entity: type[T], ident: Any) -> T | None:
+        return self.sync_session.get(entity, ident)
 
-    async def flush(self, objects: Any = None) -> None:
+    async def flush(self, objects: Sequence[Any] | None = None) -> None:
         if self._session is not None:
             self._session.flush(objects)
-
-    async def refresh(self, instance: object, attribute_names: Any = None) -> None:
-        self.sync_session.refresh(instance, attribute_names)
 
     async def delete(self, instance: object) -> None:
         self.sync_session.delete(instance)
@@ -160,23 +262,16 @@ class InlineSession:
     def add(self, instance: object) -> None:
         self.sync_session.add(instance)
 
-    def add_all(self, instances: Any) -> None:
-        self.sync_session.add_all(instances)
-
-    # The transaction may have run through three doors to the one sqlite3 connection: the Session,
-    # SQLAlchemy's Connection (Core statements, which begin a transaction of its own on it), and
-    # fastsql on the DBAPI connection, which SQLAlchemy does not see. Each that began one ends it,
-    # so that the next transaction starts with none open anywhere (a Session made on a Connection
-    # left "in a transaction" would join it and never commit).
+    # Two doors to the one connection: the Session and the Connection (statements that began a
+    # transaction on it before the Session was made, which the Session then joined without owning
+    # it). Each that began one ends it, so that the next transaction starts with none open (a
+    # Session made on a Connection left "in a transaction" would join it and never commit).
     def _commit(self) -> None:
         if self._session is not None:
             self._session.commit()  # flushes
         conn = self._db.connection()
         if conn.in_transaction():
             conn.commit()
-        dbapi = self._db.dbapi()
-        if dbapi.in_transaction:  # only fastsql's statements wrote
-            dbapi.commit()
 
     def _rollback(self) -> None:
         if self._session is not None:
@@ -184,9 +279,6 @@ class InlineSession:
         conn = self._db.connection()
         if conn.in_transaction():
             conn.rollback()
-        dbapi = self._db.dbapi()
-        if dbapi.in_transaction:
-            dbapi.rollback()
 
     def _close(self) -> None:
         if self._session is not None:
@@ -238,7 +330,7 @@ class Database:
             self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @asynccontextmanager
-    async def tx(self) -> AsyncIterator[AsyncSession]:
+    async def tx(self) -> AsyncIterator[Tx]:
         """One short transaction: commit on success, roll back on error. Never hold across I/O."""
         if not self.is_sqlite:
             async with self.sessions() as s, s.begin():
@@ -249,16 +341,15 @@ class Database:
                 await self._turn.acquire()
         else:
             await self._turn.acquire()
-        s = InlineSession(self)
+        inline = InlineSession(self)
         try:
-            # the subset of AsyncSession the handlers use: same code for PostgreSQL
-            yield cast(AsyncSession, s)
-            s._commit()
+            yield inline
+            inline._commit()
         except BaseException:
-            s._rollback()
+            inline._rollback()
             raise
         finally:
-            s._close()
+            inline._close()
             self._turn.release()
 
     def connection(self) -> Connection:
@@ -267,9 +358,6 @@ class Database:
         if self._conn is None:
             self._conn = self.sync_engine.connect()
         return self._conn
-
-    def dbapi(self) -> sqlite3.Connection:
-        return cast(sqlite3.Connection, self.connection().connection.dbapi_connection)
 
     async def checkpoint_loop(self, every: float = 1.0, restart_at: int = WAL_RESTART_FRAMES) -> None:
         """SQLite only: copy the write-ahead log into the database file every ``every`` seconds,

@@ -6,27 +6,27 @@ import ipaddress
 import random
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import Row, bindparam, delete, select
 
 from nimbostack.core.errors import IP_ALLOCATION_FAILED, ApiError, invalid
 from nimbostack.core.resources import new_uuid
 from nimbostack.db import models as m
-from nimbostack.db.engine import insert_now, records
+from nimbostack.db.engine import Tx, columns, insert_now
 
 PROBES = 16
 
 # built once (db/engine.py, "Statements built once"): every VM create allocates
-_RANGES = records(select(m.IpRange).where(m.IpRange.l3NetworkUuid == bindparam("l3")))  # read only
+_RANGES = select(*columns(m.IpRange)).where(m.IpRange.l3NetworkUuid == bindparam("l3"))
 _TAKEN = select(m.UsedIp.uuid).where(m.UsedIp.l3NetworkUuid == bindparam("l3"), m.UsedIp.ipInLong == bindparam("ip"))
 
 
-async def allocate(s: Any, l3_uuid: str, wanted: str | None = None, used_for: str = "VmNic") -> m.UsedIp:
+async def allocate(s: Tx, l3_uuid: str, wanted: str | None = None, used_for: str = "VmNic") -> m.UsedIp:
     """Take a free IP of the L3 network (``wanted`` if given) inside the caller's transaction, for
     ``used_for`` (a VM's NIC, a VIP, a DHCP server). The row is inserted at once (``insert_now``).
 
     Random probes find a free address in O(1) queries while the network is not nearly full;
     an indexed gap search covers the rest."""
-    ranges = (await s.execute(_RANGES, {"l3": l3_uuid})).scalars().all()
+    ranges = (await s.execute(_RANGES, {"l3": l3_uuid})).all()
     if not ranges:
         raise ApiError(IP_ALLOCATION_FAILED, "No IP range", f"L3 network {l3_uuid} has no IP range")
     if wanted:
@@ -64,11 +64,11 @@ async def allocate(s: Any, l3_uuid: str, wanted: str | None = None, used_for: st
     raise ApiError(IP_ALLOCATION_FAILED, "No free IP", f"every IP of L3 network {l3_uuid} is in use")
 
 
-async def _taken(s: Any, l3_uuid: str, ip: int) -> bool:
+async def _taken(s: Tx, l3_uuid: str, ip: int) -> bool:
     return (await s.execute(_TAKEN, {"l3": l3_uuid, "ip": ip})).first() is not None
 
 
-async def _use(s: Any, r: m.IpRange, ip: int, used_for: str) -> m.UsedIp:
+async def _use(s: Tx, r: Row[Any], ip: int, used_for: str) -> m.UsedIp:
     row = m.UsedIp(
         uuid=new_uuid(),
         ipRangeUuid=r.uuid,
@@ -83,6 +83,6 @@ async def _use(s: Any, r: m.IpRange, ip: int, used_for: str) -> m.UsedIp:
     return row
 
 
-async def release(s: Any, used_ip_uuids: list[str]) -> None:
+async def release(s: Tx, used_ip_uuids: list[str]) -> None:
     if used_ip_uuids:
         await s.execute(delete(m.UsedIp).where(m.UsedIp.uuid.in_(used_ip_uuids)))

@@ -6,7 +6,7 @@ import ipaddress
 import re
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Row, delete, func, select
 
 from nimbostack.core import query
 from nimbostack.core.context import ApiContext, api
@@ -23,7 +23,6 @@ from nimbostack.core.resources import (
     state_event,
     update_fields,
 )
-from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
 from nimbostack.network import providers
 
@@ -656,10 +655,33 @@ async def query_virtual_router_vm(ctx: ApiContext) -> dict[str, Any]:
     return {"inventories": [], **({"total": 0} if ctx.bool("count") or ctx.bool("replyWithCount") else {})}
 
 
-def bridge_name(l2: m.L2Network, tags: list[str]) -> str:
-    """The Linux bridge an L2 network's NICs join on a host: ``bridge::NAME``, else br_IF[_VLAN]."""
-    explicit = tag_value(tags, "bridge::")
+BRIDGE_PREFIX = "bridge::"
+
+
+def bridge_name(l2: m.L2Network | Row[Any], tags: list[str]) -> str:
+    """The Linux bridge an L2 network's NICs join on a host: ``bridge::NAME``, else br_IF[_VLAN].
+    ``l2``: the network, or a row with its physicalInterface and vlan."""
+    return bridge_of(l2, next((t for t in tags if t.startswith(BRIDGE_PREFIX)), None))
+
+
+def bridge_of(l2: m.L2Network | Row[Any], bridge_tag: str | None) -> str:
+    """``bridge_name`` given the network's ``bridge::`` tag alone (BRIDGE_TAG), not all its tags."""
+    explicit = bridge_tag[len(BRIDGE_PREFIX) :] if bridge_tag else None
     if explicit:
         return explicit
     name = f"br_{l2.physicalInterface}" + (f"_{l2.vlan}" if l2.vlan else "")
     return name[:15]
+
+
+# An L2 network's bridge:: tag (None without one), as a column of a statement that selects from
+# l2_network: every VM start reads it with the network, not by a statement of its own.
+BRIDGE_TAG = (
+    select(m.SystemTag.tag)
+    .where(
+        m.SystemTag.resourceUuid == m.L2Network.uuid,
+        func.substr(m.SystemTag.tag, 1, len(BRIDGE_PREFIX)) == BRIDGE_PREFIX,
+    )
+    .limit(1)
+    .scalar_subquery()
+    .label("bridgeTag")
+)

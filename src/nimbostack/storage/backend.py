@@ -11,13 +11,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Row, bindparam, update
 
 from nimbostack.db import models as m
+from nimbostack.db.engine import Tx, table_of
 from nimbostack.wire import DiskSpec
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
+
+
+# A storage's total, taken atomically (check and take in one UPDATE). Built once (db/engine.py,
+# "Statements built once"): every VM create takes. UPDATEs of the table, which keep no loaded object
+# in step: nothing reads the capacity of a storage loaded in the same transaction.
+STORAGE = table_of(m.PrimaryStorage)
+FORCE_TAKE_TOTAL = (
+    update(STORAGE)
+    .where(STORAGE.c.uuid == bindparam("ps"))
+    .values(availableCapacity=STORAGE.c.availableCapacity - bindparam("size"))
+)
+TAKE_TOTAL = FORCE_TAKE_TOTAL.where(STORAGE.c.availableCapacity >= bindparam("size"))
 
 
 class PrimaryStorageBackend:
@@ -28,7 +41,9 @@ class PrimaryStorageBackend:
     def command(self, name: str) -> str:
         return f"{self.agent_prefix}/{name}"
 
-    def install_path(self, ps: m.PrimaryStorage, account_uuid: str, volume_uuid: str, volume_type: str) -> str:
+    def install_path(
+        self, ps: m.PrimaryStorage | Row[Any], account_uuid: str, volume_uuid: str, volume_type: str
+    ) -> str:
         """Where a new volume's file goes: below the storage's url, one folder per account and volume."""
         folder = "rootVolumes" if volume_type == "Root" else "dataVolumes"
         return f"{ps.url}/{folder}/acct-{account_uuid}/vol-{volume_uuid}/{volume_uuid}.qcow2"
@@ -45,14 +60,14 @@ class PrimaryStorageBackend:
         """A host of an attached cluster (re)connected, or the storage was attached to its cluster."""
         raise NotImplementedError
 
-    async def reserve(self, s: AsyncSession, ps: m.PrimaryStorage, host_uuid: str | None, size: int,
+    async def reserve(self, s: Tx, ps: m.PrimaryStorage | Row[Any], host_uuid: str | None, size: int,
                       resource_uuid: str, resource_type: str, force: bool = False) -> bool:
         """Hold ``size`` bytes for the resource (inside the caller's transaction); False when the
         storage (or the host's share of it) has not that much free. ``force``: record bytes
         already written (a snapshot's file), free or not."""
         raise NotImplementedError
 
-    async def release(self, s: AsyncSession, resource_uuid: str) -> bool:
+    async def release(self, s: Tx, resource_uuid: str) -> bool:
         """Give back what the resource holds; False when it held nothing here."""
         raise NotImplementedError
 
@@ -69,7 +84,7 @@ def unregister(kind: str) -> None:
     BACKENDS.pop(kind, None)
 
 
-def of(ps: m.PrimaryStorage | str) -> PrimaryStorageBackend:
+def of(ps: m.PrimaryStorage | Row[Any] | str) -> PrimaryStorageBackend:
     kind = ps if isinstance(ps, str) else ps.type
     backend = BACKENDS.get(kind)
     if backend is None:

@@ -139,9 +139,10 @@ async def add_sftp_bs(ctx: ApiContext) -> dict[str, Any]:
         return {"inventory": await inv(s, "QueryObjectBackupStorageInventory", row)}
 
 
-def image_source(bs: m.BackupStorage, ref: m.ImageBackupStorageRef) -> str:
-    """Where a primary storage fetches an image from."""
-    return f"{bs.agentUrl}/bs/file?{urlencode({'root': bs.url, 'path': ref.installPath})}"
+def image_source(agent_url: str, root: str, install_path: str) -> str:
+    """Where a primary storage fetches an image from: its file ``install_path`` on the backup
+    storage at ``root`` whose agent is at ``agent_url``."""
+    return f"{agent_url}/bs/file?{urlencode({'root': root, 'path': install_path})}"
 
 
 @api("AttachBackupStorageToZone", admin=True)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 import posixpath
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import Row, bindparam, delete, func, select
 
 from nimbostack.core import hooks, query
 from nimbostack.core.context import ApiContext, api
@@ -25,7 +26,7 @@ from nimbostack.core.resources import (
     update_fields,
 )
 from nimbostack.db import models as m
-from nimbostack.db.engine import records
+from nimbostack.db.engine import Tx, columns
 from nimbostack.storage import backend
 from nimbostack.wire import DiskSpec
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-async def _ps_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
+async def _ps_extra(s: Tx, rows: Sequence[Any], invs: list[dict[str, Any]]) -> None:
     refs = (
         await s.execute(
             select(m.PrimaryStorageClusterRef).where(
@@ -241,14 +242,13 @@ async def delete_ps(ctx: ApiContext) -> dict[str, Any]:
 
 
 # built once (db/engine.py, "Statements built once"): every VM create asks
-# read only (the backends reserve by UPDATE statements): as records (db/engine.py)
-_STORAGES_OF = records(
-    select(m.PrimaryStorage)
+# rows (the backends reserve by UPDATE statements)
+_STORAGES_OF = (
+    select(*columns(m.PrimaryStorage))
     .join(m.PrimaryStorageClusterRef, m.PrimaryStorageClusterRef.primaryStorageUuid == m.PrimaryStorage.uuid)
     .where(
         m.PrimaryStorageClusterRef.clusterUuid == bindparam("cluster"),
         m.PrimaryStorage.state == "Enabled",
-        m.PrimaryStorage.type.in_(bindparam("types", expanding=True)),
     )
     .order_by(m.PrimaryStorage.availableCapacity.desc())
 )
@@ -256,20 +256,23 @@ _STORAGES_OF_ONE = _STORAGES_OF.where(m.PrimaryStorage.uuid == bindparam("ps"))
 
 
 async def reserve(
-    s: Any,
+    s: Tx,
     cluster_uuid: str,
     host_uuid: str | None,
     size: int,
     resource_uuid: str,
     resource_type: str,
     ps_uuid: str | None = None,
-) -> m.PrimaryStorage:
+) -> Row[Any]:
     """Hold ``size`` bytes for a volume or snapshot made through ``host_uuid`` on a primary storage
     attached to ``cluster_uuid`` (``ps_uuid``: that one only), inside the caller's transaction."""
     stmt = _STORAGES_OF_ONE if ps_uuid else _STORAGES_OF
-    params = {"cluster": cluster_uuid, "types": list(backend.BACKENDS), "ps": ps_uuid}
-    for ps in (await s.execute(stmt, params)).scalars().all():
-        if await backend.of(ps).reserve(s, ps, host_uuid, size, resource_uuid, resource_type):
+    for ps in (await s.execute(stmt, {"cluster": cluster_uuid, "ps": ps_uuid})).all():
+        # a storage of a type without a backend here is not used (filtered here, not by an IN list in
+        # the statement: db/engine.py in_values)
+        if ps.type in backend.BACKENDS and await backend.of(ps).reserve(
+            s, ps, host_uuid, size, resource_uuid, resource_type
+        ):
             return ps
     raise ApiError(
         STORAGE_ALLOCATION_FAILED,
@@ -279,7 +282,7 @@ async def reserve(
 
 
 async def reserve_on_host(
-    s: Any,
+    s: Tx,
     cluster_uuid: str,
     host_uuid: str,
     size: int,
@@ -291,19 +294,19 @@ async def reserve_on_host(
     return (await reserve(s, cluster_uuid, host_uuid, size, resource_uuid, resource_type, ps_uuid)).uuid
 
 
-async def release(s: Any, resource_uuid: str) -> None:
+async def release(s: Tx, resource_uuid: str) -> None:
     """Give back what a volume or snapshot holds, on whichever storage; idempotent."""
     for b in backend.BACKENDS.values():
         if await b.release(s, resource_uuid):
             return
 
 
-def placement(ps: m.PrimaryStorage, host_uuid: str | None) -> str | None:
+def placement(ps: m.PrimaryStorage | Row[Any], host_uuid: str | None) -> str | None:
     """Volume.hostUuid of a volume made on ``ps`` through ``host_uuid``."""
     return backend.of(ps).placement(host_uuid)
 
 
-def install_path(ps: m.PrimaryStorage, account_uuid: str, volume_uuid: str, volume_type: str) -> str:
+def install_path(ps: m.PrimaryStorage | Row[Any], account_uuid: str, volume_uuid: str, volume_type: str) -> str:
     """Where a new volume's file goes on the storage (its backend decides)."""
     return backend.of(ps).install_path(ps, account_uuid, volume_uuid, volume_type)
 
@@ -312,7 +315,7 @@ def install_path(ps: m.PrimaryStorage, account_uuid: str, volume_uuid: str, volu
 _TYPE_OF: dict[str, str] = {}
 
 
-async def disk_source(s: Any, vol: m.Volume, cache: str = "none", device_id: int | None = None) -> DiskSpec:
+async def disk_source(s: Tx, vol: m.Volume | Row[Any], cache: str = "none", device_id: int | None = None) -> DiskSpec:
     """How the hypervisor opens the volume, as its storage's backend says (``device_id``: the
     one it is being given, not yet recorded)."""
     kind = _TYPE_OF.get(vol.primaryStorageUuid or "")
@@ -327,12 +330,14 @@ async def disk_source(s: Any, vol: m.Volume, cache: str = "none", device_id: int
 _TYPE = select(m.PrimaryStorage.type).where(m.PrimaryStorage.uuid == bindparam("ps"))
 
 
-def command(ps: m.PrimaryStorage, name: str) -> str:
+def command(ps: m.PrimaryStorage | Row[Any], name: str) -> str:
     """The agent command ``name`` of the storage's type (``/storage/local/create-root`` ...)."""
     return backend.of(ps).command(name)
 
 
-async def file_host(s: Any, ps: m.PrimaryStorage, volume_host: str | None, preferred: str | None = None) -> str | None:
+async def file_host(
+    s: Tx, ps: m.PrimaryStorage | Row[Any], volume_host: str | None, preferred: str | None = None
+) -> str | None:
     """The host whose agent reaches a volume's files: its own host on LocalStorage; on shared
     storage the ``preferred`` host when it can, else a Connected host of an attached cluster
     (else any host of one: work for it then waits for the GC)."""

@@ -120,15 +120,14 @@ async def _refresh_metadata(p: Platform, nic_uuid: str | None) -> None:
 
 
 # built once (db/engine.py, "Statements built once")
-_PUBLIC_IPS = (
+_PUBLIC_IPS_ON_L3 = (
     select(m.VmNic.vmInstanceUuid, m.Eip.vipIp)
     .join(m.Eip, m.Eip.vmNicUuid == m.VmNic.uuid)
-    .where(
-        m.VmNic.vmInstanceUuid.in_(bindparam("vms", expanding=True)),
-        m.VmNic.l3NetworkUuid == bindparam("l3"),
-        m.Eip.state == "Enabled",
-    )
+    .where(m.VmNic.l3NetworkUuid == bindparam("l3"), m.Eip.state == "Enabled")
 )
+_PUBLIC_IPS = _PUBLIC_IPS_ON_L3.where(m.VmNic.vmInstanceUuid.in_(bindparam("vms", expanding=True)))
+# one VM's (every VM start asks): an IN list of one is rendered anew at every execution
+_PUBLIC_IPS_OF_VM = _PUBLIC_IPS_ON_L3.where(m.VmNic.vmInstanceUuid == bindparam("vm"))
 _VM_HAS_EIP = (
     select(m.Eip.uuid).join(m.VmNic, m.VmNic.uuid == m.Eip.vmNicUuid).where(m.VmNic.vmInstanceUuid == bindparam("vm"))
 )
@@ -137,7 +136,10 @@ _VM_HAS_EIP = (
 async def public_ips(s: Any, l3_uuid: str, vm_uuids: list[str]) -> dict[str, dict[str, Any]]:
     if not vm_uuids:
         return {}
-    rows = await s.execute(_PUBLIC_IPS, {"vms": vm_uuids, "l3": l3_uuid})
+    if len(vm_uuids) == 1:
+        rows = await s.execute(_PUBLIC_IPS_OF_VM, {"vm": vm_uuids[0], "l3": l3_uuid})
+    else:
+        rows = await s.execute(_PUBLIC_IPS, {"vms": vm_uuids, "l3": l3_uuid})
     return {vm: {"publicIp": ip} for vm, ip in rows}
 
 

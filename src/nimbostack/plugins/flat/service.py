@@ -24,13 +24,14 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import Row, bindparam, delete, select
+from sqlalchemy.orm import aliased
 
 from nimbostack.core.errors import AGENT_ERROR, ApiError
 from nimbostack.core.hosts import agent
-from nimbostack.core.tags import system_tags, tag_value
+from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
-from nimbostack.db.engine import records
+from nimbostack.db.engine import Tx, columns, in_values
 from nimbostack.network import ipam, l2l3
 from nimbostack.wire import validate
 
@@ -49,7 +50,7 @@ ACTIVE = ("Starting", "Running", "Rebooting", "Pausing", "Paused", "Resuming", "
 ENTRY_EXTRAS: list[Any] = []
 
 
-async def flat_services(s: Any, l3_uuid: str) -> set[str]:
+async def flat_services(s: Tx, l3_uuid: str) -> set[str]:
     """The services the L3 network takes from the Flat provider."""
     rows = await s.execute(
         select(m.NetworkServiceL3NetworkRef.networkServiceType)
@@ -62,7 +63,7 @@ async def flat_services(s: Any, l3_uuid: str) -> set[str]:
     return set(rows.scalars())
 
 
-async def _flat_l3s(s: Any, l3_uuids: set[str]) -> dict[str, set[str]]:
+async def _flat_l3s(s: Tx, l3_uuids: set[str]) -> dict[str, set[str]]:
     """{l3: Flat's DHCP/Userdata services} for the L3 networks among ``l3_uuids`` that have any."""
     if not l3_uuids:
         return {}
@@ -87,7 +88,7 @@ async def _flat_l3s(s: Any, l3_uuids: set[str]) -> dict[str, set[str]]:
 # --- the DHCP server's IP ----------------------------------------------------------------------
 
 
-async def dhcp_ip(p: Platform, l3_uuid: str) -> m.UsedIp | None:
+async def dhcp_ip(p: Platform, l3_uuid: str) -> Row[Any] | None:
     """The L3 network's DHCP server IP: taken once from its IP ranges, kept as a UsedIp row."""
     # every VM start asks; only taking the IP needs the queue (through it, all starts on the L3
     # went one at a time)
@@ -112,38 +113,70 @@ async def dhcp_ip(p: Platform, l3_uuid: str) -> m.UsedIp | None:
 
 
 # built once, as the statements of every VM start (db/engine.py, "Statements built once")
-# read only: as records (db/engine.py)
-_DHCP_ROWS = records(
-    select(m.UsedIp)
+_DHCP_ROWS = (
+    select(*columns(m.UsedIp))
     .where(m.UsedIp.l3NetworkUuid == bindparam("l3"), m.UsedIp.usedFor == DHCP_USED_FOR)
     .order_by(m.UsedIp.createDate, m.UsedIp.uuid)
 )
-_L3_AND_L2 = records(
-    select(m.L3Network, m.L2Network)
+# The L3 network with what every VM start reads of it besides: its L2 (its columns named as its
+# own, which l2l3.bridge_of reads), the L2's bridge tag and the DHCP server IP (the oldest, as
+# dhcp_ip keeps), in one statement rather than four.
+_DHCP = aliased(m.UsedIp, name="dhcp")
+_OLDEST_DHCP = (
+    select(m.UsedIp.uuid)
+    .where(m.UsedIp.l3NetworkUuid == m.L3Network.uuid, m.UsedIp.usedFor == DHCP_USED_FOR)
+    .order_by(m.UsedIp.createDate, m.UsedIp.uuid)
+    .limit(1)
+    .correlate(m.L3Network)
+    .scalar_subquery()
+)
+_L3_AND_L2 = (
+    select(
+        m.L3Network.uuid,
+        m.L3Network.dnsDomain,
+        m.L2Network.uuid.label("l2Uuid"),
+        m.L2Network.type.label("l2Type"),
+        m.L2Network.physicalInterface,
+        m.L2Network.vlan,
+        l2l3.BRIDGE_TAG,
+        _DHCP.ip.label("dhcpIp"),
+        _DHCP.netmask.label("dhcpNetmask"),
+        _DHCP.gateway.label("dhcpGateway"),
+    )
     .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
+    .outerjoin(_DHCP, _DHCP.uuid == _OLDEST_DHCP)
     .where(m.L3Network.uuid == bindparam("l3"))
 )
 _L3_DNS = select(m.L3NetworkDns.dns).where(m.L3NetworkDns.l3NetworkUuid == bindparam("l3")).order_by(m.L3NetworkDns.id)
-_HOST_NICS = records(
-    select(m.VmNic, m.VmInstance)
+# a row per NIC: its VM's columns under their own names (hostname_of reads uuid and name), and the
+# NIC's uuid, mac and ip
+_HOST_NICS = (
+    select(
+        m.VmNic.uuid.label("nicUuid"),
+        m.VmNic.mac,
+        m.VmNic.ip,
+        m.VmInstance.uuid,
+        m.VmInstance.name,
+        m.VmInstance.defaultL3NetworkUuid,
+        m.VmInstance.zoneUuid,
+    )
     .join(m.VmInstance, m.VmInstance.uuid == m.VmNic.vmInstanceUuid)
     .where(
         m.VmNic.l3NetworkUuid == bindparam("l3"),
         m.VmInstance.hostUuid == bindparam("host"),
-        m.VmInstance.state.in_(ACTIVE),
+        in_values(m.VmInstance.state, ACTIVE),
     )
     .order_by(m.VmNic.ip)
 )
 _HOST_NICS_OF_VM = _HOST_NICS.where(m.VmNic.vmInstanceUuid == bindparam("vm"))
-_TAGS_OF = (
-    select(m.SystemTag.resourceUuid, m.SystemTag.tag)
-    .where(m.SystemTag.resourceUuid.in_(bindparam("uuids", expanding=True)))
-    .order_by(m.SystemTag.createDate, m.SystemTag.uuid)
-)
+_TAGS = select(m.SystemTag.resourceUuid, m.SystemTag.tag).order_by(m.SystemTag.createDate, m.SystemTag.uuid)
+_TAGS_OF = _TAGS.where(m.SystemTag.resourceUuid.in_(bindparam("uuids", expanding=True)))
+# one VM's (every VM start asks): an IN list of one is rendered anew at every execution (in_values)
+_TAGS_OF_ONE = _TAGS.where(m.SystemTag.resourceUuid == bindparam("uuid"))
 
 
-async def _dhcp_rows(s: Any, l3_uuid: str) -> list[m.UsedIp]:
-    return list((await s.execute(_DHCP_ROWS, {"l3": l3_uuid})).scalars())
+async def _dhcp_rows(s: Tx, l3_uuid: str) -> list[Row[Any]]:
+    return list((await s.execute(_DHCP_ROWS, {"l3": l3_uuid})).all())
 
 
 async def release_dhcp_ip(p: Platform, l3_uuid: str) -> None:
@@ -154,7 +187,7 @@ async def release_dhcp_ip(p: Platform, l3_uuid: str) -> None:
 # --- what one host serves on one L3 network ----------------------------------------------------
 
 
-def hostname_of(vm: m.VmInstance, tags: list[str]) -> str:
+def hostname_of(vm: m.VmInstance | Row[Any], tags: list[str]) -> str:
     wanted = tag_value(tags, "hostname::")
     if wanted:
         try:
@@ -209,40 +242,28 @@ async def desired_state(
 ) -> dict[str, Any] | None:
     """The body of ``/flat/apply`` for one L3 network on one host (None: nothing can be served);
     with ``only``, of ``/flat/apply-vm``: the entries of that one VM."""
-    used = await dhcp_ip(p, l3_uuid)
-    if used is None:
-        log.warning("L3 network %s has no IP range: no DHCP server IP, Flat services not applied", l3_uuid)
-        return None
     async with p.db.tx() as s:
-        # the L3 network and its L2 in one statement, not two (every VM start asks)
-        found = (await s.execute(_L3_AND_L2, {"l3": l3_uuid})).first()
-        if found is None:
+        l3 = (await s.execute(_L3_AND_L2, {"l3": l3_uuid})).first()
+        if l3 is not None and l3.dhcpIp is not None:
+            dns = list((await s.execute(_L3_DNS, {"l3": l3_uuid})).scalars())
+            rows, tags, extras = await _served(s, l3_uuid, host_uuid, exclude, only)
+    if l3 is None:
+        return None
+    if l3.dhcpIp is None:
+        # the L3 network's first VM: it has no DHCP server IP yet. Take one, outside a transaction
+        # (dhcp_ip waits for its turn in a queue), and read again.
+        if await dhcp_ip(p, l3_uuid) is None:
+            log.warning("L3 network %s has no IP range: no DHCP server IP, Flat services not applied", l3_uuid)
             return None
-        l3, l2 = found
-        bridge = l2l3.bridge_name(l2, await system_tags(s, l2.uuid))
-        dns = list((await s.execute(_L3_DNS, {"l3": l3_uuid})).scalars())
-        if only:
-            rows = (await s.execute(_HOST_NICS_OF_VM, {"l3": l3_uuid, "host": host_uuid, "vm": only})).all()
-        else:
-            rows = (await s.execute(_HOST_NICS, {"l3": l3_uuid, "host": host_uuid})).all()
-        rows = [(nic, vm) for nic, vm in rows if vm.uuid != exclude and nic.ip and nic.mac]
-        vm_uuids = sorted({vm.uuid for _, vm in rows})
-        tags: dict[str, list[str]] = defaultdict(list)
-        if vm_uuids:
-            for ruuid, tag in await s.execute(_TAGS_OF, {"uuids": vm_uuids}):
-                tags[ruuid].append(tag)
-        extras: dict[str, dict[str, Any]] = defaultdict(dict)
-        for extra in ENTRY_EXTRAS:
-            for vm_uuid, fields in (await extra(s, l3_uuid, vm_uuids)).items():
-                extras[vm_uuid].update(fields)
+        return await desired_state(p, host_uuid, l3_uuid, services, exclude, only)
     vms = []
-    for nic, vm in rows:
+    for vm in rows:
         t = tags.get(vm.uuid, [])
         entry: dict[str, Any] = {
             "vmUuid": vm.uuid,
-            "nicUuid": nic.uuid,
-            "mac": nic.mac,
-            "ip": nic.ip,
+            "nicUuid": vm.nicUuid,
+            "mac": vm.mac,
+            "ip": vm.ip,
             "hostname": hostname_of(vm, t),
             "isDefault": vm.defaultL3NetworkUuid in (None, l3_uuid),
             "userdata": userdata_of(t) if "Userdata" in services else None,
@@ -261,18 +282,44 @@ async def desired_state(
         "hostUuid": host_uuid,
         "l3": {
             "uuid": l3.uuid,
-            "bridge": bridge,
-            "physicalInterface": l2.physicalInterface,
-            "vlan": l2.vlan if l2.type == "L2VlanNetwork" else None,
-            "dhcpServerIp": used.ip,
-            "netmask": used.netmask,
-            "gateway": used.gateway,
+            "bridge": l2l3.bridge_of(l3, l3.bridgeTag),
+            "physicalInterface": l3.physicalInterface,
+            "vlan": l3.vlan if l3.l2Type == "L2VlanNetwork" else None,
+            "dhcpServerIp": l3.dhcpIp,
+            "netmask": l3.dhcpNetmask,
+            "gateway": l3.dhcpGateway,
             "dns": dns,
             "dnsDomain": domain,
             "services": sorted(services),
         },
         "vms": vms,
     }
+
+
+async def _served(
+    s: Tx, l3_uuid: str, host_uuid: str, exclude: str | None, only: str | None
+) -> tuple[list[Row[Any]], dict[str, list[str]], dict[str, dict[str, Any]]]:
+    """The VMs the host serves on the L3 network (``only``: that one), a row per NIC, with their
+    system tags and the fields ENTRY_EXTRAS add."""
+    if only:
+        found = (await s.execute(_HOST_NICS_OF_VM, {"l3": l3_uuid, "host": host_uuid, "vm": only})).all()
+    else:
+        found = (await s.execute(_HOST_NICS, {"l3": l3_uuid, "host": host_uuid})).all()
+    rows = [vm for vm in found if vm.uuid != exclude and vm.ip and vm.mac]
+    vm_uuids = sorted({vm.uuid for vm in rows})
+    tags: dict[str, list[str]] = defaultdict(list)
+    if vm_uuids:
+        if len(vm_uuids) == 1:
+            tag_rows = await s.execute(_TAGS_OF_ONE, {"uuid": vm_uuids[0]})
+        else:
+            tag_rows = await s.execute(_TAGS_OF, {"uuids": vm_uuids})
+        for ruuid, tag in tag_rows:
+            tags[ruuid].append(tag)
+    extras: dict[str, dict[str, Any]] = defaultdict(dict)
+    for extra in ENTRY_EXTRAS:
+        for vm_uuid, fields in (await extra(s, l3_uuid, vm_uuids)).items():
+            extras[vm_uuid].update(fields)
+    return rows, tags, extras
 
 
 async def push(p: Platform, host_uuid: str, l3_uuid: str, exclude: str | None = None) -> dict[str, Any] | None:
@@ -345,7 +392,7 @@ _VM_FLAT_L3S = (
             select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == bindparam("vm"))
         ),
         m.NetworkServiceProvider.type == PROVIDER_TYPE,
-        m.NetworkServiceL3NetworkRef.networkServiceType.in_(SERVICES),
+        in_values(m.NetworkServiceL3NetworkRef.networkServiceType, SERVICES),
     )
 )
 

@@ -4,35 +4,27 @@ path; capacity is per host (LocalStorageHostRef) and each volume holds bytes of 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Row, bindparam, func, select, update
 
 from nimbostack.db import models as m
-from nimbostack.db.engine import NO_SYNC, insert_now
-from nimbostack.storage.backend import PrimaryStorageBackend, agent_init
+from nimbostack.db.engine import Tx, insert_now, rowcount, table_of
+from nimbostack.storage.backend import FORCE_TAKE_TOTAL, PrimaryStorageBackend, agent_init
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
 
 
-# A host's share of a LocalStorage and the storage's total, taken atomically (check and take in one
-# UPDATE). Built once (db/engine.py, "Statements built once"): every VM create takes. Run without
-# session synchronisation: nothing reads the capacity of a storage loaded in the same session.
+# A host's share of a LocalStorage, taken atomically (check and take in one UPDATE), with the
+# storage's total (storage/backend.py). Built once: every VM create takes.
+SHARE = table_of(m.LocalStorageHostRef)
 _FORCE_TAKE_SHARE = (
-    update(m.LocalStorageHostRef)
-    .where(
-        m.LocalStorageHostRef.primaryStorageUuid == bindparam("ps"), m.LocalStorageHostRef.hostUuid == bindparam("host")
-    )
-    .values(availableCapacity=m.LocalStorageHostRef.availableCapacity - bindparam("size"))
+    update(SHARE)
+    .where(SHARE.c.primaryStorageUuid == bindparam("ps"), SHARE.c.hostUuid == bindparam("host"))
+    .values(availableCapacity=SHARE.c.availableCapacity - bindparam("size"))
 )
-_TAKE_SHARE = _FORCE_TAKE_SHARE.where(m.LocalStorageHostRef.availableCapacity >= bindparam("size"))
-_TAKE_TOTAL = (
-    update(m.PrimaryStorage)
-    .where(m.PrimaryStorage.uuid == bindparam("ps"))
-    .values(availableCapacity=m.PrimaryStorage.availableCapacity - bindparam("size"))
-)
+_TAKE_SHARE = _FORCE_TAKE_SHARE.where(SHARE.c.availableCapacity >= bindparam("size"))
 
 
 class LocalStorageBackend(PrimaryStorageBackend):
@@ -70,7 +62,7 @@ class LocalStorageBackend(PrimaryStorageBackend):
             await self.sum_capacity(s, ps_uuid)
 
     @staticmethod
-    async def sum_capacity(s: AsyncSession, ps_uuid: str) -> None:
+    async def sum_capacity(s: Tx, ps_uuid: str) -> None:
         total, avail, ptotal, pavail = (
             await s.execute(
                 select(
@@ -93,17 +85,16 @@ class LocalStorageBackend(PrimaryStorageBackend):
         )
 
     @staticmethod
-    async def take(s: AsyncSession, ps_uuid: str, host_uuid: str, size: int, force: bool = False) -> bool:
+    async def take(s: Tx, ps_uuid: str, host_uuid: str, size: int, force: bool = False) -> bool:
         """Take ``size`` bytes of the host's share (``force``: even beyond what is free)."""
         params = {"ps": ps_uuid, "host": host_uuid, "size": size}
-        res = await s.execute(_FORCE_TAKE_SHARE if force else _TAKE_SHARE, params, execution_options=NO_SYNC)
-        if not res.rowcount:
+        if not rowcount(await s.execute(_FORCE_TAKE_SHARE if force else _TAKE_SHARE, params)):
             return False
-        await s.execute(_TAKE_TOTAL, params, execution_options=NO_SYNC)
+        await s.execute(FORCE_TAKE_TOTAL, params)
         return True
 
     @staticmethod
-    async def give(s: AsyncSession, ps_uuid: str, host_uuid: str, size: int) -> None:
+    async def give(s: Tx, ps_uuid: str, host_uuid: str, size: int) -> None:
         await s.execute(
             update(m.LocalStorageHostRef)
             .where(m.LocalStorageHostRef.primaryStorageUuid == ps_uuid, m.LocalStorageHostRef.hostUuid == host_uuid)
@@ -115,7 +106,7 @@ class LocalStorageBackend(PrimaryStorageBackend):
             .values(availableCapacity=m.PrimaryStorage.availableCapacity + size)
         )
 
-    async def reserve(self, s: AsyncSession, ps: m.PrimaryStorage, host_uuid: str | None, size: int,
+    async def reserve(self, s: Tx, ps: m.PrimaryStorage | Row[Any], host_uuid: str | None, size: int,
                       resource_uuid: str, resource_type: str, force: bool = False) -> bool:
         if not host_uuid or not await self.take(s, ps.uuid, host_uuid, size, force):
             return False
@@ -131,7 +122,7 @@ class LocalStorageBackend(PrimaryStorageBackend):
         )
         return True
 
-    async def release(self, s: AsyncSession, resource_uuid: str) -> bool:
+    async def release(self, s: Tx, resource_uuid: str) -> bool:
         ref = await s.get(m.LocalStorageResourceRef, resource_uuid)
         if ref is None:
             return False

@@ -5,14 +5,13 @@ running one migrates live."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Row, func, select, update
 
 from nimbostack.db import models as m
-from nimbostack.db.engine import insert_now
-from nimbostack.storage.backend import PrimaryStorageBackend, agent_init
+from nimbostack.db.engine import Tx, insert_now, rowcount
+from nimbostack.storage.backend import FORCE_TAKE_TOTAL, TAKE_TOTAL, PrimaryStorageBackend, agent_init
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -39,23 +38,15 @@ class SharedMountPointBackend(PrimaryStorageBackend):
             ps.availablePhysicalCapacity = reply["availableCapacity"]
             ps.availableCapacity = ps.totalCapacity - int(used)
 
-    async def reserve(self, s: AsyncSession, ps: m.PrimaryStorage, host_uuid: str | None, size: int,
+    async def reserve(self, s: Tx, ps: m.PrimaryStorage | Row[Any], host_uuid: str | None, size: int,
                       resource_uuid: str, resource_type: str, force: bool = False) -> bool:
-        where = [m.PrimaryStorage.uuid == ps.uuid]
-        if not force:
-            where.append(m.PrimaryStorage.availableCapacity >= size)
-        res = await s.execute(
-            update(m.PrimaryStorage)
-            .where(*where)
-            .values(availableCapacity=m.PrimaryStorage.availableCapacity - size)
-        )
-        if not res.rowcount:
+        if not rowcount(await s.execute(FORCE_TAKE_TOTAL if force else TAKE_TOTAL, {"ps": ps.uuid, "size": size})):
             return False
         await insert_now(s, m.PrimaryStorageResourceRef(resourceUuid=resource_uuid, primaryStorageUuid=ps.uuid,
                                                         size=size, resourceType=resource_type))
         return True
 
-    async def release(self, s: AsyncSession, resource_uuid: str) -> bool:
+    async def release(self, s: Tx, resource_uuid: str) -> bool:
         ref = await s.get(m.PrimaryStorageResourceRef, resource_uuid)
         if ref is None:
             return False
