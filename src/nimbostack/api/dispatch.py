@@ -8,6 +8,7 @@ import difflib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import String
 from sqlalchemy.exc import IntegrityError
 
 from nimbostack.core import deadline, spec
@@ -22,6 +23,7 @@ from nimbostack.core.errors import (
 )
 from nimbostack.core.resources import check_visible
 from nimbostack.core.spec import ALIASES
+from nimbostack.db.models import Base
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -58,9 +60,20 @@ def parse(body: Any) -> tuple[spec.MessageSpec, dict[str, Any]]:
     return msg, dict(params)
 
 
-# The longest a value may be: what the columns hold (names, descriptions), and for any other
-# string what a userdata system tag may carry (1 MiB) with room for its prefix.
-MAX_LENGTH = {"name": 255, "description": 2048}
+def _column_lengths() -> dict[str, int]:
+    """For each column name, the longest any column of that name holds: a value longer than that
+    fits in none of them (PostgreSQL refuses it, SQLite would store it)."""
+    out: dict[str, int] = {}
+    for mapper in Base.registry.mappers:
+        for col in mapper.columns:
+            if isinstance(col.type, String) and col.type.length:
+                out[col.name] = max(out.get(col.name, 0), col.type.length)
+    return out
+
+
+# The longest a value may be: what the columns of its name hold, and for any other string what a
+# userdata system tag may carry (1 MiB) with room for its prefix.
+MAX_LENGTH = {**_column_lengths(), "name": 255, "description": 2048}
 MAX_STRING = (1 << 20) + 4096
 MAX_DEPTH = 8  # conditions and networkServices nest two or three levels; nothing needs more
 # lists whose elements are objects, not strings
@@ -89,8 +102,9 @@ def _check_value(where: str, value: Any, depth: int = 0) -> None:
 def validate(msg: spec.MessageSpec, params: dict[str, Any]) -> None:
     for name, value in params.items():
         _check_value(name, value)
-        limit = MAX_LENGTH.get(name)
-        if limit is not None and isinstance(value, str) and len(value) > limit:
+        limit = MAX_LENGTH.get(name[:-1] if name.endswith("Uuids") else name)
+        values = value if isinstance(value, list) else [value]
+        if limit is not None and any(isinstance(v, str) and len(v) > limit for v in values):
             raise invalid(f"{name} is longer than {limit} characters")
     for alias, real in ALIASES.get(msg.name, {}).items():
         if alias in params and real not in params:
