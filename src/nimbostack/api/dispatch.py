@@ -103,7 +103,10 @@ def validate(msg: spec.MessageSpec, params: dict[str, Any]) -> None:
     for name, value in params.items():
         _check_value(name, value)
         limit = MAX_LENGTH.get(name[:-1] if name.endswith("Uuids") else name)
+        # a list comes as a JSON array or, from ZStack's CLI, as one comma-separated string
         values = value if isinstance(value, list) else [value]
+        if isinstance(value, str) and name.endswith("Uuids"):
+            values = value.split(",")
         if limit is not None and any(isinstance(v, str) and len(v) > limit for v in values):
             raise invalid(f"{name} is longer than {limit} characters")
     for alias, real in ALIASES.get(msg.name, {}).items():
