@@ -28,66 +28,59 @@ def executable() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "nimbostack.main"]
 
 
-def server_unit(data_dir: Path, port: int, db_url: str | None = None, user: str = "root",
-                env_dir: Path = ENV_DIR) -> Unit:
-    env_file = env_dir / "server.env"
-    argv = [*executable(), "server", "--data-dir", str(data_dir), "--port", str(port)]
-    text = f"""[Unit]
-Description=nimbostack management node
-After=network-online.target postgresql.service
-Wants=network-online.target
+def _unit_text(description: str, after: str, wants: str, service: str, identifier: str) -> str:
+    """A unit of ours: what the two have in common around the lines of its own ``[Service]``."""
+    return f"""[Unit]
+Description={description}
+After={after}
+Wants={wants}
 
 [Service]
 Type=simple
-User={user}
-EnvironmentFile=-{env_file}
 Environment=PYTHONUNBUFFERED=1
-ExecStart={shlex.join(argv)}
-WorkingDirectory={data_dir}
-# the data dir holds the database and the CA's keys: the node's alone
-UMask=0077
+{service.strip()}
 Restart=on-failure
 RestartSec=5
-TimeoutStopSec=30
 LimitNOFILE=65536
 StandardOutput=journal
 StandardError=journal
-SyslogIdentifier=nimbostack-server
+SyslogIdentifier={identifier}
 
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def server_unit(data_dir: Path, port: int, db_url: str | None = None, user: str = "root",
+                env_dir: Path = ENV_DIR) -> Unit:
+    env_file = env_dir / "server.env"
+    argv = [*executable(), "server", "--data-dir", str(data_dir), "--port", str(port)]
+    text = _unit_text("nimbostack management node", "network-online.target postgresql.service",
+                      "network-online.target", f"""
+User={user}
+EnvironmentFile=-{env_file}
+ExecStart={shlex.join(argv)}
+WorkingDirectory={data_dir}
+# the data dir holds the database (account hashes, session keys): the node's alone
+UMask=0077
+TimeoutStopSec=30
+""", "nimbostack-server")
     return Unit("nimbostack-server.service", text, env_file, f"NIMBOSTACK_DB={db_url}\n" if db_url else "")
 
 
 def agent_unit(state_dir: Path, port: int, host_ip: str, driver: str = "libvirt") -> Unit:
     argv = [*executable(), "agent", "--driver", driver, "--port", str(port), "--host-ip", host_ip,
             "--state-dir", str(state_dir)]
-    text = f"""[Unit]
-Description=nimbostack host agent
-After=network-online.target libvirtd.service
-Wants=network-online.target libvirtd.service
-
-[Service]
-Type=simple
+    text = _unit_text("nimbostack host agent", "network-online.target libvirtd.service",
+                      "network-online.target libvirtd.service", f"""
 # network namespaces, bridges, nftables and libvirt: the agent runs as root
 User=root
-Environment=PYTHONUNBUFFERED=1
 ExecStart={shlex.join(argv)}
 WorkingDirectory={state_dir}
 # a restart of the agent must not take the hosts' DHCP and metadata services (its children) down
 # with it: the agent adopts them again when it starts
 KillMode=process
-Restart=on-failure
-RestartSec=5
-LimitNOFILE=65536
-StandardOutput=journal
-StandardError=journal
-SyslogIdentifier=nimbostack-agent
-
-[Install]
-WantedBy=multi-user.target
-"""
+""", "nimbostack-agent")
     return Unit("nimbostack-agent.service", text)
 
 

@@ -13,7 +13,9 @@ import pytest
 
 from nimbostack import units
 
-pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is Debian's systemd")
+pytestmark = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze missing: .ci/run installs Debian's systemd package"
+)
 
 
 def _verify(path: Path) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 from nimbostack.core import hooks, query
 from nimbostack.core.context import ROUTES, Route
@@ -20,8 +19,8 @@ FOLDER = Path(__file__).parent
 @dataclass(frozen=True)
 class Plugin:
     name: str
-    # modules whose @api handlers and query targets register when they are imported
-    apis: tuple[ModuleType, ...] = ()
+    # the plugin's API handlers and query targets are not listed: they are what its node.py's
+    # imports register (@api, query.register), and load() records them as it imports it
     primary_storage: tuple[backend.PrimaryStorageBackend, ...] = ()
     network_providers: tuple[providers.ServiceProvider, ...] = ()
     vm_start: tuple[hooks.VmStartExtension, ...] = ()

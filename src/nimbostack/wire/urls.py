@@ -8,11 +8,12 @@ management node's own addresses). An admin's fetch carries no ``forbid``."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import posixpath
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -38,10 +39,10 @@ class UrlRefused(ValueError):
 class FetchPolicy:
     local_dirs: tuple[str, ...] = ()
     forbid: tuple[str, ...] = ()
-    _nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=(), compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_nets", tuple(ipaddress.ip_network(n, strict=False) for n in self.forbid))
+    @functools.cached_property
+    def _nets(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.forbid)
 
     def to_wire(self) -> dict[str, Any]:
         return {"localDirs": list(self.local_dirs), "forbid": list(self.forbid)}
