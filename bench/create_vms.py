@@ -147,6 +147,10 @@ class Processes:
         self.server: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # the agent's credentials from the node's CA, as an operator issues them (README)
+        bundle = self.data_dir / "agent.pem"
+        subprocess.run([str(NIMBOSTACK), "agent-credentials", "--data-dir", str(self.data_dir / "data"),
+                        "--address", f"127.0.0.1:{self.agent_port}", "--out", str(bundle)], check=True)
         log = open(self.data_dir / "agent.log", "wb")  # noqa: SIM115
         self.procs.append(
             subprocess.Popen(
@@ -159,6 +163,10 @@ class Processes:
                     "127.0.0.1",
                     "--port",
                     str(self.agent_port),
+                    "--state-dir",
+                    str(self.data_dir / "agent"),
+                    "--credentials",
+                    str(bundle),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -175,8 +183,10 @@ class Processes:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                "--wire-port",
+                str(free_port()),
                 "--simulator-agent-url",
-                f"http://127.0.0.1:{self.agent_port}",
+                f"https://127.0.0.1:{self.agent_port}",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from nimbostack.api.app import create_app
 from nimbostack.core import spec
 from nimbostack.core.platform import Settings
 from nimbostack.db.engine import sqlite_url
-from nimbostack.main import agent_app
+from nimbostack.main import agent_app, local_agent_credentials
 
 
 def free_port() -> int:
@@ -109,33 +110,30 @@ class Running:
         machines push their events there)."""
         self.db_url = db_url
         self.port, self.agent_port = port or free_port(), agent_port or free_port()
+        self.wire_port = free_port()
         settings = Settings(
             data_dir=data_dir,
             db_url=db_url or sqlite_url(data_dir),
             port=self.port,
+            host=listen,
             management_url=f"http://{listen}:{self.port}",
-            simulator_agent_url=f"http://127.0.0.1:{self.agent_port}",
+            wire_port=self.wire_port,
+            simulator_agent_url=f"https://127.0.0.1:{self.agent_port}",
             quick_wait=quick_wait,
             background=background,
         )
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
         self.app = create_app(settings)
-        self.servers = [
-            uvicorn.Server(
-                uvicorn.Config(
-                    agent_app(driver, "auto", "127.0.0.1", str(data_dir / "agent")),
-                    host="127.0.0.1",
-                    port=self.agent_port,
-                    log_level="warning",
-                )
-            ),
-            uvicorn.Server(uvicorn.Config(self.app, host=listen, port=self.port, log_level="warning")),
-        ]
+        agent_dir = data_dir / "agent"
+        creds = local_agent_credentials(data_dir, agent_dir, self.agent_port)
+        self.agent_server = agent_app(driver, "auto", "127.0.0.1", str(agent_dir), creds)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=listen, port=self.port, log_level="warning"))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         deadline = time.time() + 60
-        while not all(s.started for s in self.servers):
+        while not self.server.started:
             if time.time() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the management node did not start")
             time.sleep(0.05)
@@ -143,9 +141,25 @@ class Running:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        for s in self.servers:
-            s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self.loop.run_until_complete(asyncio.gather(*(s.serve() for s in self.servers)))
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+        async def both() -> None:
+            await self.agent_server.start("127.0.0.1", self.agent_port)
+            try:
+                await self.server.serve()
+            finally:
+                await self.agent_server.stop()
+
+        self.loop.run_until_complete(both())
+
+    def node_tls(self) -> ssl.SSLContext:
+        """The management node's client context: what a test uses to speak to agents as the node."""
+        return self.platform.credentials.client_context()  # type: ignore[no-any-return]
+
+    def agent_call(self, path: str, body: dict[str, Any], port: int | None = None) -> dict[str, Any]:
+        """A command to an agent (this node's, or the one on ``port``) as the management node sends it."""
+        url = f"https://127.0.0.1:{port or self.agent_port}{path}"
+        return httpx.post(url, json=body, timeout=30, verify=self.node_tls()).json()  # type: ignore[no-any-return]
 
     @property
     def platform(self) -> Any:
@@ -155,6 +169,5 @@ class Running:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
     def stop(self) -> None:
-        for s in reversed(self.servers):
-            s.should_exit = True
+        self.server.should_exit = True
         self.thread.join(30)

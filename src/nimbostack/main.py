@@ -40,10 +40,12 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--simulator-agent-url",
-        default="http://127.0.0.1:7071",
+        default="https://127.0.0.1:7071",
         help="the simulator agent serving every AddSimulatorHost host",
     )
     p.add_argument("--agent-port", type=int, default=7070, help="port of KVM host agents (default 7070)")
+    p.add_argument("--wire-port", type=int, default=8081,
+                   help="HTTPS port (mutual TLS) where host agents push their events (default 8081)")
     p.add_argument(
         "--management-url", default="", help="URL agents use to reach this node (default http://127.0.0.1:PORT)"
     )
@@ -61,21 +63,47 @@ def _settings(a: argparse.Namespace) -> Any:
         host=a.listen,
         management_url=a.management_url,
         agent_port=a.agent_port,
+        wire_port=a.wire_port,
         simulator_agent_url=a.simulator_agent_url,
     )
+
+
+def agent_credentials(state_dir: str, credentials: str | None = None, wait: bool = True) -> Any:
+    """The agent's bundle (default ``<state dir>/agent.pem``). A new host has none until the
+    operator installs it (README: "Adding a host by hand"): the agent waits for it."""
+    import time
+
+    from nimbostack.wire.pki import Credentials, CredentialsError
+
+    path = Path(credentials or Path(state_dir) / "agent.pem")
+    said = False
+    while True:
+        try:
+            return Credentials(path)
+        except CredentialsError as err:
+            if not wait:
+                raise SystemExit(f"nimbostack agent: {err}") from None
+            if not said:
+                logging.getLogger("nimbostack").warning(
+                    "no credentials yet (%s): waiting for %s (on the management node: "
+                    "nimbostack agent-credentials --address THIS_HOST:PORT)", err, path)
+                said = True
+            time.sleep(1)
 
 
 def agent_app(
     driver: str,
     domain_type: str,
     host_ip: str,
-    state_dir: str | None = None,
+    state_dir: str,
+    credentials: Any,
     path_map: list[tuple[str, str]] | None = None,
     migrate_bandwidth: int = 0,
     guest_nice: int = 5,
 ) -> Any:
+    """The agent's server (agent/server.AgentServer), not yet listening."""
     from nimbostack.agent.host import Agent
-    from nimbostack.agent.server import create_app
+    from nimbostack.agent.server import AgentServer
     from nimbostack.agent.storage import LocalStorage
 
     if driver == "simulator":
@@ -86,15 +114,23 @@ def agent_app(
             cpu, mem = int(sim.get("cpuCapacity") or 8 * 2600), int(sim.get("memoryCapacity") or 16 << 30)
             return SimulatorDriver(cpu_num=max(1, cpu // 2600), cpu_speed=2600, memory=mem, host_ip=host_ip)
 
-        return create_app(Agent(make, LocalStorage(simulate=True), multi_host=True))
+        return AgentServer(Agent(make, LocalStorage(simulate=True), True, credentials, state_dir))
     from nimbostack.agent.drivers.libvirt.driver import LibvirtDriver
 
     def make_libvirt(host_uuid: str, body: dict[str, Any]) -> Any:
         return LibvirtDriver(domain_type=domain_type, host_ip=host_ip, owner=host_uuid, guest_nice=guest_nice)
 
-    console = str(Path(state_dir or "/var/lib/nimbostack-agent") / "console")
     storage = LocalStorage(simulate=False, bandwidth=migrate_bandwidth)
-    return create_app(Agent(make_libvirt, storage, multi_host=False, console_dir=console, path_map=path_map))
+    return AgentServer(Agent(make_libvirt, storage, False, credentials, state_dir, path_map=path_map))
+
+
+def local_agent_credentials(data_dir: Path, agent_dir: Path, port: int) -> Any:
+    """The all-in-one's (and the test harness's) agent on this machine gets its bundle from the
+    node's CA directly: the same file an operator installs on a host by hand."""
+    from nimbostack.wire import pki
+
+    return pki.agent_bundle(pki.Authority(data_dir / "pki"), agent_dir / "agent.pem", f"127.0.0.1:{port}",
+                            ["127.0.0.1"])
 
 
 def _path_map(items: list[str]) -> list[tuple[str, str]]:
@@ -114,11 +150,21 @@ def _bytes(text: str) -> int:
     return int(float(text[: len(text) - len(unit)]) * units[unit])
 
 
-async def _serve(apps: list[tuple[Any, str, int]], after_start: Any = None) -> None:
+async def _serve(node: tuple[Any, str, int] | None, agent: tuple[Any, str, int] | None = None,
+                 after_start: Any = None) -> None:
+    """Serve the node's API (uvicorn) and/or an agent (agent/server.AgentServer) until SIGINT/SIGTERM."""
     import uvicorn
 
-    servers = [
-        uvicorn.Server(
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if agent is not None:
+        await agent[0].start(agent[1], agent[2])
+    server = None
+    if node is not None:
+        app, host, port = node
+        server = uvicorn.Server(
             uvicorn.Config(
                 app,
                 host=host,
@@ -126,25 +172,18 @@ async def _serve(apps: list[tuple[Any, str, int]], after_start: Any = None) -> N
                 log_level="warning",
                 access_log=False,
                 lifespan="on",
-                # far longer than any client keeps an idle connection (the node's agent client: 2 s):
-                # with uvicorn's 5 s, a busy client could send a command on a connection the server
-                # was closing at that moment, and the command failed with a connection reset
+                # far longer than any client keeps an idle connection, so that a busy client never
+                # sends a request on a connection the server is closing at that moment
                 timeout_keep_alive=60,
                 # httptools (C) parses HTTP at a fraction of h11's (pure Python) cost per request
                 http="httptools" if _has("httptools") else "h11",
             )
         )
-        for app, host, port in apps
-    ]
-    for srv in servers:
-        srv.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: [setattr(s, "should_exit", True) for s in servers])
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
 
     async def then() -> None:
-        while not all(s.started for s in servers):
-            if any(s.should_exit for s in servers):
+        while server is not None and not server.started:
+            if server.should_exit:
                 return
             await asyncio.sleep(0.05)
         try:
@@ -152,8 +191,24 @@ async def _serve(apps: list[tuple[Any, str, int]], after_start: Any = None) -> N
         except Exception as err:  # the servers keep running; the operator reads why
             logging.getLogger("nimbostack").error("start-up step failed: %s", err)
 
-    extra = [then()] if after_start else []
-    await asyncio.gather(*(s.serve() for s in servers), *extra)
+    async def until_stopped() -> None:
+        await stop.wait()
+        if server is not None:
+            server.should_exit = True
+
+    try:
+        tasks = [asyncio.ensure_future(until_stopped())]
+        if after_start:
+            tasks.append(asyncio.ensure_future(then()))
+        if server is not None:
+            await server.serve()
+        else:
+            await stop.wait()
+        for t in tasks:
+            t.cancel()
+    finally:
+        if agent is not None:
+            await agent[0].stop()
 
 
 def _has(module: str) -> bool:
@@ -188,6 +243,20 @@ def libvirt_available() -> bool:
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def _issue_agent_credentials(data_dir: Path, address: str, out: str) -> int:
+    from nimbostack.wire import pki
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise SystemExit(f"--address {address!r}: expected HOST:PORT")
+    bundle = pki.Authority(data_dir / "pki").issue(pki.AGENT, f"{host.strip('[]')}:{port}", [host.strip("[]")])
+    if out == "-":
+        sys.stdout.write(bundle.decode())
+    else:
+        pki.write_private(Path(out), bundle)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,6 +334,25 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU niceness of the guests' QEMU processes, so that busy guests do not slow the host's own "
         "services (agent, DHCP, metadata) and the start of other guests; 0: guests compete equally (default 5)",
     )
+    agent.add_argument(
+        "--credentials",
+        default=None,
+        metavar="FILE",
+        help="the agent's credentials bundle from the management node (default STATE_DIR/agent.pem; "
+        "the agent waits until it is there)",
+    )
+    cred = sub.add_parser(
+        "agent-credentials",
+        help="on the management node: issue a host agent its credentials (a PEM bundle on stdout)",
+        description="Issue the agent at ADDRESS (host:port, as AddKVMHost will reach it) a key and a "
+        "certificate of this management node's CA. Install the output as the agent's "
+        "STATE_DIR/agent.pem (0600), e.g.: nimbostack agent-credentials --address 10.0.0.5:7070 | "
+        "ssh root@10.0.0.5 'install -D -m 600 /dev/stdin /var/lib/nimbostack-agent/agent.pem'",
+    )
+    cred.add_argument("--data-dir", default=os.environ.get("NIMBOSTACK_DATA_DIR", "./data"),
+                      help="the management node's data dir (its CA is in DATA_DIR/pki)")
+    cred.add_argument("--address", required=True, help="HOST:PORT the management node reaches the agent at")
+    cred.add_argument("--out", default="-", help="a file to write (0600) instead of stdout")
     sub.add_parser("cli", help="the >>> shell (nimbostack cli --help)", add_help=False)
     service = sub.add_parser(
         "install-service",
@@ -281,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     service.add_argument("--env-dir", default=str(units.ENV_DIR), help="where the server's environment file goes")
     service.add_argument("--no-enable", action="store_true", help="only write the unit")
     a = parser.parse_args(argv)
+    if a.command == "agent-credentials":
+        return _issue_agent_credentials(Path(a.data_dir), a.address, a.out)
     if a.command == "install-service":
         if a.which == "server":
             unit = units.server_unit(Path(a.data_dir).resolve(), a.port or 8080, a.db, a.user, Path(a.env_dir))
@@ -297,42 +387,40 @@ def main(argv: list[str] | None = None) -> int:
     from nimbostack.api.app import create_app
 
     if a.command == "server":
-        _run(_serve([(create_app(_settings(a)), a.listen, a.port)]))
+        _run(_serve((create_app(_settings(a)), a.listen, a.port)))
     elif a.command == "agent":
         port = a.port or (7071 if a.driver == "simulator" else 7070)
+        creds = agent_credentials(a.state_dir, a.credentials)
         app = agent_app(
             a.driver,
             a.domain_type,
             a.host_ip,
             a.state_dir,
+            creds,
             _path_map(a.path_map),
             _bytes(a.migrate_bandwidth),
             a.guest_nice,
         )
-        _run(_serve([(app, a.listen, port)]))
+        _run(_serve(None, (app, a.listen, port)))
     elif a.command == "up":
         from nimbostack.bootstrap import bootstrap
 
         settings = _settings(a)
         driver = a.driver if a.driver != "auto" else ("libvirt" if libvirt_available() else "simulator")
         agent_port = 7071 if driver == "simulator" else a.agent_port
-        settings.simulator_agent_url = f"http://127.0.0.1:{agent_port}"
+        settings.simulator_agent_url = f"https://127.0.0.1:{agent_port}"
         print(
             f"nimbostack all-in-one: API http://127.0.0.1:{a.port}/zstack/api, data in {settings.data_dir}, "
             f"{driver} agent on port {agent_port}",
             flush=True,
         )
         hypervisor = "KVM" if driver == "libvirt" else "Simulator"
+        agent_dir = settings.data_dir / "agent"
+        creds = local_agent_credentials(settings.data_dir, agent_dir, agent_port)
         _run(
             _serve(
-                [
-                    (
-                        agent_app(driver, a.domain_type, "127.0.0.1", str(settings.data_dir / "agent")),
-                        "127.0.0.1",
-                        agent_port,
-                    ),
-                    (create_app(settings), a.listen, a.port),
-                ],
+                (create_app(settings), a.listen, a.port),
+                (agent_app(driver, a.domain_type, "127.0.0.1", str(agent_dir), creds), "127.0.0.1", agent_port),
                 lambda: bootstrap(f"http://127.0.0.1:{a.port}", settings.data_dir, hypervisor, agent_port),
             )
         )

@@ -19,13 +19,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
-
-import httpx
 
 NIMBOSTACK = Path(sys.executable).with_name("nimbostack")
 
@@ -72,7 +71,8 @@ class Wire:
 class Machine:
     """A KVM host of its own: libvirtd (TCP, own host UUID) and a nimbostack agent at ``ip``."""
 
-    def __init__(self, root: Path, wire: Wire, ip: str, port: int = 7070) -> None:
+    def __init__(self, root: Path, wire: Wire, ip: str, node_data: Path, port: int = 7070) -> None:
+        """``node_data``: the management node's data dir, whose CA issues the agent's credentials."""
         tag = uuid.uuid4().hex[:6]
         self.name = f"nimbo-m{tag}"
         self.wire, self.ip, self.port = wire, ip, port
@@ -83,6 +83,8 @@ class Machine:
         self.log = root / "machine.log"
         self.proc: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(NIMBOSTACK), "agent-credentials", "--data-dir", str(node_data), "--address",
+                        f"{ip}:{port}", "--out", str(self.state / "agent.pem")], check=True)
         try:
             self._network()
             self._start()
@@ -129,10 +131,10 @@ class Machine:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"machine {self.name} did not start: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.post(f"http://{self.ip}:{self.port}/host/ping", json={"hostUuid": "x"}).status_code == 200:
-                    return
-            except httpx.HTTPError:
+            try:  # inside the machine's network namespace: reachable over the test's bridge only
+                socket.create_connection((self.ip, self.port), timeout=1).close()
+                return
+            except OSError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the agent of machine {self.name} did not answer: {self.log.read_text()[-2000:]}")

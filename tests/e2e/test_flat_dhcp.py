@@ -64,6 +64,7 @@ class Host:
         from nimbostack.agent.host import COMMANDS, Agent
         from nimbostack.agent.storage import LocalStorage
         from nimbostack.plugins.flat.host.service import FlatService
+        from nimbostack.wire import pki
 
         plugins.load_all()  # the /flat/* commands
         self.name, self.bridge, self.wire, self.l3 = name, bridge, wire, l3
@@ -72,7 +73,9 @@ class Host:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.agent = Agent(lambda h, b: None, LocalStorage(simulate=True), multi_host=False)
+        # its commands are called directly here, not over the wire: any CA's credentials will do
+        creds = pki.agent_bundle(pki.Authority(state_dir / "pki"), state_dir / "agent.pem", f"{name}:1", [])
+        self.agent = Agent(lambda h, b: None, LocalStorage(simulate=True), False, creds)
         self.svc = FlatService(self.agent, prefix=prefix, state_dir=state_dir)
         self.agent.extensions["flat"] = self.svc
         self.vms: list[dict[str, Any]] = []

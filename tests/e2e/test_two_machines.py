@@ -53,7 +53,7 @@ class Cloud:
         self.machines: list[Machine] = []
         self.node: Running | None = None
         try:
-            self.machines = [Machine(root / f"m{i}", self.wire, f"198.18.200.{i}") for i in (2, 3)]
+            self.machines = [Machine(root / f"m{i}", self.wire, f"198.18.200.{i}", root / "data") for i in (2, 3)]
             self.node = Running(root / "data", driver="libvirt", listen=self.wire.ip)
             self._build(images)
         except BaseException:

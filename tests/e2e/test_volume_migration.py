@@ -66,6 +66,9 @@ class SecondAgent:
     def __init__(self, root: Path, path_map: list[str]) -> None:
         self.port = free_port()
         self.state = root / "agent2"
+        # its credentials from the node's CA (root/data/pki), as an operator issues them (README)
+        subprocess.run([str(NIMBOSTACK), "agent-credentials", "--data-dir", str(root / "data"), "--address",
+                        f"127.0.0.1:{self.port}", "--out", str(self.state / "agent.pem")], check=True)
         self.path_map = path_map
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -77,12 +80,13 @@ class SecondAgent:
             args += ["--path-map", item]
         log = (self.state.parent / "agent2.log").open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        import httpx
+        import socket
 
         def up() -> bool:
             try:
-                return httpx.post(f"http://127.0.0.1:{self.port}/host/ping", json={"hostUuid": "x"}).status_code == 200
-            except httpx.HTTPError:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
                 return False
 
         wait_for(up, 30, "the second agent to listen")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -63,7 +64,7 @@ class Node:
 
     def __init__(self, data_dir: Path, log_dir: Path, agent_port: int) -> None:
         self.data_dir, self.log_dir, self.agent_port = data_dir, log_dir, agent_port
-        self.port = free_port()
+        self.port, self.wire_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
@@ -83,8 +84,10 @@ class Node:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                "--wire-port",
+                str(self.wire_port),
                 "--simulator-agent-url",
-                f"http://127.0.0.1:{self.agent_port}",
+                f"https://127.0.0.1:{self.agent_port}",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -110,6 +113,11 @@ class Node:
 @pytest.fixture
 def agent_port(tmp_path: Path) -> Iterator[int]:
     port = free_port()
+    # the documented way: the management node's CA (made here, before the node's first start)
+    # issues the agent its bundle
+    bundle = tmp_path / "agent.pem"
+    subprocess.run([sys.executable, "-m", "nimbostack.main", "agent-credentials", "--data-dir",
+                    str(tmp_path / "data"), "--address", f"127.0.0.1:{port}", "--out", str(bundle)], check=True)
     log = open(tmp_path / "agent.log", "wb")  # noqa: SIM115 - the child writes it
     proc = subprocess.Popen(
         [
@@ -123,6 +131,10 @@ def agent_port(tmp_path: Path) -> Iterator[int]:
             "127.0.0.1",
             "--port",
             str(port),
+            "--state-dir",
+            str(tmp_path / "agent-state"),
+            "--credentials",
+            str(bundle),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -142,10 +154,9 @@ def agent_port(tmp_path: Path) -> Iterator[int]:
 
 def _listens(port: int) -> bool:
     try:
-        # any answer (even an agent error) means the agent is up
-        httpx.post(f"http://127.0.0.1:{port}/host/ping", json={"hostUuid": "0" * 32}, timeout=1)
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return True
-    except httpx.HTTPError:
+    except OSError:
         return False
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 from sqlalchemy import select
 
 from tests.conftest import Api, Running, build_zone
@@ -19,14 +18,14 @@ KEY2 = "sshkey::ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtherKeyForTesting bob@exam
 
 
 def flat_state(node: Running, host_uuid: str) -> dict[str, Any]:
-    agent = node.servers[0].config.app.state.agent
+    agent = node.agent_server.agent
     svc = agent.extensions.get("flat")
     return {} if svc is None else svc.simulated.get(host_uuid, {})
 
 
 def all_entries(node: Running, l3_uuid: str) -> dict[str, tuple[str, dict[str, Any]]]:
     """nicUuid -> (host, entry) over every simulated host."""
-    svc = node.servers[0].config.app.state.agent.extensions["flat"]
+    svc = node.agent_server.agent.extensions["flat"]
     out = {}
     for host, l3s in svc.simulated.items():
         for e in l3s.get(l3_uuid, {}).get("vms", []):
@@ -193,7 +192,7 @@ def test_upgrade_walkthrough_virtual_router_to_flat_then_reconnect_host(node: Ru
     api.call("AttachNetworkServiceToL3Network", l3NetworkUuid=l3, networkServices={flat["uuid"]: ["DHCP", "Userdata"]})
     # 8. reconnect every host: each one now serves its running VMs (as after an agent restart,
     #    when the hosts start from nothing)
-    svc = node.servers[0].config.app.state.agent.extensions["flat"]
+    svc = node.agent_server.agent.extensions["flat"]
     svc.simulated.clear()
     stale = "f" * 32
     svc.simulated[env["hosts"][0]["uuid"]] = {stale: {"l3": {"uuid": stale}}}
@@ -298,15 +297,14 @@ def test_injection_attempts_are_refused_or_neutralised(node: Running, api: Api) 
     nameless = make_vm(api, env, name="!!!")
     assert entry_of(node, nameless, l3)["hostname"] == f"vm-{nameless['uuid'][:8]}"
     # the agent refuses malformed fields itself, whoever sends them
-    import httpx
 
     good = flat_state(node, evil["hostUuid"])[l3]
     for field, value in [("hostname", "a\nb"), ("mac", "fa:00:00:00:00:01\n"), ("ip", "1.2.3.4;"), ("nicUuid", "../x")]:
         body = {**good, "vms": [{**good["vms"][0], field: value}]}
-        reply = httpx.post(f"http://127.0.0.1:{node.agent_port}/flat/apply", json=body, timeout=10).json()
+        reply = node.agent_call("/flat/apply", body)
         assert not reply["success"] and reply["error"]["code"] == "AGENT_BAD_COMMAND", (field, reply)
     body = {**good, "l3": {**good["l3"], "bridge": "br0;reboot"}}
-    reply = httpx.post(f"http://127.0.0.1:{node.agent_port}/flat/apply", json=body, timeout=10).json()
+    reply = node.agent_call("/flat/apply", body)
     assert reply["error"]["code"] == "AGENT_BAD_COMMAND"
 
 
@@ -314,7 +312,7 @@ def test_injection_attempts_are_refused_or_neutralised(node: Running, api: Api) 
 
 
 def eip_state(node: Running, host_uuid: str) -> dict[str, Any]:
-    svc = node.servers[0].config.app.state.agent.extensions.get("flat-eip")
+    svc = node.agent_server.agent.extensions.get("flat-eip")
     return {} if svc is None else svc.simulated.get(host_uuid, {})
 
 
@@ -409,7 +407,7 @@ def test_a_vm_start_adds_its_entries_and_a_host_without_state_gets_the_full_stat
     full = node.run(flat.desired_state(node.platform, host, l3, {"DHCP", "Userdata"}))
     assert body == full
     # the agent restarted: nothing to add to, so the next start pushes every running VM
-    svc = node.servers[0].config.app.state.agent.extensions["flat"]
+    svc = node.agent_server.agent.extensions["flat"]
     svc.simulated.clear()
     third = make_vm(api, env, "c")
     assert {e["vmUuid"] for e in flat_state(node, host)[l3]["vms"]} == {v["uuid"] for v in (first, second, third)}
@@ -424,10 +422,8 @@ def test_a_vm_start_adds_its_entries_and_a_host_without_state_gets_the_full_stat
 
 def fault(node: Running, host_uuid: str, path: str, **what: Any) -> None:
     """A simulated fault of the simulator agent (agent/guard.py), called in the test process."""
-    r = httpx.post(
-        f"http://127.0.0.1:{node.agent_port}/simulator/fault", json={"hostUuid": host_uuid, "path": path, **what}
-    )
-    assert r.json()["success"], r.text
+    r = node.agent_call("/simulator/fault", {"hostUuid": host_uuid, "path": path, **what})
+    assert r["success"], r
 
 
 def test_a_failed_start_leaves_no_flat_entry_and_no_eip_rule(node: Running, api: Api) -> None:

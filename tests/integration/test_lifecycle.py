@@ -24,8 +24,7 @@ def _vm(api: Api, env: dict, name: str = "vm", **extra: Any) -> dict:
 
 
 def _agent(node: Running, command: str, /, **body: Any) -> dict:
-    r = httpx.post(f"http://127.0.0.1:{node.agent_port}{command}", json=body, timeout=30)
-    data = r.json()
+    data = node.agent_call(command, body)
     assert data["success"], data
     return data
 

@@ -13,8 +13,7 @@ from tests.conftest import Api, Running, build_zone
 
 
 def agent(node: Running, command: str, /, **body: Any) -> dict:
-    r = httpx.post(f"http://127.0.0.1:{node.agent_port}{command}", json=body, timeout=30)
-    data = r.json()
+    data = node.agent_call(command, body)
     assert data["success"], data
     return data
 

@@ -3,6 +3,7 @@ the domain owner in libvirt XML, the agent's byte sizes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,22 +14,23 @@ from nimbostack.agent.host import Agent
 from nimbostack.agent.storage import LocalStorage
 from nimbostack.main import _bytes, _path_map
 from nimbostack.plugins.local_storage.migration import _files
-from nimbostack.wire import VmSpec
+from nimbostack.wire import VmSpec, pki
 
 
-def _agent(path_map: list[tuple[str, str]]) -> Agent:
-    return Agent(lambda h, b: None, LocalStorage(simulate=True), multi_host=False, path_map=path_map)  # type: ignore
+def _agent(path_map: list[tuple[str, str]], tmp: Path) -> Agent:
+    creds = pki.agent_bundle(pki.Authority(tmp / "pki"), tmp / "agent.pem", "127.0.0.1:1", ["127.0.0.1"])
+    return Agent(lambda h, b: None, LocalStorage(simulate=True), False, creds, path_map=path_map)  # type: ignore
 
 
-def test_path_map_is_a_bind_mount_both_ways() -> None:
-    a = _agent([("/ps", "/srv/h2/ps"), ("/ps/special/", "/fast")])
+def test_path_map_is_a_bind_mount_both_ways(tmp_path: Path) -> None:
+    a = _agent([("/ps", "/srv/h2/ps"), ("/ps/special/", "/fast")], tmp_path)
     assert a.real("/ps/rootVolumes/x.qcow2") == "/srv/h2/ps/rootVolumes/x.qcow2"
     assert a.real("/ps") == "/srv/h2/ps"
     assert a.real("/ps/special/y") == "/fast/y"  # the longest prefix wins
     assert a.real("/psx/y") == "/psx/y" and a.real("/smp/z") == "/smp/z"  # whole components only
     assert a.logical("/srv/h2/ps/imagecache/i.img") == "/ps/imagecache/i.img"
     assert a.logical("/fast/y") == "/ps/special/y"
-    assert _agent([]).real("/ps/a") == "/ps/a"
+    assert _agent([], tmp_path).real("/ps/a") == "/ps/a"
 
 
 def test_agent_options() -> None:

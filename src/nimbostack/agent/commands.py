@@ -14,6 +14,7 @@ from nimbostack.agent.driver import DriverError
 from nimbostack.agent.host import Agent, command, storage_command
 from nimbostack.agent.storage import LocalStorage, PullFile
 from nimbostack.wire import DiskSpec, NicSpec, VmSpec
+from nimbostack.wire.pki import CredentialsError
 from nimbostack.wire.urls import FetchPolicy
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,17 @@ def _disk(a: Agent, raw: dict[str, Any]) -> DiskSpec:
 @command("/host/connect")
 async def _connect(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     return await a.connect(b["hostUuid"], b)
+
+
+@command("/host/credentials")
+async def _credentials(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    """New credentials from the management node (ReconnectHost rotates them): kept only when the
+    same CA signed them for the same agent, then used for every new connection at once."""
+    try:
+        a.install_credentials(str(b["bundle"]).encode())
+    except CredentialsError as err:
+        raise DriverError("AGENT_BAD_CREDENTIALS", "the credentials were refused", str(err)) from None
+    return {"notAfter": a.credentials.not_after.isoformat()}
 
 
 @command("/host/ping")
@@ -247,7 +259,7 @@ async def _ls_pull(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) 
     ]
 
     def fetch(f: PullFile) -> str:
-        query = urlencode({"hostUuid": b["sourceHostUuid"], "root": b["path"], "path": f.source_path})
+        query = urlencode({"hostUuid": b["sourceHostUuid"], "path": f.source_path})
         return f"{b['sourceUrl']}/storage/file?{query}"
 
     source = a.store(b["sourceHostUuid"], shared) if st.simulate else None
@@ -257,12 +269,14 @@ async def _ls_pull(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) 
 
 @command("/bs/connect")
 async def _bs_connect(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    a.remember_root(b["path"], backup=True)
     total, available = await a.backup.capacity(b["path"])
     return {"totalCapacity": total, "availableCapacity": available}
 
 
 @command("/bs/download")
 async def _bs_download(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    a.remember_root(b["path"], backup=True)
     policy = FetchPolicy.from_wire(b.get("policy"))
     return await a.backup.download(b["path"], b["imageUuid"], b["url"], b["format"], b.get("md5"), policy)
 
@@ -274,5 +288,6 @@ async def _bs_progress(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
 
 @command("/bs/delete")
 async def _bs_delete(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    a.remember_root(b["path"], backup=True)
     await a.backup.delete(b["path"], b["installPath"])
     return {}

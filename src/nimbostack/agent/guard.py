@@ -24,7 +24,7 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from aiohttp import web
 
 from nimbostack.agent.driver import DriverError
 from nimbostack.agent.host import Agent, command
@@ -108,9 +108,9 @@ async def before(agent: Agent, path: str, body: dict[str, Any], budget: str | No
         if fault.get("delay"):
             await asyncio.sleep(float(fault["delay"]))
         if fault.get("unreachable"):
-            return JSONResponse({"success": False, "error": {"code": "SIMULATED_UNREACHABLE",
-                                 "description": "the host is unreachable (simulated)", "details": path}},
-                                status_code=503)
+            return web.json_response({"success": False, "error": {"code": "SIMULATED_UNREACHABLE",
+                                      "description": "the host is unreachable (simulated)", "details": path}},
+                                     status=503)
         if fault.get("error"):
             raise DriverError("SIMULATED_FAULT", str(fault["error"]), path)
     if budget:

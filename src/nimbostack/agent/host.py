@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +16,7 @@ import httpx
 from nimbostack.agent.backup import BackupStore
 from nimbostack.agent.driver import DriverError, HypervisorDriver
 from nimbostack.agent.storage import LocalStorage
+from nimbostack.wire.pki import Credentials, CredentialsError, write_private
 
 log = logging.getLogger(__name__)
 
@@ -22,21 +25,32 @@ DriverFactory = Callable[[str, dict[str, Any]], HypervisorDriver]
 
 class Agent:
     def __init__(self, driver_factory: DriverFactory, storage: LocalStorage, multi_host: bool,
-                 console_dir: str | None = None, path_map: list[tuple[str, str]] | None = None) -> None:
-        self.console_dir = console_dir  # where guests' serial consoles are logged
+                 credentials: Credentials, state_dir: str | None = None,
+                 path_map: list[tuple[str, str]] | None = None) -> None:
+        # who this agent is on the wire (wire/pki.py): the server, the events and the copies
+        # from other agents all use it; /host/credentials replaces it in place
+        self.credentials = credentials
+        self.state_dir = Path(state_dir) if state_dir else None
+        # where guests' serial consoles are logged
+        self.console_dir = str(self.state_dir / "console") if self.state_dir else None
         self.driver_factory = driver_factory
         self.storage = storage
+        storage.tls = credentials.client_context()  # its copies from other agents
         self.multi_host = multi_host  # simulator: one driver per host uuid
         # (path the management node names, path on this machine), as a bind mount would map them:
         # several agents on one machine keep their "local" storage apart this way
         self.path_map = sorted(((norm_path(a), norm_path(b)) for a, b in path_map or []), key=lambda p: -len(p[0]))
         self._sim_stores: dict[str, LocalStorage] = {}
-        self.roots: set[str] = set()  # primary storage urls the management node named here
+        # the only directories whose files this agent serves to other agents: primary storage
+        # urls and backup storage urls the management node named here (kept across restarts)
+        self.roots: set[str] = set()
+        self.bs_roots: set[str] = set()
+        self._load_roots()
         self.migrations: list[dict[str, Any]] = []  # simulator: the live migrations it recorded
         self.drivers: dict[str, HypervisorDriver] = {}
         self.backup = BackupStore()
         self.management_url: str | None = None
-        self._http = httpx.AsyncClient(timeout=10)
+        self._http = httpx.AsyncClient(timeout=10, verify=credentials.client_context())
         # events are posted as tasks of their own; with hundreds at once in httpx's pool, its
         # bookkeeping (every queued request against every connection, on each request) cost more
         # than all the agent's other work. A few at a time keep that queue short.
@@ -44,6 +58,43 @@ class Agent:
         self._pending_events: list[dict[str, Any]] = []
         # host-side services (e.g. "flat": network namespaces, dnsmasq, metadata), closed with the agent
         self.extensions: dict[str, Any] = {}
+
+    def install_credentials(self, bundle: bytes) -> None:
+        current = self.credentials
+        tmp = current.path.with_name(current.path.name + ".new")
+        write_private(tmp, bundle)
+        try:
+            new = Credentials(tmp)
+            if new.ca_pem != current.ca_pem or new.peer != current.peer:
+                raise CredentialsError(f"they are for {new.peer}, not {current.peer} of the same CA")
+        except CredentialsError:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, current.path)
+        current.reload()
+        log.info("new credentials installed, valid until %s", current.not_after)
+
+    def _roots_file(self) -> Path | None:
+        return self.state_dir / "roots.json" if self.state_dir and not self.storage.simulate else None
+
+    def _load_roots(self) -> None:
+        f = self._roots_file()
+        if f is not None and f.exists():
+            saved = json.loads(f.read_text())
+            self.roots.update(saved.get("primary", []))
+            self.bs_roots.update(saved.get("backup", []))
+
+    def remember_root(self, path: str, backup: bool = False) -> None:
+        """A storage url the management node named: its files may be served to other agents."""
+        roots = self.bs_roots if backup else self.roots
+        path = norm_path(path)
+        if path in roots:
+            return
+        roots.add(path)
+        f = self._roots_file()
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({"primary": sorted(self.roots), "backup": sorted(self.bs_roots)}))
 
     def real(self, path: str) -> str:
         """The path on this machine of a path the management node names (``--path-map``)."""
@@ -164,7 +215,7 @@ def remove_storage_kind(prefix: str) -> None:
 
 def _route(prefix: str, name: str, fn: StorageCommand, shared: bool) -> None:
     async def run(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-        a.roots.add(norm_path(b["path"]))
+        a.remember_root(b["path"])
         return await fn(a, b, a.store(b["hostUuid"], shared), shared)
 
     COMMANDS[f"{prefix}/{name}"] = run

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -68,6 +69,9 @@ class LocalStorage:
         self.bandwidth = bandwidth  # bytes/s a volume copy may take from the network; 0: no limit
         self.writing: set[Path] = set()  # .part files this process is writing now
         self._cache_locks: dict[Path, asyncio.Lock] = {}
+        # images and volumes come from other agents (backup storage, source host), over the
+        # agent wire's mutual TLS: the Agent sets its client context here
+        self.tls: ssl.SSLContext | bool = True
 
     async def capacity(self, root: str, simulated_total: int = 1 << 40) -> tuple[int, int]:
         if self.simulate:
@@ -102,7 +106,7 @@ class LocalStorage:
         parsed = urllib.parse.urlparse(url)
         digest = hashlib.md5()
         if parsed.scheme in ("http", "https"):
-            async with httpx.AsyncClient(timeout=None) as client, client.stream("GET", url) as resp:
+            async with httpx.AsyncClient(timeout=None, verify=self.tls) as client, client.stream("GET", url) as resp:
                 if resp.status_code != 200:
                     raise DriverError("IMAGE_DOWNLOAD", f"cannot download {url}", f"HTTP {resp.status_code}")
                 with tmp.open("wb") as f:
@@ -267,7 +271,7 @@ class LocalStorage:
         started, done = time.monotonic(), 0
         try:
             async with (
-                httpx.AsyncClient(timeout=httpx.Timeout(60, read=300)) as client,
+                httpx.AsyncClient(timeout=httpx.Timeout(60, read=300), verify=self.tls) as client,
                 client.stream("GET", url) as resp,
             ):
                 if resp.status_code != 200:

@@ -14,11 +14,10 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send, StatelessLifespan
 
 from nimbostack import node
-from nimbostack.api import routes  # noqa: F401  (registers handlers)
+from nimbostack.api import agent_wire, routes  # noqa: F401  (routes registers handlers)
 from nimbostack.api.dispatch import Dispatcher
 from nimbostack.api.docs import docs_page
 from nimbostack.api.openapi import openapi_document
-from nimbostack.compute import vmsync
 from nimbostack.core import gc
 from nimbostack.core.context import Route as ApiRoute
 from nimbostack.core.envelope import error_result
@@ -121,11 +120,6 @@ class Wire:
             return 200, {"state": "Processing", "uuid": job_uuid, **extra}
         return 200, {"state": "Done", "result": result}
 
-    async def agent_event(self, _scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
-        ev = json.loads(await _body(receive))
-        await vmsync.on_event(self.platform, ev["hostUuid"], ev["vmUuid"], ev["state"])
-        return 200, {"success": True}
-
     async def garbage_collector(self, request: Request) -> JSONResponse:
         """The garbage collector's entries (release 1.2 §4), newest first; an admin session in
         ``Authorization: OAuth <session uuid>`` or ``?session=<uuid>``. Filters: status
@@ -169,7 +163,7 @@ def create_app(settings: Settings) -> NodeApp:
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
-        async with node.running(settings) as p:
+        async with node.running(settings) as p, agent_wire.serving(p):
             wire.serve(p)
             yield
 
@@ -178,7 +172,6 @@ def create_app(settings: Settings) -> NodeApp:
         # the hot three first: the router tries the routes in this order
         Route("/zstack/api", api_post, methods=["POST"]),
         Route("/zstack/api/result/{job_uuid}", WireEndpoint(wire.api_result), methods=["GET"]),
-        Route("/agent/events", WireEndpoint(wire.agent_event), methods=["POST"]),
         # ZStack's SDK posts here; a redirect to /zstack/api would lose the body with many clients
         Route("/zstack/api/", api_post, methods=["POST"]),
         Route("/gc", wire.garbage_collector),

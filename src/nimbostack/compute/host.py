@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import func, select, update
 
@@ -25,6 +26,7 @@ from nimbostack.core.resources import (
     update_fields,
 )
 from nimbostack.db import models as m
+from nimbostack.wire import pki
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -47,17 +49,20 @@ query.register(
 register_queries("QueryHost")
 
 
-async def connect(platform: Platform, host_uuid: str) -> m.Host:
-    """Connect the host's agent, read its capacity, reconcile its VMs; Connected on success."""
+async def connect(platform: Platform, host_uuid: str, rotate: bool = False) -> m.Host:
+    """Connect the host's agent, read its capacity, reconcile its VMs; Connected on success.
+    ``rotate``: first give the agent new credentials (``rotate_credentials``)."""
     async with platform.db.tx() as s:
         host = await s.get(m.Host, host_uuid)
         assert host is not None
         host.status = "Connecting"
-        body: dict[str, Any] = {"hostUuid": host.uuid, "managementUrl": platform.management_url}
+        body: dict[str, Any] = {"hostUuid": host.uuid, "managementUrl": platform.agent_wire_url}
         if host.hypervisorType == "Simulator":
             body["simulator"] = {"cpuCapacity": host.simCpuCapacity, "memoryCapacity": host.simMemoryCapacity}
         url = host.agentUrl
     try:
+        if rotate:
+            await rotate_credentials(platform, host_uuid, url)
         reply = await platform.agents.call(url, "/host/connect", body)
     except ApiError:
         async with platform.db.tx() as s:
@@ -144,12 +149,14 @@ async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> 
 
 @api("AddKVMHost", admin=True)
 async def add_kvm_host(ctx: ApiContext) -> dict[str, Any]:
+    # the password is required by the API but never kept: the node reaches the agent with
+    # certificates (wire/pki.py), so a stolen database holds no host's root password
+    ctx.req("password")
     return await _add_host(
         ctx,
         "KVM",
         {
             "username": ctx.req("username"),
-            "password": ctx.req("password"),
             "sshPort": ctx.int("sshPort", 22) or ctx.int("port", 22),
         },
     )
@@ -172,9 +179,16 @@ async def reconnect_host(ctx: ApiContext) -> dict[str, Any]:
     async with ctx.p.db.tx() as s:
         host = await load(s, m.Host, ctx.req("uuid"), ctx, "Host")
     async with ctx.p.queues.serial(host.uuid):
-        host = await connect(ctx.p, host.uuid)
+        host = await connect(ctx.p, host.uuid, rotate=True)
     async with ctx.p.db.tx() as s:
         return {"inventory": await inv(s, "QueryObjectHostInventory", host)}
+
+
+async def rotate_credentials(platform: Platform, host_uuid: str, url: str) -> None:
+    """A new key and certificate for the host's agent, sent over the wire it already trusts: the
+    operator copies nothing. An agent that cannot be reached keeps the ones it has."""
+    bundle = platform.pki.issue(pki.AGENT, pki.agent_name(url), [urlsplit(url).hostname or ""])
+    await platform.agents.call(url, "/host/credentials", {"hostUuid": host_uuid, "bundle": bundle.decode()})
 
 
 @api("ChangeHostState", admin=True)

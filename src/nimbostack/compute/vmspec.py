@@ -128,7 +128,7 @@ async def image_source(s: Tx, image_uuid: str, zone_uuid: str | None) -> str:
     if not rows:
         raise not_allowed(f"image {image_uuid} has no Ready copy on an Enabled backup storage")
     copy = rows[0]
-    return backup.image_source(copy.agentUrl, copy.url, copy.installPath)
+    return backup.image_source(copy.agentUrl, copy.installPath)
 
 
 async def cached_image_path(platform: Platform, host_uuid: str, image_uuid: str) -> str:

@@ -31,7 +31,9 @@ TRANSITIONAL = (
     "Expunging",
 )
 STABLE_FROM_HYPERVISOR = ("Running", "Stopped", "Paused")
-_STATE_AND_HOST = select(m.VmInstance.state, m.VmInstance.hostUuid).where(m.VmInstance.uuid == bindparam("vm"))
+_STATE_AND_HOST = select(m.VmInstance.state, m.VmInstance.hostUuid, m.VmInstance.lastHostUuid).where(
+    m.VmInstance.uuid == bindparam("vm")
+)
 
 
 async def on_event(platform: Platform, host_uuid: str, vm_uuid: str, state: str) -> None:
@@ -49,6 +51,12 @@ async def on_event(platform: Platform, host_uuid: str, vm_uuid: str, state: str)
             return
         if state == "Stopped" and now.hostUuid and now.hostUuid != host_uuid:
             return  # a copy left on another host (migrated, or started elsewhere since) stopped
+        if now.hostUuid != host_uuid and not (now.hostUuid is None and now.lastHostUuid == host_uuid):
+            # a host speaks for its own VMs only (the one it runs, or the stopped one it ran last):
+            # a VM does not move because some agent says it runs there; a reconnect reconciles
+            log.warning("ignored: host %s says VM %s is %s, but the VM is on host %s",
+                        host_uuid, vm_uuid, state, now.hostUuid)
+            return
         if now.state == state and now.hostUuid == host_uuid:
             return  # nothing changed (e.g. the event of a start this node has just finished)
         vm = await s.get(m.VmInstance, vm_uuid)

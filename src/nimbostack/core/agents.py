@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 from typing import Any
 
 import aiohttp
@@ -26,13 +27,17 @@ class AgentClient:
     # never sent on a connection the agent is closing at that very moment
     KEEPALIVE = 2.0
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext) -> None:
         self._session: aiohttp.ClientSession | None = None
+        # mutual TLS: the node's certificate, the CA's trust, each agent's address checked
+        self.tls = tls
 
     def _client(self) -> aiohttp.ClientSession:
         # made on first use: a session belongs to the event loop it was made in
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.CONNECTIONS, keepalive_timeout=self.KEEPALIVE)
+            connector = aiohttp.TCPConnector(
+                limit=self.CONNECTIONS, keepalive_timeout=self.KEEPALIVE, ssl=self.tls
+            )
             self._session = aiohttp.ClientSession(connector=connector, json_serialize=json.dumps)
         return self._session
 
@@ -55,6 +60,12 @@ class AgentClient:
                 TIMEOUT,
                 "The host agent did not answer in time",
                 f"{path} on {agent_url} took longer than {budget:.1f} s",
+            ) from None
+        except aiohttp.ClientSSLError as err:
+            raise ApiError(
+                HOST_DISCONNECTED,
+                "The host agent is not one this management node trusts (or does not trust this node)",
+                f"{agent_url}{path}: {err}; give it credentials: nimbostack agent-credentials --address HOST:PORT",
             ) from None
         except (aiohttp.ClientError, OSError) as err:
             # some transport errors have no message: name at least their kind

@@ -28,7 +28,7 @@ def agent_url(settings: Settings, hypervisor: str, management_ip: str, tags: lis
     """Where the agent of a new host listens."""
     if hypervisor == "Simulator":
         return settings.simulator_agent_url
-    return f"http://{management_ip}:{agent_port_of(tags, settings.agent_port)}"
+    return f"https://{management_ip}:{agent_port_of(tags, settings.agent_port)}"
 
 
 # Built once: every agent command of every VM operation runs it, and building the statement and its

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy import make_url
 
@@ -15,6 +16,7 @@ from nimbostack.core.globalconfig import API_TIMEOUT, GlobalConfigStore
 from nimbostack.core.jobs import Jobs
 from nimbostack.core.queues import SerialQueues
 from nimbostack.db.engine import Database
+from nimbostack.wire.pki import Authority
 
 
 @dataclass
@@ -27,8 +29,10 @@ class Settings:
     management_url: str = ""
     # where KVM host agents listen, unless a host says otherwise
     agent_port: int = 7070
+    # where agents push events (mutual TLS, api/agent_wire.py), on the management URL's address
+    wire_port: int = 8081
     # the simulator agent that serves every AddSimulatorHost host
-    simulator_agent_url: str = "http://127.0.0.1:7071"
+    simulator_agent_url: str = "https://127.0.0.1:7071"
     quick_wait: float = 0.2
     background: bool = True  # pings, expunge, GC loops (tests may turn them off)
     max_running_jobs: int = 64  # asynchronous APIs working at once; the rest wait in arrival order
@@ -58,12 +62,21 @@ class Platform:
         self.timeouts.load(settings.data_dir / "zstack.properties")
         # UpdateGlobalConfig category=apiTimeout overrides zstack.properties
         self.timeouts.overrides = lambda: self.config.category_values(API_TIMEOUT)
-        self.agents = AgentClient()
+        # the agent wire's CA and the node's own certificate (wire/pki.py)
+        self.pki = Authority(settings.data_dir / "pki")
+        self.credentials = self.pki.node_credentials(
+            [urlsplit(self.management_url).hostname or "", settings.host if settings.host != "0.0.0.0" else ""])
+        self.agents = AgentClient(self.credentials.client_context())
         self.auth = Auth(self.db, self.config)
 
     @property
     def management_url(self) -> str:
         return self.settings.management_url or f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def agent_wire_url(self) -> str:
+        """Where agents push their events."""
+        return f"https://{urlsplit(self.management_url).netloc.rsplit(':', 1)[0]}:{self.settings.wire_port}"
 
     async def close(self) -> None:
         await self.agents.close()

@@ -125,7 +125,7 @@ async def add_sftp_bs(ctx: ApiContext) -> dict[str, Any]:
     agent's HTTP wire replaces SSH, the username/password are kept for compatibility)."""
     hostname = ctx.req("hostname")
     port = agent_port_of([str(t) for t in ctx.list("systemTags")], ctx.p.settings.agent_port)
-    agent_url = f"http://{hostname}:{port}"
+    agent_url = f"https://{hostname}:{port}"
     path = directory_path(ctx.req("url"))
     uuid = new_uuid(ctx)
     reply = await ctx.p.agents.call(agent_url, "/bs/connect", {"hostUuid": uuid, "path": path})
@@ -139,10 +139,10 @@ async def add_sftp_bs(ctx: ApiContext) -> dict[str, Any]:
         return {"inventory": await inv(s, "QueryObjectBackupStorageInventory", row)}
 
 
-def image_source(agent_url: str, root: str, install_path: str) -> str:
+def image_source(agent_url: str, install_path: str) -> str:
     """Where a primary storage fetches an image from: its file ``install_path`` on the backup
-    storage at ``root`` whose agent is at ``agent_url``."""
-    return f"{agent_url}/bs/file?{urlencode({'root': root, 'path': install_path})}"
+    storage whose agent is at ``agent_url`` (which serves files below its storages' urls only)."""
+    return f"{agent_url}/bs/file?{urlencode({'path': install_path})}"
 
 
 @api("AttachBackupStorageToZone", admin=True)
