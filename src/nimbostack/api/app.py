@@ -21,8 +21,9 @@ from nimbostack.api.openapi import openapi_document
 from nimbostack.core import gc
 from nimbostack.core.context import Route as ApiRoute
 from nimbostack.core.envelope import error_result
-from nimbostack.core.errors import INTERNAL, INVALID_ARGUMENT, RESOURCE_NOT_FOUND, ApiError
+from nimbostack.core.errors import INTERNAL, INVALID_ARGUMENT, RESOURCE_NOT_FOUND, ApiError, storage_full
 from nimbostack.core.platform import Platform, Settings
+from nimbostack.db.engine import StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class WireEndpoint:
             status, content = await self.answer(scope, receive)
         except ClientDisconnect:
             return
+        except StorageFull as err:  # no bug: the database said why (logged by the data layer)
+            status, content = 200, _failed(storage_full(str(err)))
         except Exception as err:  # a bug, or an agent's malformed event: say so in the wire's shape
             log.exception("%s %s failed", scope["method"], scope["path"])
             status, content = 200, _failed(ApiError(INTERNAL, "Internal error", f"{type(err).__name__}: {err}"))
@@ -136,8 +139,17 @@ class Wire:
         return JSONResponse({"success": True, "inventories": inventories})
 
     async def health(self, _request: Request) -> JSONResponse:
+        """``ok`` (200), or ``failing`` (503) with what is wrong with the database: a load balancer
+        or monitor polls it, so it costs a trivial SELECT and a statvfs, nothing more."""
         p = self.platform
-        return JSONResponse({"status": "ok", "jobsInFlight": p.jobs.in_flight(), "queued": p.queues.pending()})
+        problem = await p.db.check()
+        body = {
+            "status": "ok" if problem is None else "failing",
+            "database": problem or "ok",
+            "jobsInFlight": p.jobs.in_flight(),
+            "queued": p.queues.pending(),
+        }
+        return JSONResponse(body, status_code=200 if problem is None else 503)
 
 
 async def openapi(_request: Request) -> JSONResponse:

@@ -20,9 +20,11 @@ from nimbostack.core.errors import (
     UNKNOWN_API,
     ApiError,
     invalid,
+    storage_full,
 )
 from nimbostack.core.resources import check_visible
 from nimbostack.core.spec import ALIASES
+from nimbostack.db.engine import StorageFull
 from nimbostack.db.models import Base
 
 if TYPE_CHECKING:
@@ -161,7 +163,10 @@ class Dispatcher:
 
         if spec.is_synchronous(msg):
             return {"state": "Done", "result": await self._run(ctx, route, timeout)}
-        task = await self.p.jobs.start(ctx.api_uuid, msg.name, timeout, lambda: self._run(ctx, route, timeout))
+        try:
+            task = await self.p.jobs.start(ctx.api_uuid, msg.name, timeout, lambda: self._run(ctx, route, timeout))
+        except StorageFull as err:  # the job's own record: the first write of every asynchronous API
+            return {"state": "Done", "result": error_result(msg, storage_full(str(err)))}
         if self.quick_wait > 0:
             done, _ = await asyncio.wait({task}, timeout=self.quick_wait)
             if done:
@@ -193,6 +198,8 @@ class Dispatcher:
             log.info("API %s conflicted: %s", ctx.msg.name, err.orig)
             return error_result(ctx.msg, invalid("the request conflicts with an existing resource (a uuid or a "
                                                   "name that must be unique is taken)"))
+        except StorageFull as err:
+            return error_result(ctx.msg, storage_full(str(err)))
         except TimeoutError:
             return error_result(
                 ctx.msg,

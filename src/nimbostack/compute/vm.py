@@ -11,11 +11,11 @@ from sqlalchemy import bindparam, select, update
 
 from nimbostack.compute.allocator import candidate_hosts, new_mac, release_all, take_host
 from nimbostack.compute.vmspec import ISO_INSTALL_TAG, VOLUMES_OF_VM, VOLUMES_OF_VMS, build_spec, image_source
-from nimbostack.core import gc, hooks, query
+from nimbostack.core import deadline, gc, hooks, query
 from nimbostack.core.auth import Caller
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import invalid, not_allowed
-from nimbostack.core.flow import FlowChain
+from nimbostack.core.flow import FlowChain, until_stored
 from nimbostack.core.hosts import agent
 from nimbostack.core.resources import (
     add_tags,
@@ -355,24 +355,35 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
         # what before_start put on the host (DHCP entry, EIP rule), whether or not the domain ran
         await hooks.release(p, vm.uuid, c["host"].uuid)
 
+    async def running(c: dict[str, Any]) -> None:
+        # a step of its own: a write refused here (a full disk) rolls back the running VM as well,
+        # rather than leaving it Starting with its host's capacity taken
+        async with p.db.tx() as s:
+            row = (await s.execute(_VM_RUNNING, {"vm": vm.uuid, "host": c["host"].uuid})).one()
+            c["inventory"] = await inv(s, "QueryObjectVmInstanceInventory", row)
+
     chain = (
         FlowChain("create-vm")
         .then("allocate", allocate, deallocate)
         .then("create-volumes", create_volumes, delete_volumes)
         .then("start", start, unstart)
+        .then("running", running)
     )
-    try:
-        c = await chain.run({})
-    except BaseException:
+    async def forget() -> None:
         async with p.db.tx() as s:
             row = await s.get(m.VmInstance, vm.uuid)
             if row is not None:
                 await s.delete(row)
             await disown(s, [vm.uuid])
+
+    try:
+        c = await chain.run({})
+    except BaseException:
+        with deadline.grace():  # the API's own may be spent by now
+            await until_stored(forget)
         raise
-    async with p.db.tx() as s:
-        running = (await s.execute(_VM_RUNNING, {"vm": vm.uuid, "host": c["host"].uuid})).one()
-        return await inv(s, "QueryObjectVmInstanceInventory", running)
+    inventory: dict[str, Any] = c["inventory"]
+    return inventory
 
 
 async def _made_before(p: Platform, new: NewVm, uuid: str) -> dict[str, Any] | None:

@@ -21,6 +21,9 @@ STORAGE_ALLOCATION_FAILED = "PS.1001"
 AGENT_ERROR = "HOST.1001"
 HOST_DISCONNECTED = "HOST.1002"
 MANAGEMENT_RESTARTED = "SYS.1010"
+# the management node's database refused a write for want of disk space: nothing of the call was
+# kept, and the same call succeeds once space is freed (no restart needed)
+MANAGEMENT_STORAGE_FULL = "SYS.1011"
 
 
 class ApiError(Exception):
@@ -42,6 +45,14 @@ def invalid(details: str) -> ApiError:
 
 def not_found(kind: str, uuid: str) -> ApiError:
     return ApiError(RESOURCE_NOT_FOUND, "Unable to find the resource", f"{kind}[uuid:{uuid}] does not exist")
+
+
+def storage_full(details: str) -> ApiError:
+    return ApiError(
+        MANAGEMENT_STORAGE_FULL,
+        "The storage of the management node's database is full",
+        f"{details}; the call was rolled back: free disk space, then call again",
+    )
 
 
 def not_allowed(details: str) -> ApiError:

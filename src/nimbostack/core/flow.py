@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from nimbostack.core import deadline
+from nimbostack.db.engine import StorageFull
 
 log = logging.getLogger(__name__)
 
 Step = Callable[[dict[str, Any]], Awaitable[None]]
+
+# how often an undo that the database refused for want of space is tried again
+STORAGE_RETRY = 1.0
+
+
+async def until_stored(undo: Callable[[], Awaitable[None]]) -> None:
+    """Run an undo that writes the database, again while the database's disk is full, until the
+    current deadline (a rollback's grace). A full disk fails every write, the undo's too: given up
+    at once, it left what the failed operation had taken (reserved capacity, IPs, rows) behind for
+    good, while space usually returns within the grace as an operator frees it."""
+    while True:
+        try:
+            await undo()
+            return
+        except StorageFull:
+            if deadline.remaining() <= STORAGE_RETRY:
+                raise
+            log.info("an undo waits for the database's disk to have space again")
+            await asyncio.sleep(STORAGE_RETRY)
 
 
 @dataclass
@@ -65,7 +86,7 @@ class FlowChain:
             if flow.rollback is None:
                 continue
             try:
-                await flow.rollback(ctx)
+                await until_stored(functools.partial(flow.rollback, ctx))
             except Exception:
                 # A rollback that fails must not hide the original error; it is logged so the
                 # operator can act on it (host-side leftovers of unreachable hosts go to the GC).

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, insert, select, update
 
 from nimbostack.core.errors import MANAGEMENT_RESTARTED, ApiError
-from nimbostack.db.engine import NO_SYNC, Database
+from nimbostack.db.engine import NO_SYNC, Database, StorageFull
 from nimbostack.db.models import Job
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 # not an ORM object, so that the transaction has no unit of work to flush
 _NEW_JOB = insert(Job)
 _JOB_DONE = update(Job).where(Job.uuid == bindparam("job")).values(state="Done", result=bindparam("result"))
+# how often a result the database refused for want of space is offered to it again
+SAVE_RETRY = 1.0
 
 
 class Jobs:
@@ -33,6 +35,9 @@ class Jobs:
         # grew with them (host pings timed out, hosts went Disconnected) and the jobs finished in
         # no particular order, so some waited many times longer than the rest.
         self._slots = asyncio.Semaphore(max_running)
+        # results the database could not store yet (its disk full), answered from here meanwhile
+        self._unsaved: dict[str, str] = {}
+        self._saving: set[asyncio.Task[None]] = set()
 
     async def start(
         self, job_uuid: str, api_name: str, timeout: float, work: Callable[[], Awaitable[str]]
@@ -55,12 +60,33 @@ class Jobs:
         try:
             async with self._slots:
                 result = await work()
-            async with self.db.tx() as s:
-                await s.execute(_JOB_DONE, {"job": job_uuid, "result": result}, execution_options=NO_SYNC)
+            try:
+                await self._save(job_uuid, result)
+            except StorageFull:
+                # The work is over and its answer known; only its record waits for space. Without
+                # it a poll that came after this task ended read "Processing" for ever.
+                self._unsaved[job_uuid] = result
+                saving = asyncio.create_task(self._save_later(job_uuid, result))
+                self._saving.add(saving)
+                saving.add_done_callback(self._saving.discard)
             return result
         finally:
             self._running.pop(job_uuid, None)
             self._progress.pop(job_uuid, None)
+
+    async def _save(self, job_uuid: str, result: str) -> None:
+        async with self.db.tx() as s:
+            await s.execute(_JOB_DONE, {"job": job_uuid, "result": result}, execution_options=NO_SYNC)
+
+    async def _save_later(self, job_uuid: str, result: str) -> None:
+        while True:
+            await asyncio.sleep(SAVE_RETRY)
+            try:
+                await self._save(job_uuid, result)
+            except StorageFull:
+                continue
+            self._unsaved.pop(job_uuid, None)
+            return
 
     async def set_progress(self, job_uuid: str, progress: str) -> None:
         """What a long job reports while it runs (e.g. "42%"); any node answers it from the database."""
@@ -80,6 +106,9 @@ class Jobs:
                 return "Processing", None, self._progress.get(job_uuid)
             if not task.cancelled() and task.exception() is None:
                 return "Done", task.result(), None
+        unsaved = self._unsaved.get(job_uuid)
+        if unsaved is not None:
+            return "Done", unsaved, None
         async with self.db.tx() as s:
             job = await s.get(Job, job_uuid)
         if job is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -50,6 +51,31 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 Params = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+# PostgreSQL's SQLSTATE for "disk full" (class 53, insufficient resources)
+PG_DISK_FULL = "53100"
+# Below this much free space where the SQLite database lives, /health says the database fails: the
+# log may grow to journal_size_limit (64 MiB) before a checkpoint rewinds it, so a filesystem with
+# less than that left is a commit or two from refusing writes, though every read still works.
+MIN_FREE_BYTES = 64 << 20
+
+
+class StorageFull(Exception):
+    """The database refused a write for want of disk space (SQLite's SQLITE_FULL, PostgreSQL's
+    53100). The transaction was rolled back, and the connection is fit for the next one: the
+    caller may try again once space returns."""
+
+
+def disk_full(err: BaseException) -> str | None:
+    """The database's own words if ``err`` (an SQLAlchemy error or what it wraps) says the disk is
+    full, else None."""
+    orig = getattr(err, "orig", None) or err
+    if isinstance(orig, sqlite3.Error) and orig.sqlite_errorcode == sqlite3.SQLITE_FULL:
+        return str(orig)
+    # asyncpg's error as SQLAlchemy's adapter wraps it (sqlstate) or bare (its own attribute)
+    if PG_DISK_FULL in (getattr(orig, "sqlstate", None), getattr(orig, "pgcode", None)):
+        return str(orig).strip()
+    return None
 
 
 class Tx(Protocol):
@@ -274,17 +300,43 @@ class InlineSession:
             conn.commit()
 
     def _rollback(self) -> None:
-        if self._session is not None:
-            self._session.rollback()
-        conn = self._db.connection()
-        if conn.in_transaction():
+        """Never raises: a connection that cannot be rolled back is discarded instead, so that the
+        error the caller sees is the one that failed the transaction."""
+        try:
+            if self._session is not None:
+                self._session.rollback()
+            conn = self._db.connection()
+            # also a transaction whose COMMIT failed: SQLAlchemy then holds it inactive but still
+            # begun, and every later statement on the connection was refused until a rollback
             conn.rollback()
+            # and SQLite's own: SQLAlchemy rolls back an inactive transaction only on its side,
+            # and SQLite may keep the one whose COMMIT failed open, writes and all
+            if conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+                conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+        except Exception:
+            log.warning("SQLite rollback failed; opening a new connection", exc_info=True)
+            self._db.discard_connection()
+
+    def _wrote(self) -> bool:
+        """Whether this transaction changes anything: Python's sqlite3 begins SQLite's transaction
+        only before the first statement that writes, and the Session's pending objects write at
+        its commit."""
+        session = self._session
+        if session is not None and (session.new or session.dirty or session.deleted):
+            return True
+        return bool(self._db.connection().connection.dbapi_connection.in_transaction)  # type: ignore[union-attr]
 
     def _close(self) -> None:
         if self._session is not None:
-            self._session.close()
+            try:
+                self._session.close()
+            except Exception:  # its connection is discarded already, or is now
+                log.warning("SQLite session close failed; opening a new connection", exc_info=True)
+                self._db.discard_connection()
             self._session = None
 
+
+_PROBE = select(literal(1))
 
 # 40 MB of 4 KiB pages: a few seconds of a busy node's writes
 WAL_RESTART_FRAMES = 10_000
@@ -329,12 +381,27 @@ class Database:
             self.engine: AsyncEngine = create_async_engine(url, pool_size=20, max_overflow=20)
             self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
+            # PostgreSQL refuses a write as it runs (a table that cannot grow), not at COMMIT:
+            # a write statement that runs after a refusal says the space is back
+            @event.listens_for(self.engine.sync_engine, "after_cursor_execute")
+            def _wrote(_conn, _cursor, _statement, _params, context, _many) -> None:  # type: ignore[no-untyped-def]
+                if self.storage_full is not None and (context.isinsert or context.isupdate or context.isdelete):
+                    self.storage_full = None
+
+        # the database's words for the last write refused for want of space, until one gets through
+        self.storage_full: str | None = None
+
     @asynccontextmanager
     async def tx(self) -> AsyncIterator[Tx]:
-        """One short transaction: commit on success, roll back on error. Never hold across I/O."""
+        """One short transaction: commit on success, roll back on error. Never hold across I/O.
+        A write refused for want of disk space raises StorageFull, whatever statement met it."""
         if not self.is_sqlite:
-            async with self.sessions() as s, s.begin():
-                yield s
+            try:
+                async with self.sessions() as s, s.begin():
+                    yield s
+            except Exception as err:
+                self._full(err)
+                raise
             return
         if self._turn.locked():  # only when a transaction awaits while open; as the pool's timeout was
             async with asyncio.timeout(300):
@@ -344,13 +411,63 @@ class Database:
         inline = InlineSession(self)
         try:
             yield inline
+            wrote = self.storage_full is not None and inline._wrote()
             inline._commit()
-        except BaseException:
+            if wrote:  # space is back: the first write since the failure got through
+                self.storage_full = None
+        except BaseException as err:
             inline._rollback()
+            if isinstance(err, Exception):
+                self._full(err)
             raise
         finally:
             inline._close()
             self._turn.release()
+
+    def _full(self, err: Exception) -> None:
+        """Raise StorageFull for a disk-full error, and remember it for /health: reads still work
+        while the disk is full, so only a write tells, and the next write that gets through says
+        that it is over."""
+        said = disk_full(err)
+        if said is not None:
+            self.storage_full = said
+            log.warning("the database refused a write: %s", said)
+            raise StorageFull(said) from err
+
+    def discard_connection(self) -> None:
+        """SQLite: drop the node's connection after it failed in a way a rollback may not repair
+        (a failed COMMIT or ROLLBACK); closing it rolls back whatever SQLite still held open, and
+        the next transaction opens a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.invalidate()
+                conn.close()
+            except Exception:
+                log.warning("closing the broken SQLite connection failed", exc_info=True)
+
+    async def check(self, timeout: float = 5.0) -> str | None:
+        """What is wrong with the database, for /health, or None. Cheap enough to poll: a trivial
+        SELECT (the database answers), a statvfs of the SQLite database's filesystem (reads work
+        on a full disk, writes do not) and the last write's outcome (the only sign of a full disk
+        on PostgreSQL's server, which the node cannot look at)."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.tx() as s:
+                    await s.execute(_PROBE)
+        except TimeoutError:
+            return f"no answer to a SELECT within {timeout:g} s"
+        except Exception as err:
+            return f"a SELECT failed: {type(err).__name__}: {err}"
+        if self.storage_full is not None:
+            return f"storage full: the last write was refused ({self.storage_full})"
+        if self.is_sqlite:
+            where = os.path.dirname(self.sync_engine.url.database or ".")
+            st = os.statvfs(where)
+            free = st.f_bavail * st.f_frsize
+            if free < MIN_FREE_BYTES:
+                return f"storage full: {free} bytes free on the filesystem of {where} (needs {MIN_FREE_BYTES})"
+        return None
 
     def connection(self) -> Connection:
         """SQLite: the node's one connection, checked out of the pool for as long as the node runs
