@@ -13,7 +13,9 @@ from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import invalid, not_allowed, not_found
 from nimbostack.core.resources import (
     ENABLE_DISABLE,
+    Scope,
     add_creation_tags,
+    capacity_scope,
     disown,
     inv,
     load,
@@ -459,33 +461,21 @@ async def delete_ip_range(ctx: ApiContext) -> dict[str, Any]:
     return {}
 
 
+IP_CAPACITY_SCOPES = {
+    "zoneUuids": Scope(m.Zone, "Zone", lambda uuids: m.IpRange.l3NetworkUuid.in_(
+        select(m.L3Network.uuid).where(m.L3Network.zoneUuid.in_(uuids))
+    )),
+    "l3NetworkUuids": Scope(m.L3Network, "L3Network", lambda uuids: m.IpRange.l3NetworkUuid.in_(uuids), owned=True),
+    "ipRangeUuids": Scope(m.IpRange, "IpRange", lambda uuids: m.IpRange.uuid.in_(uuids), owned=True),
+}
+
+
 @api("GetIpAddressCapacity")
 async def ip_address_capacity(ctx: ApiContext) -> dict[str, Any]:
     """Addresses in the IP ranges of some L3 networks, ranges or zones (or ``all``), and how many
-    of them are free. Exactly one scope; uuids are checked like any other (unknown or another
-    account's: not found)."""
-    scopes = {k: ctx.list(k) for k in ("l3NetworkUuids", "ipRangeUuids", "zoneUuids")}
-    given = [k for k, v in scopes.items() if v] + (["all"] if ctx.bool("all") else [])
-    if len(given) != 1:
-        raise invalid("GetIpAddressCapacity needs exactly one of l3NetworkUuids, ipRangeUuids, zoneUuids or all=true")
+    of them are free."""
     async with ctx.p.db.tx() as s:
-        ranges = select(m.IpRange)
-        if scopes["ipRangeUuids"]:
-            for uuid in scopes["ipRangeUuids"]:
-                await load(s, m.IpRange, uuid, ctx, "IpRange", owned=True)
-            ranges = ranges.where(m.IpRange.uuid.in_(scopes["ipRangeUuids"]))
-        elif scopes["l3NetworkUuids"]:
-            for uuid in scopes["l3NetworkUuids"]:
-                await load(s, m.L3Network, uuid, ctx, "L3Network", owned=True)
-            ranges = ranges.where(m.IpRange.l3NetworkUuid.in_(scopes["l3NetworkUuids"]))
-        elif scopes["zoneUuids"]:
-            for uuid in scopes["zoneUuids"]:
-                await load(s, m.Zone, uuid, ctx, "Zone")
-            ranges = ranges.join(m.L3Network, m.L3Network.uuid == m.IpRange.l3NetworkUuid).where(
-                m.L3Network.zoneUuid.in_(scopes["zoneUuids"])
-            )
-        elif not ctx.caller.is_admin:
-            raise not_allowed("all=true counts every account's addresses: admin only")
+        ranges = select(m.IpRange).where(*await capacity_scope(s, ctx, IP_CAPACITY_SCOPES))
         rows = (await s.execute(ranges)).scalars().all()
         total = sum(int(ipaddress.ip_address(r.endIp)) - int(ipaddress.ip_address(r.startIp)) + 1 for r in rows)
         used = 0

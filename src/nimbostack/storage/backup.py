@@ -16,7 +16,9 @@ from nimbostack.core.errors import ApiError, invalid, not_allowed
 from nimbostack.core.hosts import agent_port_of, own_addresses
 from nimbostack.core.resources import (
     ENABLE_DISABLE,
+    Scope,
     add_creation_tags,
+    capacity_sums,
     disown,
     inv,
     load,
@@ -145,6 +147,35 @@ def image_source(agent_url: str, root: str, install_path: str) -> str:
     return f"{agent_url}/bs/file?{urlencode({'root': root, 'path': install_path})}"
 
 
+async def _take_capacity(s: Any, bs_uuid: str, size: int) -> None:
+    """An image copy holds its size of the store's capacity from its download to its expunge
+    (a negative ``size`` gives it back)."""
+    await s.execute(
+        update(m.BackupStorage)
+        .where(m.BackupStorage.uuid == bs_uuid)
+        .values(availableCapacity=m.BackupStorage.availableCapacity - size)
+    )
+
+
+BS_CAPACITY_SCOPES = {
+    # a store attached to several of the zones counts once
+    "zoneUuids": Scope(m.Zone, "Zone", lambda uuids: m.BackupStorage.uuid.in_(
+        select(m.BackupStorageZoneRef.backupStorageUuid).where(m.BackupStorageZoneRef.zoneUuid.in_(uuids))
+    )),
+    "backupStorageUuids": Scope(m.BackupStorage, "BackupStorage", lambda uuids: m.BackupStorage.uuid.in_(uuids)),
+}
+
+
+@api("GetBackupStorageCapacity", admin=True)
+async def get_bs_capacity(ctx: ApiContext) -> dict[str, Any]:
+    """Capacity of the backup storages attached to some zones, or named ones (or ``all``), and
+    what the image copies on them leave free."""
+    total, available = await capacity_sums(
+        ctx, BS_CAPACITY_SCOPES, (m.BackupStorage.totalCapacity, m.BackupStorage.availableCapacity)
+    )
+    return {"totalCapacity": total, "availableCapacity": available}
+
+
 @api("AttachBackupStorageToZone", admin=True)
 async def attach_bs(ctx: ApiContext) -> dict[str, Any]:
     async with ctx.p.db.tx() as s:
@@ -263,6 +294,7 @@ async def add_image(ctx: ApiContext) -> dict[str, Any]:
                        m.ImageBackupStorageRef.backupStorageUuid == bs.uuid)
                 .values(status="Ready", installPath=result["installPath"])
             )
+            await _take_capacity(s, bs.uuid, int(result["actualSize"] or 0))
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
 
@@ -370,6 +402,10 @@ async def expunge_image(p: Platform, image_uuid: str, bs_uuids: list[str] | None
                                    {"path": bs.url, "installPath": install_path}, image_uuid)
     async with p.db.tx() as s:
         if work:
+            image = await s.get(m.Image, image_uuid)
+            for _, _, bs in work:
+                if bs is not None and image is not None:
+                    await _take_capacity(s, bs.uuid, -int(image.actualSize or 0))
             await s.execute(delete(m.ImageBackupStorageRef).where(
                 m.ImageBackupStorageRef.id.in_([ref_id for ref_id, _, _ in work])))
         await _settle_image(s, image_uuid)
