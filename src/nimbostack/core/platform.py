@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class Platform:
         self.timeouts.overrides = lambda: self.config.category_values(API_TIMEOUT)
         self.agents = AgentClient()
         self.auth = Auth(self.db, self.config)
+        self.node_uuid = uuid.uuid4().hex  # this management node's, for its life (management_node)
 
     @property
     def management_url(self) -> str:
