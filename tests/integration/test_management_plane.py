@@ -109,3 +109,28 @@ def test_hypervisor_types_are_those_hosts_can_be_added_as(node: Running, api: Ap
         assert cluster["hypervisorType"] == t
     tenant = _account(api, node, "hv-tenant")
     assert tenant.call("GetHypervisorTypes")["hypervisorTypes"] == types
+
+
+def test_type_listings_name_what_the_apis_create(node: Running, api: Api) -> None:
+    """GetPrimaryStorageTypes, GetBackupStorageTypes, GetL2NetworkTypes, GetNetworkServiceTypes:
+    what resources can be made of, each listed type accepted where it is used."""
+    ps_types = api.call("GetPrimaryStorageTypes")["primaryStorageTypes"]
+    assert {"LocalStorage", "SharedMountPoint"} <= set(ps_types)
+    assert sorted(api.call("GetBackupStorageTypes")["backupStorageTypes"]) == ["Sftp", "SimulatorBackupStorage"]
+    l2_types = api.call("GetL2NetworkTypes")["l2NetworkTypes"]
+    assert sorted(l2_types) == ["L2NoVlanNetwork", "L2VlanNetwork"]
+
+    zone = api.call("CreateZone", name="z")["inventory"]["uuid"]
+    made = [api.call("CreateL2NoVlanNetwork", name="a", zoneUuid=zone, physicalInterface="eth0")["inventory"],
+            api.call("CreateL2VlanNetwork", name="b", zoneUuid=zone, physicalInterface="eth0", vlan=10)["inventory"]]
+    assert sorted(r["type"] for r in made) == sorted(l2_types)
+    ps = api.call("AddLocalPrimaryStorage", name="ps", url="/nimbo/ps", zoneUuid=zone)["inventory"]
+    assert ps["type"] in ps_types
+    bs = api.call("AddSimulatorBackupStorage", name="bs", url="/nimbo/bs")["inventory"]
+    assert bs["type"] in api.call("GetBackupStorageTypes")["backupStorageTypes"]
+
+    services = api.call("GetNetworkServiceTypes")["serviceAndProviderTypes"]
+    for provider in api.query("QueryNetworkServiceProvider"):
+        for service in provider["networkServiceTypes"]:
+            assert provider["type"] in services[service]
+    assert "Flat" in services["DHCP"] and "VirtualRouter" in services["DHCP"]

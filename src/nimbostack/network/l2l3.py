@@ -28,6 +28,11 @@ from nimbostack.core.resources import (
 from nimbostack.db import models as m
 from nimbostack.network import providers
 
+# the L2 network types, each made by its CreateL2<Type> API (GetL2NetworkTypes)
+L2_NO_VLAN = "L2NoVlanNetwork"
+L2_VLAN = "L2VlanNetwork"
+L2_NETWORK_TYPES = (L2_NO_VLAN, L2_VLAN)
+
 # --- inventories with composite fields ---------------------------------------------------------
 
 
@@ -41,7 +46,7 @@ async def _l2_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
         by.setdefault(ref.l2NetworkUuid, []).append(ref.clusterUuid)
     for row, out in zip(rows, invs, strict=True):
         out["attachedClusterUuids"] = by.get(row.uuid, [])
-        if row.type == "L2VlanNetwork":
+        if row.type == L2_VLAN:
             out["vlan"] = row.vlan
         else:
             out.pop("vlan", None)
@@ -138,7 +143,7 @@ query.register(
         "L2VlanNetworkInventory",
         scope="public",
         extra=_l2_extra,
-        base_filter=lambda: m.L2Network.type == "L2VlanNetwork",
+        base_filter=lambda: m.L2Network.type == L2_VLAN,
         joins={"zone": query.Join("zoneUuid", "QueryObjectZoneInventory", "uuid")},
     )
 )
@@ -217,6 +222,24 @@ async def seed_providers(db: Any) -> None:
                 s.add(m.NetworkServiceType(networkServiceProviderUuid=uuid, type=t))
 
 
+@api("GetNetworkServiceTypes")
+async def get_network_service_types(ctx: ApiContext) -> dict[str, Any]:
+    """Each network service type, and the types of the providers that serve it."""
+    async with ctx.p.db.tx() as s:
+        rows = (
+            await s.execute(
+                select(m.NetworkServiceType.type, m.NetworkServiceProvider.type)
+                .join(m.NetworkServiceProvider,
+                      m.NetworkServiceProvider.uuid == m.NetworkServiceType.networkServiceProviderUuid)
+                .order_by(m.NetworkServiceType.id)
+            )
+        ).all()
+    out: dict[str, list[str]] = {}
+    for service, provider in rows:
+        out.setdefault(service, []).append(provider)
+    return {"serviceAndProviderTypes": out}
+
+
 # --- L2 ----------------------------------------------------------------------------------------
 
 _IFNAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -249,7 +272,7 @@ async def _create_l2(ctx: ApiContext, type_: str, vlan: int | None) -> dict[str,
 
 @api("CreateL2NoVlanNetwork", admin=True)
 async def create_l2_novlan(ctx: ApiContext) -> dict[str, Any]:
-    return await _create_l2(ctx, "L2NoVlanNetwork", None)
+    return await _create_l2(ctx, L2_NO_VLAN, None)
 
 
 @api("CreateL2VlanNetwork", admin=True)
@@ -257,7 +280,12 @@ async def create_l2_vlan(ctx: ApiContext) -> dict[str, Any]:
     vlan = ctx.int("vlan", minimum=1)
     if vlan is None or vlan > 4094:
         raise invalid("vlan must be between 1 and 4094")
-    return await _create_l2(ctx, "L2VlanNetwork", vlan)
+    return await _create_l2(ctx, L2_VLAN, vlan)
+
+
+@api("GetL2NetworkTypes")
+async def get_l2_network_types(ctx: ApiContext) -> dict[str, Any]:
+    return {"l2NetworkTypes": list(L2_NETWORK_TYPES)}
 
 
 @api("AttachL2NetworkToCluster", admin=True)

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 # What a simulator backup storage reports for every image it "downloads".
 SIMULATED_IMAGE_SIZE = 1 << 30
 
+# the backup storage types, each added by its Add<Type>BackupStorage API (GetBackupStorageTypes)
+SIMULATOR_BS = "SimulatorBackupStorage"
+SFTP_BS = "Sftp"
+BACKUP_STORAGE_TYPES = (SIMULATOR_BS, SFTP_BS)
+
 
 async def _bs_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
     refs = (
@@ -51,7 +56,7 @@ async def _bs_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
         by.setdefault(ref.backupStorageUuid, []).append(ref.zoneUuid)
     for row, out in zip(rows, invs, strict=True):
         out["attachedZoneUuids"] = by.get(row.uuid, [])
-        if row.type != "Sftp":
+        if row.type != SFTP_BS:
             out.pop("hostname", None)
             out.pop("username", None)
 
@@ -111,7 +116,7 @@ async def add_simulator_bs(ctx: ApiContext) -> dict[str, Any]:
             name=ctx.req("name"),
             description=ctx.str("description"),
             url=ctx.req("url"),
-            type="SimulatorBackupStorage",
+            type=SIMULATOR_BS,
             totalCapacity=total,
             availableCapacity=ctx.int("availableCapacity", total, minimum=0),
         )
@@ -133,7 +138,7 @@ async def add_sftp_bs(ctx: ApiContext) -> dict[str, Any]:
     reply = await ctx.p.agents.call(agent_url, "/bs/connect", {"hostUuid": uuid, "path": path})
     async with ctx.p.db.tx() as s:
         row = m.BackupStorage(uuid=uuid, name=ctx.req("name"), description=ctx.str("description"), url=path,
-                              type="Sftp", hostname=hostname, username=ctx.req("username"), agentUrl=agent_url,
+                              type=SFTP_BS, hostname=hostname, username=ctx.req("username"), agentUrl=agent_url,
                               totalCapacity=reply["totalCapacity"], availableCapacity=reply["availableCapacity"])
         s.add(row)
         await add_creation_tags(s, ctx, row.uuid, "BackupStorageVO")
@@ -174,6 +179,11 @@ async def get_bs_capacity(ctx: ApiContext) -> dict[str, Any]:
         ctx, BS_CAPACITY_SCOPES, (m.BackupStorage.totalCapacity, m.BackupStorage.availableCapacity)
     )
     return {"totalCapacity": total, "availableCapacity": available}
+
+
+@api("GetBackupStorageTypes")
+async def get_bs_types(ctx: ApiContext) -> dict[str, Any]:
+    return {"backupStorageTypes": list(BACKUP_STORAGE_TYPES)}
 
 
 @api("AttachBackupStorageToZone", admin=True)
@@ -312,7 +322,7 @@ async def _download(
     ctx: ApiContext, bs: m.BackupStorage, image_uuid: str, url: str, fmt: str, policy: FetchPolicy
 ) -> dict[str, Any]:
     """Have the store fetch the image; its progress becomes the job's progress."""
-    if bs.type == "SimulatorBackupStorage":  # "downloads" at once
+    if bs.type == SIMULATOR_BS:  # "downloads" at once
         return {"size": SIMULATED_IMAGE_SIZE, "actualSize": SIMULATED_IMAGE_SIZE, "md5": None,
                 "installPath": f"{bs.url}/images/{image_uuid}.{fmt}"}
     body = {"hostUuid": bs.uuid, "path": bs.url, "imageUuid": image_uuid, "url": url, "format": fmt,

@@ -263,6 +263,12 @@ async def get_ps_capacity(ctx: ApiContext) -> dict[str, Any]:
             "totalPhysicalCapacity": total_physical, "availablePhysicalCapacity": available_physical}
 
 
+@api("GetPrimaryStorageTypes")
+async def get_ps_types(ctx: ApiContext) -> dict[str, Any]:
+    """The types of the primary storage backends loaded (each a plugin's)."""
+    return {"primaryStorageTypes": list(backend.BACKENDS)}
+
+
 # --- placement, used by the VM and volume flows -----------------------------------------------
 
 
