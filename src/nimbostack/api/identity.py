@@ -167,12 +167,5 @@ async def get_global_config(ctx: ApiContext) -> dict[str, Any]:
     return {"inventory": out}
 
 
-@api("GetVersion", public=True)
-async def get_version(ctx: ApiContext) -> dict[str, Any]:
-    from importlib.metadata import version
-
-    return {"version": version("nimbostack")}
-
-
 def is_admin_account(account: m.Account) -> bool:
     return account.type == ADMIN_TYPE

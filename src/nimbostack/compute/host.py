@@ -16,7 +16,9 @@ from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import ApiError, invalid, not_allowed
 from nimbostack.core.hosts import agent_url
 from nimbostack.core.resources import (
+    Scope,
     add_creation_tags,
+    capacity_sums,
     disown,
     inv,
     load,
@@ -48,6 +50,19 @@ query.register(
 )
 register_queries("QueryHost")
 
+# the hypervisor types hosts can be added as, each by its Add<Type>Host API (GetHypervisorTypes)
+HYPERVISOR_TYPES: list[str] = []
+
+
+def hypervisor_type(name: str) -> str:
+    if name not in HYPERVISOR_TYPES:
+        HYPERVISOR_TYPES.append(name)
+    return name
+
+
+KVM = hypervisor_type("KVM")
+SIMULATOR = hypervisor_type("Simulator")
+
 
 async def connect(platform: Platform, host_uuid: str, rotate: bool = False) -> m.Host:
     """Connect the host's agent, read its capacity, reconcile its VMs; Connected on success.
@@ -57,7 +72,7 @@ async def connect(platform: Platform, host_uuid: str, rotate: bool = False) -> m
         assert host is not None
         host.status = "Connecting"
         body: dict[str, Any] = {"hostUuid": host.uuid, "managementUrl": platform.agent_wire_url}
-        if host.hypervisorType == "Simulator":
+        if host.hypervisorType == SIMULATOR:
             body["simulator"] = {"cpuCapacity": host.simCpuCapacity, "memoryCapacity": host.simMemoryCapacity}
         url = host.agentUrl
     try:
@@ -72,7 +87,7 @@ async def connect(platform: Platform, host_uuid: str, rotate: bool = False) -> m
     async with platform.db.tx() as s:
         host = await s.get(m.Host, host_uuid)
         assert host is not None
-        if host.hypervisorType == "Simulator":
+        if host.hypervisorType == SIMULATOR:
             host.totalCpuCapacity = int(host.simCpuCapacity or 0)
             host.totalMemoryCapacity = int(host.simMemoryCapacity or 0)
         else:
@@ -111,12 +126,12 @@ async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> 
             )
         ip = ctx.req("managementIp")
         dup = (
-            await s.execute(select(m.Host.uuid).where(m.Host.managementIp == ip, m.Host.hypervisorType != "Simulator"))
+            await s.execute(select(m.Host.uuid).where(m.Host.managementIp == ip, m.Host.hypervisorType != SIMULATOR))
         ).first()
-        if dup and hypervisor != "Simulator" and not any(t.startswith("agentPort::") for t in ctx.list("systemTags")):
+        if dup and hypervisor != SIMULATOR and not any(t.startswith("agentPort::") for t in ctx.list("systemTags")):
             raise invalid(f"a host with managementIp {ip} already exists")
         url = agent_url(ctx.p.settings, hypervisor, ip, [str(t) for t in ctx.list("systemTags")])
-        if hypervisor != "Simulator" and (await s.execute(select(m.Host.uuid).where(m.Host.agentUrl == url))).first():
+        if hypervisor != SIMULATOR and (await s.execute(select(m.Host.uuid).where(m.Host.agentUrl == url))).first():
             raise invalid(f"a host with managementIp {ip} and this agent port already exists ({url})")
         host = m.Host(
             uuid=uuid,
@@ -154,7 +169,7 @@ async def add_kvm_host(ctx: ApiContext) -> dict[str, Any]:
     ctx.req("password")
     return await _add_host(
         ctx,
-        "KVM",
+        KVM,
         {
             "username": ctx.req("username"),
             "sshPort": ctx.int("sshPort", 22) or ctx.int("port", 22),
@@ -166,7 +181,7 @@ async def add_kvm_host(ctx: ApiContext) -> dict[str, Any]:
 async def add_simulator_host(ctx: ApiContext) -> dict[str, Any]:
     return await _add_host(
         ctx,
-        "Simulator",
+        SIMULATOR,
         {
             "simCpuCapacity": ctx.int("cpuCapacity", minimum=1),
             "simMemoryCapacity": ctx.int("memoryCapacity", minimum=1),
@@ -241,6 +256,33 @@ async def delete_host(ctx: ApiContext) -> dict[str, Any]:
             await disown(s, [uuid])
     await gc.run(ctx.p, uuid)  # what waited for the host is moot now: its entries are Done
     return {}
+
+
+@api("GetHypervisorTypes")
+async def get_hypervisor_types(ctx: ApiContext) -> dict[str, Any]:
+    return {"hypervisorTypes": list(HYPERVISOR_TYPES)}
+
+
+CPU_MEMORY_SCOPES = {
+    "zoneUuids": Scope(m.Zone, "Zone", lambda uuids: m.Host.zoneUuid.in_(uuids)),
+    "clusterUuids": Scope(m.Cluster, "Cluster", lambda uuids: m.Host.clusterUuid.in_(uuids)),
+    "hostUuids": Scope(m.Host, "Host", lambda uuids: m.Host.uuid.in_(uuids)),
+}
+
+
+@api("GetCpuMemoryCapacity", admin=True)
+async def get_cpu_memory_capacity(ctx: ApiContext) -> dict[str, Any]:
+    """CPU (MHz) and memory (bytes) of the hosts in some zones, clusters or hosts (or ``all``),
+    and what their VMs leave free. As ZStack counts them: only the hosts VMs can be placed on now
+    (Enabled and Connected)."""
+    h = m.Host
+    total_cpu, available_cpu, total_memory, available_memory = await capacity_sums(
+        ctx, CPU_MEMORY_SCOPES,
+        (h.totalCpuCapacity, h.availableCpuCapacity, h.totalMemoryCapacity, h.availableMemoryCapacity),
+        h.state == "Enabled", h.status == "Connected",
+    )
+    return {"totalCpu": total_cpu, "availableCpu": available_cpu,
+            "totalMemory": total_memory, "availableMemory": available_memory}
 
 
 async def ping_all(platform: Platform) -> None:

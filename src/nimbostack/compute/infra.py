@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, select
@@ -201,3 +202,40 @@ async def delete_instance_offering(ctx: ApiContext) -> dict[str, Any]:
 @api("DeleteDiskOffering", admin=True)
 async def delete_disk_offering(ctx: ApiContext) -> dict[str, Any]:
     return await _delete_offering(ctx, m.DiskOffering, "DiskOffering")
+
+
+async def _change_offering(
+    ctx: ApiContext, model: type, kind: str, change: Callable[[Any], None]
+) -> dict[str, Any]:
+    async with ctx.p.db.tx() as s:
+        row = await load(s, model, ctx.req("uuid"), ctx, kind)
+        change(row)
+        await s.flush()
+        return {"inventory": await inv(s, f"QueryObject{kind}Inventory", row)}
+
+
+def _new_state(ctx: ApiContext) -> Callable[[Any], None]:
+    state = state_event(ctx.req("stateEvent"), ENABLE_DISABLE)
+    return lambda row: setattr(row, "state", state)
+
+
+@api("ChangeInstanceOfferingState", admin=True)
+async def change_instance_offering_state(ctx: ApiContext) -> dict[str, Any]:
+    """A Disabled offering makes no new VM; the VMs made from it keep running."""
+    return await _change_offering(ctx, m.InstanceOffering, "InstanceOffering", _new_state(ctx))
+
+
+@api("ChangeDiskOfferingState", admin=True)
+async def change_disk_offering_state(ctx: ApiContext) -> dict[str, Any]:
+    """A Disabled offering makes no new volume; the volumes made from it stay."""
+    return await _change_offering(ctx, m.DiskOffering, "DiskOffering", _new_state(ctx))
+
+
+@api("UpdateInstanceOffering", admin=True)
+async def update_instance_offering(ctx: ApiContext) -> dict[str, Any]:
+    return await _change_offering(ctx, m.InstanceOffering, "InstanceOffering", lambda row: update_fields(row, ctx))
+
+
+@api("UpdateDiskOffering", admin=True)
+async def update_disk_offering(ctx: ApiContext) -> dict[str, Any]:
+    return await _change_offering(ctx, m.DiskOffering, "DiskOffering", lambda row: update_fields(row, ctx))

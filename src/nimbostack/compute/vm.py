@@ -190,6 +190,13 @@ async def create_vm_instance(p: Platform, new: NewVm) -> dict[str, Any]:
         return made if made is not None else await _create(p, new, vm_uuid, default_l3)
 
 
+async def _disk_size(s: Tx, new: NewVm, offering_uuid: str) -> int:
+    offering = await load_row(s, m.DiskOffering, offering_uuid, new, "DiskOffering")
+    if offering.state != "Enabled":
+        raise not_allowed(f"disk offering {offering.uuid} is {offering.state}")
+    return int(offering.diskSize)
+
+
 async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dict[str, Any]:
     l3_uuids = new.l3_network_uuids
     async with p.db.tx() as s:
@@ -204,11 +211,8 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
         if image.mediaType == "ISO":
             if not new.root_disk_offering_uuid:
                 raise invalid("a VM created from an ISO needs rootDiskOfferingUuid for its empty root volume")
-            root_size = (await load_row(s, m.DiskOffering, new.root_disk_offering_uuid, new, "DiskOffering")).diskSize
-        data_sizes = [
-            (await load_row(s, m.DiskOffering, u, new, "DiskOffering")).diskSize
-            for u in new.data_disk_offering_uuids
-        ]
+            root_size = await _disk_size(s, new, new.root_disk_offering_uuid)
+        data_sizes = [await _disk_size(s, new, u) for u in new.data_disk_offering_uuids]
         for u in l3_uuids:
             l3 = await load_row(s, m.L3Network, u, new, "L3Network")
             if l3.state != "Enabled":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -68,6 +69,7 @@ class Platform:
             [urlsplit(self.management_url).hostname or "", settings.host if settings.host != "0.0.0.0" else ""])
         self.agents = AgentClient(self.credentials.client_context())
         self.auth = Auth(self.db, self.config)
+        self.node_uuid = uuid.uuid4().hex  # this management node's, for its life (management_node)
 
     @property
     def management_url(self) -> str:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Row, delete, select
+from sqlalchemy import ColumnElement, Row, delete, func, select
 
 from nimbostack.core import query, spec
 from nimbostack.core.auth import ADMIN_UUID, Caller
 from nimbostack.core.context import ApiContext, api
-from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_found
+from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_allowed, not_found
 from nimbostack.core.tags import validate_system_tag
 from nimbostack.db.engine import Tx, get_row, insert_now
 from nimbostack.db.models import AccountResourceRef, SystemTag, UserTag
@@ -210,3 +212,46 @@ async def check_visible(s: Tx, msg: spec.MessageSpec, params: dict[str, Any], ca
     ).scalars().first()
     if foreign is not None:
         raise not_found(uuids[foreign], foreign)
+
+
+# --- Get...Capacity: one scope, and sums over it
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One uuid-list field of a Get...Capacity message: what its uuids name (``owned``: a normal
+    account names only its own), and which of the counted rows they select."""
+
+    model: type
+    kind: str
+    rows: Callable[[list[str]], ColumnElement[bool]]
+    owned: bool = False
+
+
+async def capacity_scope(s: Tx, ctx: ApiContext, scopes: dict[str, Scope]) -> list[ColumnElement[bool]]:
+    """The WHERE of the rows a Get...Capacity message counts: exactly one of its uuid lists, each
+    uuid loaded like any other reference (unknown or another account's: not found), or
+    ``all=true`` (every account's resources: admin only; no WHERE)."""
+    lists = {name: [str(u).strip() for u in ctx.list(name)] for name in scopes}
+    given = [name for name, uuids in lists.items() if uuids] + (["all"] if ctx.bool("all") else [])
+    if len(given) != 1:
+        raise invalid(f"{ctx.msg.name} needs exactly one of {', '.join(scopes)} or all=true")
+    name = given[0]
+    if name == "all":
+        if not ctx.caller.is_admin:
+            raise not_allowed("all=true counts every account's resources: admin only")
+        return []
+    scope = scopes[name]
+    for uuid in lists[name]:
+        await load(s, scope.model, uuid, ctx, scope.kind, owned=scope.owned)
+    return [scope.rows(lists[name])]
+
+
+async def capacity_sums(
+    ctx: ApiContext, scopes: dict[str, Scope], columns: Sequence[Any], *where: ColumnElement[bool]
+) -> list[int]:
+    """SUM of each column over the rows of the scope the message asks for (and ``where``); 0 over none."""
+    async with ctx.p.db.tx() as s:
+        clauses = [*await capacity_scope(s, ctx, scopes), *where]
+        sums = select(*(func.coalesce(func.sum(c), 0) for c in columns)).where(*clauses)
+        return [int(v) for v in (await s.execute(sums)).one()]

@@ -133,6 +133,18 @@ class GarbageCollector(Base, Stamped):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class ManagementNode(Base):
+    """A management node on this database: its row is written when it starts, its heartBeat
+    renewed while it runs, and the row removed when it stops (or, by the others, when it stops
+    beating)."""
+
+    __tablename__ = "management_node"
+    uuid: Mapped[str] = mapped_column(UUID, primary_key=True)
+    hostName: Mapped[str] = mapped_column(String(255))
+    joinDate: Mapped[datetime] = mapped_column(DateTime, default=datetime.utcnow)
+    heartBeat: Mapped[datetime] = mapped_column(DateTime, default=datetime.utcnow, index=True)
+
+
 # --- compute ------------------------------------------------------------------------------
 
 

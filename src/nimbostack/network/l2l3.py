@@ -13,7 +13,9 @@ from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import invalid, not_allowed, not_found
 from nimbostack.core.resources import (
     ENABLE_DISABLE,
+    Scope,
     add_creation_tags,
+    capacity_scope,
     disown,
     inv,
     load,
@@ -25,6 +27,11 @@ from nimbostack.core.resources import (
 )
 from nimbostack.db import models as m
 from nimbostack.network import providers
+
+# the L2 network types, each made by its CreateL2<Type> API (GetL2NetworkTypes)
+L2_NO_VLAN = "L2NoVlanNetwork"
+L2_VLAN = "L2VlanNetwork"
+L2_NETWORK_TYPES = (L2_NO_VLAN, L2_VLAN)
 
 # --- inventories with composite fields ---------------------------------------------------------
 
@@ -39,7 +46,7 @@ async def _l2_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
         by.setdefault(ref.l2NetworkUuid, []).append(ref.clusterUuid)
     for row, out in zip(rows, invs, strict=True):
         out["attachedClusterUuids"] = by.get(row.uuid, [])
-        if row.type == "L2VlanNetwork":
+        if row.type == L2_VLAN:
             out["vlan"] = row.vlan
         else:
             out.pop("vlan", None)
@@ -136,7 +143,7 @@ query.register(
         "L2VlanNetworkInventory",
         scope="public",
         extra=_l2_extra,
-        base_filter=lambda: m.L2Network.type == "L2VlanNetwork",
+        base_filter=lambda: m.L2Network.type == L2_VLAN,
         joins={"zone": query.Join("zoneUuid", "QueryObjectZoneInventory", "uuid")},
     )
 )
@@ -215,6 +222,24 @@ async def seed_providers(db: Any) -> None:
                 s.add(m.NetworkServiceType(networkServiceProviderUuid=uuid, type=t))
 
 
+@api("GetNetworkServiceTypes")
+async def get_network_service_types(ctx: ApiContext) -> dict[str, Any]:
+    """Each network service type, and the types of the providers that serve it."""
+    async with ctx.p.db.tx() as s:
+        rows = (
+            await s.execute(
+                select(m.NetworkServiceType.type, m.NetworkServiceProvider.type)
+                .join(m.NetworkServiceProvider,
+                      m.NetworkServiceProvider.uuid == m.NetworkServiceType.networkServiceProviderUuid)
+                .order_by(m.NetworkServiceType.id)
+            )
+        ).all()
+    out: dict[str, list[str]] = {}
+    for service, provider in rows:
+        out.setdefault(service, []).append(provider)
+    return {"serviceAndProviderTypes": out}
+
+
 # --- L2 ----------------------------------------------------------------------------------------
 
 _IFNAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -247,7 +272,7 @@ async def _create_l2(ctx: ApiContext, type_: str, vlan: int | None) -> dict[str,
 
 @api("CreateL2NoVlanNetwork", admin=True)
 async def create_l2_novlan(ctx: ApiContext) -> dict[str, Any]:
-    return await _create_l2(ctx, "L2NoVlanNetwork", None)
+    return await _create_l2(ctx, L2_NO_VLAN, None)
 
 
 @api("CreateL2VlanNetwork", admin=True)
@@ -255,7 +280,12 @@ async def create_l2_vlan(ctx: ApiContext) -> dict[str, Any]:
     vlan = ctx.int("vlan", minimum=1)
     if vlan is None or vlan > 4094:
         raise invalid("vlan must be between 1 and 4094")
-    return await _create_l2(ctx, "L2VlanNetwork", vlan)
+    return await _create_l2(ctx, L2_VLAN, vlan)
+
+
+@api("GetL2NetworkTypes")
+async def get_l2_network_types(ctx: ApiContext) -> dict[str, Any]:
+    return {"l2NetworkTypes": list(L2_NETWORK_TYPES)}
 
 
 @api("AttachL2NetworkToCluster", admin=True)
@@ -459,33 +489,21 @@ async def delete_ip_range(ctx: ApiContext) -> dict[str, Any]:
     return {}
 
 
+IP_CAPACITY_SCOPES = {
+    "zoneUuids": Scope(m.Zone, "Zone", lambda uuids: m.IpRange.l3NetworkUuid.in_(
+        select(m.L3Network.uuid).where(m.L3Network.zoneUuid.in_(uuids))
+    )),
+    "l3NetworkUuids": Scope(m.L3Network, "L3Network", lambda uuids: m.IpRange.l3NetworkUuid.in_(uuids), owned=True),
+    "ipRangeUuids": Scope(m.IpRange, "IpRange", lambda uuids: m.IpRange.uuid.in_(uuids), owned=True),
+}
+
+
 @api("GetIpAddressCapacity")
 async def ip_address_capacity(ctx: ApiContext) -> dict[str, Any]:
     """Addresses in the IP ranges of some L3 networks, ranges or zones (or ``all``), and how many
-    of them are free. Exactly one scope; uuids are checked like any other (unknown or another
-    account's: not found)."""
-    scopes = {k: ctx.list(k) for k in ("l3NetworkUuids", "ipRangeUuids", "zoneUuids")}
-    given = [k for k, v in scopes.items() if v] + (["all"] if ctx.bool("all") else [])
-    if len(given) != 1:
-        raise invalid("GetIpAddressCapacity needs exactly one of l3NetworkUuids, ipRangeUuids, zoneUuids or all=true")
+    of them are free."""
     async with ctx.p.db.tx() as s:
-        ranges = select(m.IpRange)
-        if scopes["ipRangeUuids"]:
-            for uuid in scopes["ipRangeUuids"]:
-                await load(s, m.IpRange, uuid, ctx, "IpRange", owned=True)
-            ranges = ranges.where(m.IpRange.uuid.in_(scopes["ipRangeUuids"]))
-        elif scopes["l3NetworkUuids"]:
-            for uuid in scopes["l3NetworkUuids"]:
-                await load(s, m.L3Network, uuid, ctx, "L3Network", owned=True)
-            ranges = ranges.where(m.IpRange.l3NetworkUuid.in_(scopes["l3NetworkUuids"]))
-        elif scopes["zoneUuids"]:
-            for uuid in scopes["zoneUuids"]:
-                await load(s, m.Zone, uuid, ctx, "Zone")
-            ranges = ranges.join(m.L3Network, m.L3Network.uuid == m.IpRange.l3NetworkUuid).where(
-                m.L3Network.zoneUuid.in_(scopes["zoneUuids"])
-            )
-        elif not ctx.caller.is_admin:
-            raise not_allowed("all=true counts every account's addresses: admin only")
+        ranges = select(m.IpRange).where(*await capacity_scope(s, ctx, IP_CAPACITY_SCOPES))
         rows = (await s.execute(ranges)).scalars().all()
         total = sum(int(ipaddress.ip_address(r.endIp)) - int(ipaddress.ip_address(r.startIp)) + 1 for r in rows)
         used = 0

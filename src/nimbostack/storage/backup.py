@@ -16,7 +16,9 @@ from nimbostack.core.errors import ApiError, invalid, not_allowed
 from nimbostack.core.hosts import agent_port_of, own_addresses
 from nimbostack.core.resources import (
     ENABLE_DISABLE,
+    Scope,
     add_creation_tags,
+    capacity_sums,
     disown,
     inv,
     load,
@@ -37,6 +39,11 @@ if TYPE_CHECKING:
 # What a simulator backup storage reports for every image it "downloads".
 SIMULATED_IMAGE_SIZE = 1 << 30
 
+# the backup storage types, each added by its Add<Type>BackupStorage API (GetBackupStorageTypes)
+SIMULATOR_BS = "SimulatorBackupStorage"
+SFTP_BS = "Sftp"
+BACKUP_STORAGE_TYPES = (SIMULATOR_BS, SFTP_BS)
+
 
 async def _bs_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
     refs = (
@@ -49,7 +56,7 @@ async def _bs_extra(s: Any, rows: Any, invs: list[dict[str, Any]]) -> None:
         by.setdefault(ref.backupStorageUuid, []).append(ref.zoneUuid)
     for row, out in zip(rows, invs, strict=True):
         out["attachedZoneUuids"] = by.get(row.uuid, [])
-        if row.type != "Sftp":
+        if row.type != SFTP_BS:
             out.pop("hostname", None)
             out.pop("username", None)
 
@@ -109,7 +116,7 @@ async def add_simulator_bs(ctx: ApiContext) -> dict[str, Any]:
             name=ctx.req("name"),
             description=ctx.str("description"),
             url=ctx.req("url"),
-            type="SimulatorBackupStorage",
+            type=SIMULATOR_BS,
             totalCapacity=total,
             availableCapacity=ctx.int("availableCapacity", total, minimum=0),
         )
@@ -131,7 +138,7 @@ async def add_sftp_bs(ctx: ApiContext) -> dict[str, Any]:
     reply = await ctx.p.agents.call(agent_url, "/bs/connect", {"hostUuid": uuid, "path": path})
     async with ctx.p.db.tx() as s:
         row = m.BackupStorage(uuid=uuid, name=ctx.req("name"), description=ctx.str("description"), url=path,
-                              type="Sftp", hostname=hostname, username=ctx.req("username"), agentUrl=agent_url,
+                              type=SFTP_BS, hostname=hostname, username=ctx.req("username"), agentUrl=agent_url,
                               totalCapacity=reply["totalCapacity"], availableCapacity=reply["availableCapacity"])
         s.add(row)
         await add_creation_tags(s, ctx, row.uuid, "BackupStorageVO")
@@ -143,6 +150,40 @@ def image_source(agent_url: str, install_path: str) -> str:
     """Where a primary storage fetches an image from: its file ``install_path`` on the backup
     storage whose agent is at ``agent_url`` (which serves files below its storages' urls only)."""
     return f"{agent_url}/bs/file?{urlencode({'path': install_path})}"
+
+
+async def _take_capacity(s: Any, bs_uuid: str, size: int) -> None:
+    """An image copy holds its size of the store's capacity from its download to its expunge
+    (a negative ``size`` gives it back)."""
+    await s.execute(
+        update(m.BackupStorage)
+        .where(m.BackupStorage.uuid == bs_uuid)
+        .values(availableCapacity=m.BackupStorage.availableCapacity - size)
+    )
+
+
+BS_CAPACITY_SCOPES = {
+    # a store attached to several of the zones counts once
+    "zoneUuids": Scope(m.Zone, "Zone", lambda uuids: m.BackupStorage.uuid.in_(
+        select(m.BackupStorageZoneRef.backupStorageUuid).where(m.BackupStorageZoneRef.zoneUuid.in_(uuids))
+    )),
+    "backupStorageUuids": Scope(m.BackupStorage, "BackupStorage", lambda uuids: m.BackupStorage.uuid.in_(uuids)),
+}
+
+
+@api("GetBackupStorageCapacity", admin=True)
+async def get_bs_capacity(ctx: ApiContext) -> dict[str, Any]:
+    """Capacity of the backup storages attached to some zones, or named ones (or ``all``), and
+    what the image copies on them leave free."""
+    total, available = await capacity_sums(
+        ctx, BS_CAPACITY_SCOPES, (m.BackupStorage.totalCapacity, m.BackupStorage.availableCapacity)
+    )
+    return {"totalCapacity": total, "availableCapacity": available}
+
+
+@api("GetBackupStorageTypes")
+async def get_bs_types(ctx: ApiContext) -> dict[str, Any]:
+    return {"backupStorageTypes": list(BACKUP_STORAGE_TYPES)}
 
 
 @api("AttachBackupStorageToZone", admin=True)
@@ -263,6 +304,7 @@ async def add_image(ctx: ApiContext) -> dict[str, Any]:
                        m.ImageBackupStorageRef.backupStorageUuid == bs.uuid)
                 .values(status="Ready", installPath=result["installPath"])
             )
+            await _take_capacity(s, bs.uuid, int(result["actualSize"] or 0))
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
 
@@ -280,7 +322,7 @@ async def _download(
     ctx: ApiContext, bs: m.BackupStorage, image_uuid: str, url: str, fmt: str, policy: FetchPolicy
 ) -> dict[str, Any]:
     """Have the store fetch the image; its progress becomes the job's progress."""
-    if bs.type == "SimulatorBackupStorage":  # "downloads" at once
+    if bs.type == SIMULATOR_BS:  # "downloads" at once
         return {"size": SIMULATED_IMAGE_SIZE, "actualSize": SIMULATED_IMAGE_SIZE, "md5": None,
                 "installPath": f"{bs.url}/images/{image_uuid}.{fmt}"}
     body = {"hostUuid": bs.uuid, "path": bs.url, "imageUuid": image_uuid, "url": url, "format": fmt,
@@ -370,6 +412,10 @@ async def expunge_image(p: Platform, image_uuid: str, bs_uuids: list[str] | None
                                    {"path": bs.url, "installPath": install_path}, image_uuid)
     async with p.db.tx() as s:
         if work:
+            image = await s.get(m.Image, image_uuid)
+            for _, _, bs in work:
+                if bs is not None and image is not None:
+                    await _take_capacity(s, bs.uuid, -int(image.actualSize or 0))
             await s.execute(delete(m.ImageBackupStorageRef).where(
                 m.ImageBackupStorageRef.id.in_([ref_id for ref_id, _, _ in work])))
         await _settle_image(s, image_uuid)

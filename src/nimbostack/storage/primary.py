@@ -16,7 +16,9 @@ from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import STORAGE_ALLOCATION_FAILED, ApiError, invalid, not_allowed
 from nimbostack.core.resources import (
     ENABLE_DISABLE,
+    Scope,
     add_creation_tags,
+    capacity_sums,
     disown,
     inv,
     load,
@@ -236,6 +238,35 @@ async def delete_ps(ctx: ApiContext) -> dict[str, Any]:
         await s.delete(ps)
         await disown(s, [ps.uuid])
     return {}
+
+
+PS_CAPACITY_SCOPES = {
+    "zoneUuids": Scope(m.Zone, "Zone", lambda uuids: m.PrimaryStorage.zoneUuid.in_(uuids)),
+    # a storage attached to several of the clusters counts once
+    "clusterUuids": Scope(m.Cluster, "Cluster", lambda uuids: m.PrimaryStorage.uuid.in_(
+        select(m.PrimaryStorageClusterRef.primaryStorageUuid).where(m.PrimaryStorageClusterRef.clusterUuid.in_(uuids))
+    )),
+    "primaryStorageUuids": Scope(m.PrimaryStorage, "PrimaryStorage", lambda uuids: m.PrimaryStorage.uuid.in_(uuids)),
+}
+
+
+@api("GetPrimaryStorageCapacity", admin=True)
+async def get_ps_capacity(ctx: ApiContext) -> dict[str, Any]:
+    """Capacity of the primary storages of some zones or clusters, or named ones (or ``all``):
+    what volumes and snapshots leave of it, and of the disks under it."""
+    ps = m.PrimaryStorage
+    total, available, total_physical, available_physical = await capacity_sums(
+        ctx, PS_CAPACITY_SCOPES,
+        (ps.totalCapacity, ps.availableCapacity, ps.totalPhysicalCapacity, ps.availablePhysicalCapacity),
+    )
+    return {"totalCapacity": total, "availableCapacity": available,
+            "totalPhysicalCapacity": total_physical, "availablePhysicalCapacity": available_physical}
+
+
+@api("GetPrimaryStorageTypes")
+async def get_ps_types(ctx: ApiContext) -> dict[str, Any]:
+    """The types of the primary storage backends loaded (each a plugin's)."""
+    return {"primaryStorageTypes": list(backend.BACKENDS)}
 
 
 # --- placement, used by the VM and volume flows -----------------------------------------------

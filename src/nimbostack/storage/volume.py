@@ -63,6 +63,8 @@ async def _out(ctx: ApiContext, uuid: str) -> dict[str, Any]:
 async def create_data_volume(ctx: ApiContext) -> dict[str, Any]:
     async with ctx.p.db.tx() as s:
         offering = await load(s, m.DiskOffering, ctx.req("diskOfferingUuid"), ctx, "DiskOffering")
+        if offering.state != "Enabled":
+            raise not_allowed(f"disk offering {offering.uuid} is {offering.state}")
         vol = m.Volume(
             uuid=new_uuid(ctx),
             name=ctx.req("name"),

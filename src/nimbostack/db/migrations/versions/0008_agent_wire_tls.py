@@ -1,14 +1,14 @@
 """the agent wire is mutual TLS: hosts' and backup storages' agent URLs become https
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-04 01:30:00.000000
 """
 
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
