@@ -164,7 +164,7 @@ def test_a_full_disk_fails_calls_cleanly_and_the_node_recovers_without_restart(
             # a VM whose creation is mid-way, at the host, when the disk fills
             host = env["hosts"][0]["uuid"]
             fault = {"hostUuid": host, "path": "/storage/local/create-root", "delay": DELAY}
-            httpx.post(f"http://127.0.0.1:{node.agent_port}/simulator/fault", json=fault).raise_for_status()
+            assert node.agent_call("/simulator/fault", fault)["success"]
             body = {**vm_params(env, "vm-midway"), "session": {"uuid": api.session}}
             full_name = spec.messages()["CreateVmInstance"].full_name
             midway = httpx.post(f"{node.url}/zstack/api", json={full_name: body}).json()
@@ -213,7 +213,7 @@ def test_a_full_disk_fails_calls_cleanly_and_the_node_recovers_without_restart(
             else:
                 assert not reply["success"], reply
                 assert_storage_full(reply["error"])
-            httpx.post(f"http://127.0.0.1:{node.agent_port}/simulator/fault", json={"hostUuid": host, "clear": True})
+            node.agent_call("/simulator/fault", {"hostUuid": host, "clear": True})
 
             after = api.call("CreateVmInstance", **vm_params(env, "vm-after"))["inventory"]
             zone = api.call("CreateZone", name="after-full")["inventory"]
