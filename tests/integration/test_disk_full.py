@@ -203,7 +203,10 @@ def test_a_full_disk_fails_calls_cleanly_and_the_node_recovers_without_restart(
                 "the mid-way VM's undo to wait for space",
             )
             time.sleep(1.5)  # an undo or two refused meanwhile
-            assert health(node)[0] == 503
+            if db_url is None:
+                # SQLite: the node sees the full filesystem itself. PostgreSQL's disk it cannot see:
+                # there the state is the last write's, and the mid-way VM's may have got through
+                assert health(node)[0] == 503
 
             filler.unlink()  # space returns; the node is not restarted
             (reply,) = wait_for(result, 60, "the mid-way job's end").values()
