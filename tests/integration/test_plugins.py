@@ -24,7 +24,7 @@ def test_the_built_in_plugins_are_the_folders_and_load_registers_what_they_decla
     assert set(loader.LOADED) == {"flat", "local_storage", "shared_mount_point"}
     assert {"LocalStorage", "SharedMountPoint"} <= set(backend.BACKENDS)
     assert providers.PROVIDERS["Flat"].eip is not None
-    assert {e.name for e in hooks.VM_START} >= {"Flat DHCP and userdata", "EIP"}
+    assert {e.name for e in hooks.VM_START} >= {"Flat DHCP, userdata and EIP"}
     assert agent_plugins.found() == ["flat", "local_storage", "shared_mount_point"]
     assert {"/flat/apply", "/storage/local/create-root", "/storage/smp/create-root"} <= set(COMMANDS)
 

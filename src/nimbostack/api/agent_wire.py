@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _HOST_AGENT = select(m.Host.agentUrl).where(m.Host.uuid == bindparam("host"))
+# (agent, host) pairs found to match, until when: every VM start brings an event, and a host's agent
+# URL does not change while it exists; a deleted host's VMs are gone with it
+_MATCH_SECONDS = 30.0
+_MATCH_LIMIT = 100_000
 
 
 def _answer(status: int, code: str = "", details: str = "") -> web.Response:
@@ -37,6 +42,21 @@ def _answer(status: int, code: str = "", details: str = "") -> web.Response:
 
 
 def wire_app(p: Platform) -> web.Application:
+    matched: dict[tuple[str, str], float] = {}
+
+    async def serves(agent: str, host: str) -> bool:
+        now = time.monotonic()
+        if matched.get((agent, host), 0.0) > now:
+            return True
+        async with p.db.tx() as s:
+            url = (await s.execute(_HOST_AGENT, {"host": host})).scalar()
+        if url is None or agent_name(url) != agent:
+            return False
+        if len(matched) >= _MATCH_LIMIT:
+            matched.clear()
+        matched[(agent, host)] = now + _MATCH_SECONDS
+        return True
+
     async def event(request: web.Request) -> web.Response:
         transport = request.transport
         peer = peer_of(transport.get_extra_info("peercert")) if transport is not None else None
@@ -47,9 +67,7 @@ def wire_app(p: Platform) -> web.Application:
             host, vm, state = str(ev["hostUuid"]), str(ev["vmUuid"]), str(ev["state"])
         except (ValueError, KeyError, TypeError) as err:
             return _answer(400, "AGENT_BAD_EVENT", repr(err))
-        async with p.db.tx() as s:
-            url = (await s.execute(_HOST_AGENT, {"host": host})).scalar()
-        if url is None or agent_name(url) != peer.name:
+        if not await serves(peer.name, host):
             log.warning("refused an event about host %s from agent %s", host, peer.name)
             return _answer(403, "AGENT_FORBIDDEN", f"agent {peer.name} does not serve host {host}")
         await vmsync.on_event(p, host, vm, state)

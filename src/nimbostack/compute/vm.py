@@ -350,7 +350,7 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
         async with p.db.tx() as s:
             await s.execute(_VM_STARTING, {"vm": vm.uuid})
             await s.execute(_VOLUMES_READY, {"vm": vm.uuid})
-        await hooks.before_start(p, vm.uuid, c["host"].uuid)
+        await hooks.before_start(p, vm.uuid, c["host"].uuid, c["host"].agentUrl)
         spec = await build_spec(p, vm.uuid)
         await agent(p, c["host"].uuid, "/vm/start", {"vm": asdict(spec)}, c["host"].agentUrl)
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VmHook = Callable[["Platform", str, str], Awaitable[None]]  # (platform, vm uuid, host uuid)
+# (platform, vm uuid, host uuid, the host's agent URL when the caller has just read it, or None)
+StartHook = Callable[["Platform", str, str, "str | None"], Awaitable[None]]
 HostHook = Callable[["Platform", str], Awaitable[None]]  # (platform, host uuid)
 TagHook = Callable[["ApiContext", str, str], Awaitable[None]]  # (ctx, resource type, resource uuid)
 
@@ -31,7 +33,7 @@ class VmStartExtension:
     must succeed when ``before_start`` never ran or ran only in part."""
 
     name: str
-    before_start: VmHook
+    before_start: StartHook
     release: VmHook
 
 
@@ -54,11 +56,13 @@ def on_tag_change(hook: TagHook) -> None:
     TAG_CHANGE.append(hook)
 
 
-async def before_start(p: Platform, vm_uuid: str, host_uuid: str) -> None:
+async def before_start(p: Platform, vm_uuid: str, host_uuid: str, agent_url: str | None = None) -> None:
     """Every extension's ``before_start``, in order. A caller whose start fails after this began
-    (here or later) calls ``release``: each release is safe for an extension that never ran."""
+    (here or later) calls ``release``: each release is safe for an extension that never ran.
+    ``agent_url``: the host's, when the caller has just read the host (spares each extension's
+    commands a read of it)."""
     for ext in VM_START:
-        await ext.before_start(p, vm_uuid, host_uuid)
+        await ext.before_start(p, vm_uuid, host_uuid, agent_url)
 
 
 async def release(p: Platform, vm_uuid: str, host_uuid: str | None, *, strict: bool = False) -> None:

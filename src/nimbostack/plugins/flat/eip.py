@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, literal, select, union_all
 
 from nimbostack.core.errors import ApiError
 from nimbostack.core.hosts import agent
@@ -151,9 +152,33 @@ async def _vm_has_eip(p: Platform, vm_uuid: str) -> bool:
         return (await s.execute(_VM_HAS_EIP, {"vm": vm_uuid})).first() is not None
 
 
-async def on_vm_start(p: Platform, vm_uuid: str, host_uuid: str) -> None:
-    if await _vm_has_eip(p, vm_uuid):
+# the VM's Flat L3 networks and services, and a row marked _HAS_EIP when it has an EIP: one read
+# for what every VM start needs of both
+_HAS_EIP = "*eip*"
+_VM_FLAT_AND_EIP = union_all(
+    flat.VM_FLAT_L3S, select(literal(""), literal(_HAS_EIP)).where(_VM_HAS_EIP.exists())
+)
+
+
+async def on_flat_vm_start(p: Platform, vm_uuid: str, host_uuid: str, agent_url: str | None = None) -> None:
+    """Before the VM boots: its DHCP/userdata entries on its host and, if it has an EIP, the host's
+    EIP rules (a failure fails the start)."""
+    async with p.db.tx() as s:
+        rows = (await s.execute(_VM_FLAT_AND_EIP, {"vm": vm_uuid})).all()
+    l3s: dict[str, set[str]] = defaultdict(set)
+    for l3_uuid, service in rows:
+        if service != _HAS_EIP:
+            l3s[l3_uuid].add(service)
+    for l3_uuid, services in sorted(l3s.items()):
+        await flat.push_vm(p, host_uuid, l3_uuid, services, vm_uuid, agent_url)
+    if len(rows) > sum(len(v) for v in l3s.values()):
         await sync_host(p, host_uuid)
+
+
+async def on_flat_vm_stop(p: Platform, vm_uuid: str, host_uuid: str | None) -> None:
+    """What ``on_flat_vm_start`` set up, undone: the EIP rules first (they lead to the VM), then the entries."""
+    await on_vm_stop(p, vm_uuid, host_uuid)
+    await flat.on_vm_stop(p, vm_uuid, host_uuid)
 
 
 async def on_vm_stop(p: Platform, vm_uuid: str, host_uuid: str | None) -> None:

@@ -21,10 +21,7 @@ PLUGIN = Plugin(
             l3_services_changed=(service.on_services_changed, eip.on_l3_changed),
         ),
     ),
-    vm_start=(
-        hooks.VmStartExtension("Flat DHCP and userdata", service.on_vm_start, service.on_vm_stop),
-        hooks.VmStartExtension("EIP", eip.on_vm_start, eip.on_vm_stop),
-    ),
+    vm_start=(hooks.VmStartExtension("Flat DHCP, userdata and EIP", eip.on_flat_vm_start, eip.on_flat_vm_stop),),
     host_connect=(service.on_host_connect, eip.on_host_connect),
     tag_change=(service.on_tag_change,),
 )

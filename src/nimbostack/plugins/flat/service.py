@@ -343,7 +343,9 @@ async def _push_full(
     return body
 
 
-async def push_vm(p: Platform, host_uuid: str, l3_uuid: str, services: set[str], vm_uuid: str) -> None:
+async def push_vm(
+    p: Platform, host_uuid: str, l3_uuid: str, services: set[str], vm_uuid: str, agent_url: str | None = None
+) -> None:
     """Serve one starting VM on its host: its own entries (``/flat/apply-vm``), not the state of
     every VM of the L3 network on the host, whose size (and cost, on both sides) grew with the
     host's VMs. A host without that state to add to (its agent restarted) gets the full state."""
@@ -355,7 +357,8 @@ async def push_vm(p: Platform, host_uuid: str, l3_uuid: str, services: set[str],
         if body is None:
             return
         try:
-            await agent(p, host_uuid, "/flat/apply-vm", {"vmUuid": vm_uuid, "l3": body["l3"], "vms": body["vms"]})
+            await agent(p, host_uuid, "/flat/apply-vm", {"vmUuid": vm_uuid, "l3": body["l3"], "vms": body["vms"]},
+                        agent_url)
             return
         except ApiError as err:
             if err.code != AGENT_ERROR:  # unreachable, or out of time: the full state would fail too
@@ -381,7 +384,7 @@ async def release_everywhere(p: Platform, l3_uuid: str) -> None:
     await asyncio.gather(*(one(h, u) for h, u in hosts))
 
 
-_VM_FLAT_L3S = (
+VM_FLAT_L3S = (
     select(m.NetworkServiceL3NetworkRef.l3NetworkUuid, m.NetworkServiceL3NetworkRef.networkServiceType)
     .join(
         m.NetworkServiceProvider,
@@ -401,7 +404,7 @@ async def _vm_flat_l3s(p: Platform, vm_uuid: str) -> dict[str, set[str]]:
     """_flat_l3s of the VM's NICs' L3 networks, in one statement instead of two (every VM start and
     stop asks)."""
     async with p.db.tx() as s:
-        rows = await s.execute(_VM_FLAT_L3S, {"vm": vm_uuid})
+        rows = await s.execute(VM_FLAT_L3S, {"vm": vm_uuid})
         out: dict[str, set[str]] = defaultdict(set)
         for l3, svc in rows:
             out[l3].add(svc)
@@ -409,12 +412,6 @@ async def _vm_flat_l3s(p: Platform, vm_uuid: str) -> dict[str, set[str]]:
 
 
 # --- hooks -------------------------------------------------------------------------------------
-
-
-async def on_vm_start(p: Platform, vm_uuid: str, host_uuid: str) -> None:
-    """Before the VM boots: its leases and metadata are on its host (a failure fails the start)."""
-    for l3_uuid, services in sorted((await _vm_flat_l3s(p, vm_uuid)).items()):
-        await push_vm(p, host_uuid, l3_uuid, services, vm_uuid)
 
 
 async def on_vm_stop(p: Platform, vm_uuid: str, host_uuid: str | None) -> None:
