@@ -88,3 +88,33 @@ def test_the_data_dir_and_database_are_the_nodes_alone(node: Running) -> None:
     if node.db_url is None:  # the SQLite file, with its log files
         for name in ("nimbostack.db", "nimbostack.db-wal"):
             assert (data_dir / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_a_guesser_spraying_account_names_from_one_address_is_paused_there_only(node: Running, api: Api) -> None:
+    import httpx
+
+    api.call("UpdateGlobalConfig", category="identity", name="login.maxFailuresPerAddress", value="4")
+    api.call("UpdateGlobalConfig", category="identity", name="login.lockSeconds", value="2")
+    api.call("CreateAccount", name="mallory", password=_digest("own"))
+    guesser = Api(node.url)
+    guesser.http = httpx.Client(timeout=30, transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+    # one wrong password for each of four names: no account reaches its own limit (5) ...
+    for name in ("admin", "bob", "carol", "dave"):
+        assert guesser.raw("LogInByAccount", {"accountName": name, "password": WRONG})["error"]["code"] == "ID.1004"
+    # ... but the address has: even a right password from there is refused, for a while
+    paused = guesser.raw("LogInByAccount", {"accountName": "mallory", "password": _digest("own")})["error"]
+    assert paused["code"] == "ID.1005" and "127.0.0.2" in paused["details"], paused
+    # another address logs in to the same accounts at once
+    other = Api(node.url)
+    other.http = httpx.Client(timeout=30, transport=httpx.HTTPTransport(local_address="127.0.0.3"))
+    other.login()
+    time.sleep(2.2)
+    # after the pause the address may try again; its own success does not wipe its count
+    guesser.login("mallory", "own")
+    for name in ("erin", "frank", "grace"):
+        guesser.raw("LogInByAccount", {"accountName": name, "password": WRONG})
+    guesser.login("mallory", "own")
+    guesser.raw("LogInByAccount", {"accountName": "heidi", "password": WRONG})
+    assert guesser.raw("LogInByAccount", {"accountName": "mallory", "password": _digest("own")})["error"]["code"] == (
+        "ID.1005"
+    )

@@ -105,12 +105,13 @@ class Wire:
         self.platform = p
         self.dispatcher = Dispatcher(p, self.settings.quick_wait)
 
-    async def api_post(self, _scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
+    async def api_post(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
         try:
             body = json.loads(await _body(receive))
         except (ValueError, RecursionError) as err:  # a body nested past the parser's depth too
             return 200, _failed(ApiError(INVALID_ARGUMENT, "The body is not JSON", str(err)))
-        return 200, await self.dispatcher.handle(body)
+        client = scope.get("client")
+        return 200, await self.dispatcher.handle(body, client[0] if client else "")
 
     async def api_result(self, scope: Scope, _receive: Receive) -> tuple[int, dict[str, Any]]:
         job_uuid = scope["path_params"]["job_uuid"]

@@ -143,8 +143,9 @@ class Dispatcher:
         self.p = platform
         self.quick_wait = quick_wait
 
-    async def handle(self, body: Any) -> dict[str, Any]:
-        """Answer one POST /zstack/api body with the wire's ``{"state", "result"|"uuid"}``."""
+    async def handle(self, body: Any, source: str = "") -> dict[str, Any]:
+        """Answer one POST /zstack/api body with the wire's ``{"state", "result"|"uuid"}``;
+        ``source``: the client's address."""
         msg: spec.MessageSpec | None = None
         try:
             msg, params = parse(body)
@@ -156,7 +157,7 @@ class Dispatcher:
             if not caller.is_admin:
                 async with self.p.db.tx() as s:
                     await check_visible(s, msg, params, caller)
-            ctx = ApiContext(self.p, msg, params, caller)
+            ctx = ApiContext(self.p, msg, params, caller, source=source)
             timeout = self._timeout(msg, params)
         except ApiError as err:
             return {"state": "Done", "result": error_result(msg, err)}

@@ -50,7 +50,7 @@ def _digest(ctx: ApiContext) -> str:
 
 @api("LogInByAccount", public=True)
 async def login(ctx: ApiContext) -> dict[str, Any]:
-    token, session = await ctx.p.auth.login(ctx.req("accountName"), _digest(ctx))
+    token, session = await ctx.p.auth.login(ctx.req("accountName"), _digest(ctx), ctx.source)
     return {"inventory": _session_inv(token, session)}
 
 

@@ -1,7 +1,7 @@
 """Accounts and sessions. Passwords arrive as SHA-512 hex digests (the wire's rule) and are stored
 as argon2 hashes of that digest, computed off the event loop. A session's token is given to the
 client once, at login; the database keeps only its SHA-256 (``session_key``), so a copy of the
-database opens no session. Failed logins are throttled per account name."""
+database opens no session. Failed logins are throttled per account name and per client address."""
 
 from __future__ import annotations
 
@@ -34,7 +34,12 @@ ADMIN_TYPE = "SystemAdmin"
 _hasher = PasswordHasher()
 
 
+# the failure counts of client addresses share the table of account names, under this prefix
+_ADDRESS = "\0address:"
+
+
 @dataclass
+
 class Caller:
     account_uuid: str
     is_admin: bool
@@ -88,13 +93,20 @@ class Auth:
                     )
                 )
 
-    async def login(self, name: str, password_digest: str) -> tuple[str, Session]:
-        """A new session of the account: (its token, its row, whose uuid is the token's key)."""
+    async def login(self, name: str, password_digest: str, source: str = "") -> tuple[str, Session]:
+        """A new session of the account: (its token, its row, whose uuid is the token's key).
+        ``source``: the client's address (its failures are counted too)."""
         await self._check_throttle(name)
+        if source:
+            await self._check_throttle(_ADDRESS + source, "login.maxFailuresPerAddress")
         async with self.db.tx() as s:
             account = (await s.execute(select(Account).where(Account.name == name))).scalar_one_or_none()
         if account is None or not await verify_password(account.passwordHash, password_digest):
             self._failed(name)
+            if source:
+                # not forgotten at a success: a guesser with one account of its own must not
+                # reset its address's count by logging in between guesses
+                self._failed(_ADDRESS + source)
             raise ApiError(
                 WRONG_CREDENTIALS,
                 "Wrong account name or password",
@@ -126,26 +138,28 @@ class Auth:
             s.add(session)
         return token, session
 
-    async def _check_throttle(self, name: str) -> None:
+    async def _check_throttle(self, name: str, limit_config: str = "login.maxFailures") -> None:
         """After ``identity/login.maxFailures`` wrong passwords in a row, the account's logins are
         refused for ``identity/login.lockSeconds`` after the last one, then allowed again: a guesser
-        gets a handful of tries a minute, and the real user is never locked out for good."""
+        gets a handful of tries a minute, and the real user is never locked out for good. The same
+        for a client address (``name`` then starts with _ADDRESS), whatever account it tries."""
         failed = self._failures.get(name)
         if failed is None:
             return
         count, last = failed
-        limit = await self.config.get("identity", "login.maxFailures")
+        limit = await self.config.get("identity", limit_config)
         lock = await self.config.get("identity", "login.lockSeconds")
         wait = last + lock - time.monotonic()
         if wait <= 0:
             self._failures.pop(name, None)
             return
         if count >= limit:
+            who = f"from address {name.removeprefix(_ADDRESS)}" if name.startswith(_ADDRESS) else f"for account {name}"
             raise ApiError(
                 LOGIN_THROTTLED,
                 "Too many failed logins",
-                f"{count} wrong passwords in a row for account {name}; try again in {wait:.0f} s "
-                "(identity/login.maxFailures, identity/login.lockSeconds)",
+                f"{count} wrong passwords {who}; try again in {wait:.0f} s "
+                f"(identity/{limit_config}, identity/login.lockSeconds)",
             )
 
     def _failed(self, name: str) -> None:

@@ -29,6 +29,7 @@ class ApiContext:
     params: dict[str, Any]
     caller: Caller
     api_uuid: str = field(default_factory=lambda: uuidlib.uuid4().hex)
+    source: str = ""  # the client's address, as the API's server saw it
 
     # --- typed access to parameters; every failure is an INVALID_ARGUMENT with the field name
     def get(self, name: str, default: Any = None) -> Any:

@@ -125,6 +125,15 @@ DEFINITIONS: list[ConfigDef] = [
         min=1,
     ),
     ConfigDef(
+        "identity",
+        "login.maxFailuresPerAddress",
+        "30",
+        "Wrong passwords from one client address, whatever the accounts, before its logins pause "
+        "(identity/login.lockSeconds after the last)",
+        "int",
+        min=1,
+    ),
+    ConfigDef(
         "image",
         "localDirs",
         "/",
