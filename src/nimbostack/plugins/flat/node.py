@@ -27,4 +27,5 @@ PLUGIN = Plugin(
     ),
     host_connect=(service.on_host_connect, eip.on_host_connect),
     tag_change=(service.on_tag_change,),
+    nic_change=(service.on_nic_change,),
 )
