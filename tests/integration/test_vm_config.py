@@ -3,6 +3,7 @@ default network), GetVmStartingCandidateClustersHosts, GetVmCapabilities, host n
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tests.conftest import Api, Running, build_zone
@@ -61,7 +62,7 @@ def test_update_vm_instance_fields_state_and_default_network(node: Running, api:
     assert entry_of(node, vm, env["l3"]["uuid"])["isDefault"] is False  # type: ignore[index]
     # an admin repairs a VM its host lost track of
     host = vm["hostUuid"]
-    node.run(_set_unknown(node, vm["uuid"]))
+    _set_unknown(node, api, vm["uuid"])
     before = _host(api, host)["availableMemoryCapacity"]
     out = api.call("UpdateVmInstance", uuid=vm["uuid"], state="Stopped")["inventory"]
     assert out["state"] == "Stopped" and "hostUuid" not in out and out["lastHostUuid"] == host
@@ -70,20 +71,30 @@ def test_update_vm_instance_fields_state_and_default_network(node: Running, api:
     api.call("StartVmInstance", uuid=vm["uuid"])
 
 
-async def _set_unknown(node: Running, vm_uuid: str) -> None:
+def _set_unknown(node: Running, api: Api, vm_uuid: str) -> None:
+    """The VM as a host that lost track of it leaves it. The agent's event of the VM's start may
+    still be on its way and would set it Running again: set it until it stays."""
     from sqlalchemy import update
 
     from nimbostack.db import models as m
 
-    async with node.platform.db.tx() as s:
-        await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm_uuid).values(state="Unknown"))
+    async def unknown() -> None:
+        async with node.platform.db.tx() as s:
+            await s.execute(update(m.VmInstance).where(m.VmInstance.uuid == vm_uuid).values(state="Unknown"))
+
+    for _ in range(20):
+        node.run(unknown())
+        time.sleep(0.3)
+        if api.query("QueryVmInstance", ("uuid", "=", vm_uuid))[0]["state"] == "Unknown":
+            return
+    raise AssertionError(f"VM {vm_uuid} does not stay Unknown")
 
 
 def test_a_normal_account_cannot_set_a_vm_state(node: Running, api: Api) -> None:
     env = build_zone(api)
     alice = _account(api, node, "alice")
     vm = _vm(alice, env)
-    node.run(_set_unknown(node, vm["uuid"]))
+    _set_unknown(node, api, vm["uuid"])
     err = alice.fails("UpdateVmInstance", uuid=vm["uuid"], state="Running")
     assert err["code"] == "SYS.1005" and "admin" in err["details"]
     assert api.call("UpdateVmInstance", uuid=vm["uuid"], state="Running")["inventory"]["state"] == "Running"

@@ -186,9 +186,9 @@ async def update_vm(ctx: ApiContext) -> dict[str, Any]:
                     raise invalid("defaultL3NetworkUuid must be an L3 network the VM has a NIC on")
                 vm.defaultL3NetworkUuid = new_default
             state, was, host = ctx.str("state"), vm.state, vm.hostUuid
+            if state and not ctx.caller.is_admin:
+                raise not_allowed("only an admin sets a VM's state; StartVmInstance and StopVmInstance change it")
             if state and state != vm.state:
-                if not ctx.caller.is_admin:
-                    raise not_allowed("only an admin sets a VM's state; StartVmInstance and StopVmInstance change it")
                 if vm.state != "Unknown":
                     raise not_allowed(
                         f"VM {vm.uuid} is {vm.state}: its state is set only while Unknown; "

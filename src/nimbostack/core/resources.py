@@ -175,6 +175,16 @@ def state_event(event: str, events: dict[str, str]) -> str:
 ENABLE_DISABLE = {"enable": "Enabled", "disable": "Disabled"}
 
 
+async def change_state(ctx: ApiContext, model: type, kind: str, object_name: str) -> dict[str, Any]:
+    """A Change...State message of an owned resource: its ``stateEvent`` (enable, disable) applied,
+    and the resource's inventory."""
+    async with ctx.p.db.tx() as s:
+        row = await load(s, model, ctx.req("uuid"), ctx, kind, owned=True)
+        row.state = state_event(ctx.req("stateEvent"), ENABLE_DISABLE)
+        await s.flush()
+        return {"inventory": await inv(s, object_name, row)}
+
+
 def update_fields(row: Any, ctx: ApiContext, names: tuple[str, ...] = ("name", "description")) -> None:
     for name in names:
         value = ctx.str(name)
