@@ -58,17 +58,23 @@ async def _ping(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     return {"connected": key in a.drivers}
 
 
-async def _plug(a: Agent, spec: VmSpec) -> list[str]:
-    """What a VM needs on this host besides its domain: its L2 bridges, a console log."""
+async def _bridges(a: Agent, vm_uuid: str, nics: list[NicSpec]) -> list[str]:
+    """The L2 bridges the NICs join (libvirt does not create them); warnings are logged."""
     warnings: list[str] = []
     if not a.multi_host:  # simulated hosts have no bridges
-        for nic in spec.nics:
+        for nic in nics:
             warnings += await ensure_bridge(nic.bridge, nic.physical_interface, nic.vlan)
-        if a.console_dir:
-            Path(a.console_dir).mkdir(parents=True, exist_ok=True)
-            spec.console_log = spec.console_log or str(Path(a.console_dir) / f"{spec.uuid}.log")
     for w in warnings:
-        log.warning("VM %s: %s", spec.uuid, w)
+        log.warning("VM %s: %s", vm_uuid, w)
+    return warnings
+
+
+async def _plug(a: Agent, spec: VmSpec) -> list[str]:
+    """What a VM needs on this host besides its domain: its L2 bridges, a console log."""
+    warnings = await _bridges(a, spec.uuid, spec.nics)
+    if not a.multi_host and a.console_dir:
+        Path(a.console_dir).mkdir(parents=True, exist_ok=True)
+        spec.console_log = spec.console_log or str(Path(a.console_dir) / f"{spec.uuid}.log")
     return warnings
 
 
@@ -133,6 +139,21 @@ async def _attach_disk(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
 @command("/vm/detach-disk")
 async def _detach_disk(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     await a.driver(b["hostUuid"]).detach_disk(b["vmUuid"], _disk(a, b["disk"]))
+    return {}
+
+
+@command("/vm/attach-nic")
+async def _attach_nic(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    """Hot-plug a NIC into a running VM (AttachL3NetworkToVm): its bridge first, as at a start."""
+    nic = NicSpec(**b["nic"])
+    warnings = await _bridges(a, b["vmUuid"], [nic])
+    await a.driver(b["hostUuid"]).attach_nic(b["vmUuid"], nic)
+    return {"warnings": warnings}
+
+
+@command("/vm/detach-nic")
+async def _detach_nic(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    await a.driver(b["hostUuid"]).detach_nic(b["vmUuid"], NicSpec(**b["nic"]))
     return {}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from nimbostack.wire import ConsoleAddress, DiskSpec, HostFacts, VmSpec
+from nimbostack.wire import ConsoleAddress, DiskSpec, HostFacts, NicSpec, VmSpec
 
 
 class DriverError(Exception):
@@ -53,6 +53,12 @@ class HypervisorDriver(Protocol):
     async def attach_disk(self, vm_uuid: str, disk: DiskSpec) -> None: ...
 
     async def detach_disk(self, vm_uuid: str, disk: DiskSpec) -> None: ...
+
+    async def attach_nic(self, vm_uuid: str, nic: NicSpec) -> None:
+        """Hot-plug a NIC (live, and into the definition); a NIC with its MAC already there is kept."""
+
+    async def detach_nic(self, vm_uuid: str, nic: NicSpec) -> None:
+        """Unplug the NIC with ``nic.mac``; no error when it is not there."""
 
     async def attach_iso(self, vm_uuid: str, iso_path: str) -> None: ...
 

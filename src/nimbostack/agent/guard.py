@@ -66,6 +66,7 @@ async def _state(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
         "connected": driver is not None,
         "domains": dict(getattr(driver, "domains", {})) if driver is not None else {},
         "disks": {vm: [d.path for d in spec.disks] for vm, spec in getattr(driver, "specs", {}).items()},
+        "nics": {vm: [n.mac for n in spec.nics] for vm, spec in getattr(driver, "specs", {}).items()},
         "files": sorted(a.store(b["hostUuid"]).files) if a.storage.simulate else [],
         "sharedFiles": sorted(a.store(b["hostUuid"], shared=True).files) if a.storage.simulate else [],
         "migrations": [m for m in a.migrations if b["hostUuid"] in (m["from"], m["to"])],

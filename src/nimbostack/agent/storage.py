@@ -311,7 +311,8 @@ class LocalStorage:
 
     async def info(self, root: str, install_path: str) -> dict[str, object]:
         if self.simulate:
-            return {"exists": install_path in self.files, "backing": self.backing.get(install_path)}
+            return {"exists": install_path in self.files, "backing": self.backing.get(install_path),
+                    "actualSize": self.files.get(install_path, 0)}
         path = _inside(root, install_path)
         if not path.is_file():
             return {"exists": False}

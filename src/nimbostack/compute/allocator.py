@@ -51,9 +51,10 @@ async def candidate_hosts(
     cluster: str | None,
     host: str | None,
     ps_uuids: set[str] | None = None,
+    every: bool = False,
 ) -> list[Row[Any]]:
-    """Up to 8 hosts that can take the VM, most free memory first: rows of the Host's columns
-    (the callers read them, and take one by reserve_host)."""
+    """Up to 8 hosts that can take the VM (``every``: all of them), most free memory first: rows
+    of the Host's columns (the callers read them, and take one by reserve_host)."""
     l3s = sorted(set(l3_uuids))
     ps_list = sorted(ps_uuids or ())
     params: dict[str, Any] = {"cpu": cpu, "mem": mem, "zone": zone, "cluster": cluster, "host": host}
@@ -63,7 +64,7 @@ async def candidate_hosts(
     stmt = _CANDIDATES.get(shape)
     if stmt is None:
         stmt = _CANDIDATES[shape] = _candidates_statement(*shape)
-    return list((await s.execute(stmt, params)).all())
+    return list((await s.execute(stmt.limit(None) if every else stmt, params)).all())
 
 
 # the candidate-host statement of each shape (how many L3s, which filters), built once

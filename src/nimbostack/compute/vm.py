@@ -28,6 +28,7 @@ from nimbostack.core.resources import (
     register_queries,
     wanted_uuid,
 )
+from nimbostack.core.tags import system_tags
 from nimbostack.db import models as m
 from nimbostack.db.engine import Tx, columns, insert_now, table_of
 from nimbostack.network import ipam
@@ -448,3 +449,16 @@ async def set_state(platform: Platform, vm_uuid: str, **values: Any) -> None:
 async def vm_inv(ctx: ApiContext, vm_uuid: str) -> dict[str, Any]:
     async with ctx.p.db.tx() as s:
         return {"inventory": await inv(s, "QueryObjectVmInstanceInventory", await s.get(m.VmInstance, vm_uuid))}
+
+
+STATIC_IP_PREFIX = "staticIp::"
+
+
+async def static_ips(s: Tx, vm_uuid: str) -> dict[str, str]:
+    """{L3 network: IP} of the VM's ``staticIp::{l3}::{ip}`` tags."""
+    out = {}
+    for tag in await system_tags(s, vm_uuid):
+        parts = tag.split("::")
+        if len(parts) == 3 and f"{parts[0]}::" == STATIC_IP_PREFIX:
+            out[parts[1]] = parts[2]
+    return out

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 
 from nimbostack.compute.allocator import new_mac, release_all
-from nimbostack.compute.vm import need_state, set_state, vm_for, vm_inv
+from nimbostack.compute.vm import need_state, set_state, static_ips, vm_for, vm_inv
 from nimbostack.core import expunger, gc, hooks
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import IP_ALLOCATION_FAILED, ApiError, not_allowed
@@ -18,7 +18,6 @@ from nimbostack.core.resources import (
     disown,
     new_uuid,
 )
-from nimbostack.core.tags import system_tags
 from nimbostack.db import models as m
 from nimbostack.network import ipam
 from nimbostack.storage.volume import delete_volume, delete_volume_files
@@ -155,15 +154,6 @@ async def _expunge_one(p: Platform, vm_uuid: str) -> None:
 expunger.register(expunger.Expungeable("vm", _expunge_due, _expunge_one))
 
 
-async def _static_ips(s: Any, vm_uuid: str) -> dict[str, str]:
-    out = {}
-    for tag in await system_tags(s, vm_uuid):
-        parts = tag.split("::")
-        if len(parts) == 3 and parts[0] == "staticIp":
-            out[parts[1]] = parts[2]
-    return out
-
-
 async def _holder(s: Any, l3_uuid: str, ip: str) -> str:
     vm_uuid = (
         await s.execute(select(m.VmNic.vmInstanceUuid).where(m.VmNic.l3NetworkUuid == l3_uuid, m.VmNic.ip == ip))
@@ -188,7 +178,7 @@ async def recover_vm(ctx: ApiContext) -> dict[str, Any]:
                 saved = json.loads(row.destroyedNics)
             else:  # destroyed before the NICs were kept: its default network
                 saved = [{"l3NetworkUuid": row.defaultL3NetworkUuid}] if row.defaultL3NetworkUuid else []
-            static = await _static_ips(s, vm.uuid)
+            static = await static_ips(s, vm.uuid)
             for device_id, old in enumerate(saved):
                 l3_uuid = old["l3NetworkUuid"]
                 if await s.get(m.L3Network, l3_uuid) is None:

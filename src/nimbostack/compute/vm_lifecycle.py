@@ -6,7 +6,7 @@ import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Row, delete, select, update
 
 from nimbostack.compute.allocator import candidate_hosts, give_back_host, take_host, volume_placement
 from nimbostack.compute.vm import need_state, set_state, vm_for, vm_inv
@@ -16,12 +16,12 @@ from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import invalid, not_allowed
 from nimbostack.core.hosts import agent
 from nimbostack.core.resources import (
-    inv,
     load,
     update_fields,
 )
 from nimbostack.core.tags import system_tags
 from nimbostack.db import models as m
+from nimbostack.db.engine import Tx
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -40,21 +40,7 @@ async def start_vm(ctx: ApiContext) -> dict[str, Any]:
         need_state(vm, "Stopped")
         cpu = vm.cpuNum * vm.cpuSpeed
         async with p.db.tx() as s:
-            # a VM with volumes on local storage starts where they live; on shared storage anywhere
-            # its storage is attached (its last host first)
-            bound, ps_uuids = await volume_placement(s, vm.uuid)
-            wanted = ctx.str("hostUuid")
-            if wanted and bound and wanted != bound:
-                raise not_allowed(
-                    f"VM {vm.uuid}'s volumes are on the local storage of host {bound}; it cannot start on host "
-                    f"{wanted}. Migrate its root volume there first (LocalStorageMigrateVolume)"
-                )
-            wanted = wanted or bound or (vm.lastHostUuid if not ps_uuids else None)
-            l3s = list(
-                (await s.execute(select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == vm.uuid))).scalars()
-            )
-            hosts = await candidate_hosts(s, cpu, vm.memorySize, l3s, None, ctx.str("clusterUuid"), wanted, ps_uuids)
-            hosts.sort(key=lambda h: h.uuid != vm.lastHostUuid)
+            hosts = await start_candidates(s, vm, ctx.str("hostUuid"), ctx.str("clusterUuid"))
             chosen = await take_host(s, hosts, cpu, vm.memorySize)
             await s.execute(
                 update(m.VmInstance)
@@ -76,6 +62,26 @@ async def start_vm(ctx: ApiContext) -> dict[str, Any]:
             raise
         await set_state(p, vm.uuid, state="Running", lastHostUuid=chosen.uuid)
         return await vm_inv(ctx, vm.uuid)
+
+
+async def start_candidates(
+    s: Tx, vm: m.VmInstance, wanted: str | None, cluster: str | None, every: bool = False
+) -> list[Row[Any]]:
+    """The hosts a stopped VM may start on, its last host first: with volumes on local storage
+    where they live; on shared storage anywhere its storage is attached."""
+    bound, ps_uuids = await volume_placement(s, vm.uuid)
+    if wanted and bound and wanted != bound:
+        raise not_allowed(
+            f"VM {vm.uuid}'s volumes are on the local storage of host {bound}; it cannot start on host "
+            f"{wanted}. Migrate its root volume there first (LocalStorageMigrateVolume)"
+        )
+    # its last host is the one to try first, not the only one (unless its volumes are bound there)
+    wanted = wanted or bound or (vm.lastHostUuid if not ps_uuids and not every else None)
+    l3s = list((await s.execute(select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == vm.uuid))).scalars())
+    cpu = vm.cpuNum * vm.cpuSpeed
+    hosts = await candidate_hosts(s, cpu, vm.memorySize, l3s, None, cluster, wanted, ps_uuids, every)
+    hosts.sort(key=lambda h: h.uuid != vm.lastHostUuid)
+    return hosts
 
 
 async def stop_on_host(p: Platform, vm: m.VmInstance, graceful: bool = True) -> None:
@@ -162,18 +168,44 @@ async def on_guest_reboot(p: Platform, vm_uuid: str) -> None:
 
 @api("UpdateVmInstance")
 async def update_vm(ctx: ApiContext) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
-        vm = await load(s, m.VmInstance, ctx.req("uuid"), ctx, "VmInstance", owned=True)
-        update_fields(vm, ctx, ("name", "description", "platform"))
-        if ctx.str("defaultL3NetworkUuid"):
-            nics = set(
-                (await s.execute(select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == vm.uuid))).scalars()
-            )
-            if ctx.str("defaultL3NetworkUuid") not in nics:
-                raise invalid("defaultL3NetworkUuid must be an L3 network the VM has a NIC on")
-            vm.defaultL3NetworkUuid = ctx.str("defaultL3NetworkUuid")
-        await s.flush()
-        return {"inventory": await inv(s, "QueryObjectVmInstanceInventory", vm)}
+    """Name, description, platform and default network; ``state`` is the admin's repair of a VM
+    whose host lost track of it (Unknown): Running if it runs there, Stopped if not (its host's
+    capacity and network services are given back). Other state changes are Start/StopVmInstance's."""
+    p = ctx.p
+    vm = await vm_for(ctx)
+    async with p.queues.serial(vm.uuid):
+        async with p.db.tx() as s:
+            vm = await load(s, m.VmInstance, vm.uuid, ctx, "VmInstance", owned=True)
+            update_fields(vm, ctx, ("name", "description", "platform"))
+            old_default, new_default = vm.defaultL3NetworkUuid, ctx.str("defaultL3NetworkUuid")
+            if new_default:
+                nics = set(
+                    (await s.execute(select(m.VmNic.l3NetworkUuid).where(m.VmNic.vmInstanceUuid == vm.uuid))).scalars()
+                )
+                if new_default not in nics:
+                    raise invalid("defaultL3NetworkUuid must be an L3 network the VM has a NIC on")
+                vm.defaultL3NetworkUuid = new_default
+            state, was, host = ctx.str("state"), vm.state, vm.hostUuid
+            if state and not ctx.caller.is_admin:
+                raise not_allowed("only an admin sets a VM's state; StartVmInstance and StopVmInstance change it")
+            if state and state != vm.state:
+                if vm.state != "Unknown":
+                    raise not_allowed(
+                        f"VM {vm.uuid} is {vm.state}: its state is set only while Unknown; "
+                        "StartVmInstance and StopVmInstance change it"
+                    )
+                vm.state = state
+                if state == "Stopped":
+                    await give_back_host(s, host, vm.cpuNum * vm.cpuSpeed, vm.memorySize)
+                    vm.hostUuid, vm.lastHostUuid = None, host or vm.lastHostUuid
+        if was == "Unknown" and ctx.str("state") == "Stopped":
+            with deadline.grace():
+                await hooks.release(p, vm.uuid, host)
+        elif vm.state == "Running" and host and new_default and new_default != old_default:
+            # the default route goes with the default network's lease
+            for l3_uuid in filter(None, (old_default, new_default)):
+                await hooks.nic_changed(p, vm.uuid, host, l3_uuid)
+    return await vm_inv(ctx, vm.uuid)
 
 
 @api("GetVmConsoleAddress")

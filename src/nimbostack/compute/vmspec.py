@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Row, bindparam, select
 from sqlalchemy.exc import NoResultFound
 
 from nimbostack.core.errors import not_allowed
@@ -49,9 +49,31 @@ _NICS_WITH_L2 = (
     )
     .outerjoin(m.L3Network, m.L3Network.uuid == m.VmNic.l3NetworkUuid)
     .outerjoin(m.L2Network, m.L2Network.uuid == m.L3Network.l2NetworkUuid)
-    .where(m.VmNic.vmInstanceUuid == bindparam("vm"))
-    .order_by(m.VmNic.deviceId)
 )
+_NICS_OF_VM_WITH_L2 = _NICS_WITH_L2.where(m.VmNic.vmInstanceUuid == bindparam("vm")).order_by(m.VmNic.deviceId)
+_NIC_WITH_L2 = _NICS_WITH_L2.where(m.VmNic.uuid == bindparam("nic"))
+
+
+def _nic_spec(n: Row[Any]) -> NicSpec:
+    if n.l2Uuid is None:  # as the per-NIC scalar_one() this replaces did: a NIC on a vanished network
+        raise NoResultFound("No row was found when one was required")
+    return NicSpec(
+        n.uuid,
+        n.mac,
+        bridge_of(n, n.bridgeTag),
+        n.deviceId,
+        n.ip or "",
+        n.netmask or "",
+        n.gateway or "",
+        n.l3NetworkUuid,
+        n.physicalInterface,
+        n.vlan,
+    )
+
+
+async def nic_spec(s: Tx, nic_uuid: str) -> NicSpec:
+    """What the agent is told of one NIC to hot-plug or unplug: as a start tells it."""
+    return _nic_spec((await s.execute(_NIC_WITH_L2, {"nic": nic_uuid})).one())
 
 
 async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
@@ -61,12 +83,7 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
         assert vm is not None
         vols = (await s.execute(VOLUMES_OF_VM, {"vm": vm_uuid})).all()
         disks = [await primary.disk_source(s, v, cache) for v in vols]
-        nics = (await s.execute(_NICS_WITH_L2, {"vm": vm_uuid})).all()
-        bridges: dict[str, str] = {}
-        for nic in nics:
-            if nic.l2Uuid is None:  # as the per-NIC scalar_one() this replaces did: a NIC on a vanished network
-                raise NoResultFound("No row was found when one was required")
-            bridges[nic.uuid] = bridge_of(nic, nic.bridgeTag)
+        nics = [_nic_spec(n) for n in (await s.execute(_NICS_OF_VM_WITH_L2, {"vm": vm_uuid})).all()]
     iso_path = await cached_image_path(platform, vm.hostUuid, vm.isoUuid) if vm.isoUuid and vm.hostUuid else None
     return VmSpec(
         uuid=vm.uuid,
@@ -74,21 +91,7 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
         cpu_num=vm.cpuNum,
         memory=vm.memorySize,
         disks=disks,
-        nics=[
-            NicSpec(
-                n.uuid,
-                n.mac,
-                bridges[n.uuid],
-                n.deviceId,
-                n.ip or "",
-                n.netmask or "",
-                n.gateway or "",
-                n.l3NetworkUuid,
-                n.physicalInterface,
-                n.vlan,
-            )
-            for n in nics
-        ],
+        nics=nics,
         iso_path=iso_path,
         boot_order=vm.bootOrder.split(","),
         console_mode=await platform.config.get("kvm", "vm.consoleMode"),

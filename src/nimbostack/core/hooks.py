@@ -1,5 +1,6 @@
 """Typed extension points the services register into: what runs before a VM starts on a host (with
-its release), when a host connects, and when a resource's system tags change.
+its release), when a running VM gains or loses a NIC, when a host connects, and when a resource's
+system tags change.
 
 A VM start extension comes as a pair, like ZStack's PreVmInstantiateResourceExtensionPoint with its
 preReleaseVmResource: whatever ``before_start`` set up on a host (a DHCP entry, an nft chain, an EIP
@@ -24,6 +25,10 @@ VmHook = Callable[["Platform", str, str], Awaitable[None]]  # (platform, vm uuid
 StartHook = Callable[["Platform", str, str, "str | None"], Awaitable[None]]
 HostHook = Callable[["Platform", str], Awaitable[None]]  # (platform, host uuid)
 TagHook = Callable[["ApiContext", str, str], Awaitable[None]]  # (ctx, resource type, resource uuid)
+# (platform, vm uuid, host uuid, l3 uuid): what the host serves the running VM on that L3 network
+# changed in the database (a NIC added or removed, the VM's default network moved); the host's
+# network services of that L3 follow it
+NicHook = Callable[["Platform", str, str, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class VmStartExtension:
 
 VM_START: list[VmStartExtension] = []
 HOST_CONNECT: list[HostHook] = []
+NIC_CHANGE: list[NicHook] = []
 TAG_CHANGE: list[TagHook] = []
 
 
@@ -54,6 +60,10 @@ def on_host_connect(hook: HostHook, *, first: bool = False) -> None:
 
 def on_tag_change(hook: TagHook) -> None:
     TAG_CHANGE.append(hook)
+
+
+def on_nic_change(hook: NicHook) -> None:
+    NIC_CHANGE.append(hook)
 
 
 async def before_start(p: Platform, vm_uuid: str, host_uuid: str, agent_url: str | None = None) -> None:
@@ -82,6 +92,13 @@ async def release(p: Platform, vm_uuid: str, host_uuid: str | None, *, strict: b
             log.warning("releasing %s of VM %s on host %s failed: %s", ext.name, vm_uuid, host_uuid, err)
 
 
+async def nic_changed(p: Platform, vm_uuid: str, host_uuid: str, l3_uuid: str) -> None:
+    """Every NIC hook, in order; the first failure is raised: a NIC attach whose DHCP entry
+    cannot be served fails (and is rolled back) rather than leaving a guest without an address."""
+    for hook in NIC_CHANGE:
+        await hook(p, vm_uuid, host_uuid, l3_uuid)
+
+
 async def host_connected(p: Platform, host_uuid: str) -> None:
     for hook in HOST_CONNECT:
         await hook(p, host_uuid)
@@ -100,6 +117,11 @@ def off_vm_start(ext: VmStartExtension) -> None:
 def off_host_connect(hook: HostHook) -> None:
     if hook in HOST_CONNECT:
         HOST_CONNECT.remove(hook)
+
+
+def off_nic_change(hook: NicHook) -> None:
+    if hook in NIC_CHANGE:
+        NIC_CHANGE.remove(hook)
 
 
 def off_tag_change(hook: TagHook) -> None:

@@ -95,6 +95,21 @@ async def _check_owner(s: Tx, ctx: Acting, label: str, uuid: str, owned: bool) -
             raise not_found(label, uuid)
 
 
+def visible_clause(caller: Caller, column: Any, owned: bool = False) -> list[ColumnElement[bool]]:
+    """The WHERE of the resources a caller may be offered (Get...Attachable...): an admin's are
+    every account's; a normal account's are its own and, unless ``owned``, the admin's (shared by
+    design, as ``check_visible`` lets it name them)."""
+    if caller.is_admin:
+        return []
+    if owned:
+        mine = select(AccountResourceRef.resourceUuid).where(AccountResourceRef.accountUuid == caller.account_uuid)
+        return [column.in_(mine)]
+    foreign = select(AccountResourceRef.resourceUuid).where(
+        AccountResourceRef.accountUuid.not_in([caller.account_uuid, ADMIN_UUID])
+    )
+    return [column.not_in(foreign)]
+
+
 def require_admin(ctx: ApiContext) -> None:
     if not ctx.caller.is_admin:
         raise ApiError(PERMISSION_DENIED, "Permission denied", f"only an admin account can call {ctx.msg.name}")
@@ -158,6 +173,16 @@ def state_event(event: str, events: dict[str, str]) -> str:
 
 
 ENABLE_DISABLE = {"enable": "Enabled", "disable": "Disabled"}
+
+
+async def change_state(ctx: ApiContext, model: type, kind: str, object_name: str) -> dict[str, Any]:
+    """A Change...State message of an owned resource: its ``stateEvent`` (enable, disable) applied,
+    and the resource's inventory."""
+    async with ctx.p.db.tx() as s:
+        row = await load(s, model, ctx.req("uuid"), ctx, kind, owned=True)
+        row.state = state_event(ctx.req("stateEvent"), ENABLE_DISABLE)
+        await s.flush()
+        return {"inventory": await inv(s, object_name, row)}
 
 
 def update_fields(row: Any, ctx: ApiContext, names: tuple[str, ...] = ("name", "description")) -> None:

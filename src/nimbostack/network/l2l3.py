@@ -12,17 +12,16 @@ from nimbostack.core import query
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import invalid, not_allowed, not_found
 from nimbostack.core.resources import (
-    ENABLE_DISABLE,
     Scope,
     add_creation_tags,
     capacity_scope,
+    change_state,
     disown,
     inv,
     load,
     new_uuid,
     own,
     register_queries,
-    state_event,
     update_fields,
 )
 from nimbostack.db import models as m
@@ -381,11 +380,7 @@ async def update_l3(ctx: ApiContext) -> dict[str, Any]:
 
 @api("ChangeL3NetworkState")
 async def change_l3_state(ctx: ApiContext) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
-        row = await load(s, m.L3Network, ctx.req("uuid"), ctx, "L3Network", owned=True)
-        row.state = state_event(ctx.req("stateEvent"), ENABLE_DISABLE)
-        await s.flush()
-        return {"inventory": await inv(s, "QueryObjectL3NetworkInventory", row)}
+    return await change_state(ctx, m.L3Network, "L3Network", "QueryObjectL3NetworkInventory")
 
 
 @api("DeleteL3Network")

@@ -26,6 +26,7 @@ class Plugin:
     vm_start: tuple[hooks.VmStartExtension, ...] = ()
     host_connect: tuple[hooks.HostHook, ...] = ()
     tag_change: tuple[hooks.TagHook, ...] = ()
+    nic_change: tuple[hooks.NicHook, ...] = ()
 
 
 @dataclass
@@ -68,6 +69,8 @@ def load(name: str) -> Plugin:
         hooks.on_host_connect(hook)
     for tag_hook in plugin.tag_change:
         hooks.on_tag_change(tag_hook)
+    for nic_hook in plugin.nic_change:
+        hooks.on_nic_change(nic_hook)
     LOADED[name] = first
     return plugin
 
@@ -78,6 +81,8 @@ def unload(name: str) -> None:
     if loaded is None:
         return
     plugin = loaded.plugin
+    for nic_hook in plugin.nic_change:
+        hooks.off_nic_change(nic_hook)
     for tag_hook in plugin.tag_change:
         hooks.off_tag_change(tag_hook)
     for hook in plugin.host_connect:

@@ -19,6 +19,7 @@ from nimbostack.core.resources import (
     Scope,
     add_creation_tags,
     capacity_sums,
+    change_state,
     disown,
     inv,
     load,
@@ -355,11 +356,7 @@ async def update_image(ctx: ApiContext) -> dict[str, Any]:
 
 @api("ChangeImageState")
 async def change_image_state(ctx: ApiContext) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
-        row = await load(s, m.Image, ctx.req("uuid"), ctx, "Image", owned=True)
-        row.state = state_event(ctx.req("stateEvent"), ENABLE_DISABLE)
-        await s.flush()
-        return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
+    return await change_state(ctx, m.Image, "Image", "QueryObjectImageInventory")
 
 
 # --- deletion policy (release 1.0 §8.3): an image is Deleted when its copies on every backup

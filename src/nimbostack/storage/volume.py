@@ -13,6 +13,7 @@ from nimbostack.core.errors import invalid, not_allowed
 from nimbostack.core.hosts import agent
 from nimbostack.core.resources import (
     add_creation_tags,
+    change_state,
     disown,
     inv,
     load,
@@ -20,9 +21,10 @@ from nimbostack.core.resources import (
     own,
     register_queries,
     update_fields,
+    visible_clause,
 )
 from nimbostack.db import models as m
-from nimbostack.storage import primary
+from nimbostack.storage import backend, primary
 from nimbostack.storage.snapshot import drop_snapshots
 
 if TYPE_CHECKING:
@@ -299,3 +301,131 @@ async def _expunge_one(p: Platform, vol_uuid: str) -> None:
 
 
 expunger.register(expunger.Expungeable("volume", _expunge_due, _expunge_one))
+
+
+# --- which volumes and VMs go together, and what a volume is ------------------------------------
+
+# the VM states in which a data volume attaches (AttachDataVolumeToVm)
+ATTACH_STATES = ("Running", "Stopped")
+
+
+def _attachable_volumes(vm: m.VmInstance, root: m.Volume | None) -> list[Any]:
+    """The WHERE of the data volumes AttachDataVolumeToVm accepts for ``vm``: detached, Enabled,
+    Ready or not made yet; a made one on the VM's host (local storage) or on a primary storage
+    the VM's cluster reaches."""
+    where_vm = vm.hostUuid or (root.hostUuid if root else None)
+    reached = select(m.PrimaryStorageClusterRef.primaryStorageUuid).where(
+        m.PrimaryStorageClusterRef.clusterUuid == vm.clusterUuid
+    )
+    made_here = (m.Volume.status == "Ready") & m.Volume.primaryStorageUuid.in_(reached)
+    if where_vm:
+        made_here &= m.Volume.hostUuid.is_(None) | (m.Volume.hostUuid == where_vm)
+    return [
+        m.Volume.type == "Data",
+        m.Volume.vmInstanceUuid.is_(None),
+        m.Volume.state == "Enabled",
+        (m.Volume.status == "NotInstantiated") | made_here,
+    ]
+
+
+async def _data_volumes(s: Any, vm_uuid: str) -> int:
+    return len((await s.execute(select(m.Volume.uuid).where(
+        m.Volume.vmInstanceUuid == vm_uuid, m.Volume.type == "Data"))).all())
+
+
+@api("GetVmAttachableDataVolume")
+async def vm_attachable_volumes(ctx: ApiContext) -> dict[str, Any]:
+    """The caller's data volumes AttachDataVolumeToVm would attach to the VM now."""
+    async with ctx.p.db.tx() as s:
+        vm = await load(s, m.VmInstance, ctx.req("vmInstanceUuid"), ctx, "VmInstance", owned=True)
+        if vm.state not in ATTACH_STATES or await _data_volumes(s, vm.uuid) >= MAX_DATA_VOLUMES:
+            return {"inventories": []}
+        root = await s.get(m.Volume, vm.rootVolumeUuid) if vm.rootVolumeUuid else None
+        rows = (
+            await s.execute(
+                select(m.Volume)
+                .where(*_attachable_volumes(vm, root), *visible_clause(ctx.caller, m.Volume.uuid, owned=True))
+                .order_by(m.Volume.createDate)
+            )
+        ).scalars().all()
+        return {"inventories": [await inv(s, "QueryObjectVolumeInventory", r) for r in rows]}
+
+
+@api("GetDataVolumeAttachableVm")
+async def volume_attachable_vms(ctx: ApiContext) -> dict[str, Any]:
+    """The caller's VMs the data volume would attach to now (AttachDataVolumeToVm)."""
+    async with ctx.p.db.tx() as s:
+        vol = await load(s, m.Volume, ctx.req("volumeUuid"), ctx, "Volume", owned=True)
+        vms = (
+            await s.execute(
+                select(m.VmInstance)
+                .where(
+                    m.VmInstance.type == "UserVm",
+                    m.VmInstance.state.in_(ATTACH_STATES),
+                    *visible_clause(ctx.caller, m.VmInstance.uuid, owned=True),
+                )
+                .order_by(m.VmInstance.createDate)
+            )
+        ).scalars().all()
+        out = []
+        for vm in vms:
+            root = await s.get(m.Volume, vm.rootVolumeUuid) if vm.rootVolumeUuid else None
+            fits = select(m.Volume.uuid).where(m.Volume.uuid == vol.uuid, *_attachable_volumes(vm, root))
+            if (await s.execute(fits)).first() and await _data_volumes(s, vm.uuid) < MAX_DATA_VOLUMES:
+                out.append(await inv(s, "QueryObjectVmInstanceInventory", vm))
+        return {"inventories": out}
+
+
+@api("ChangeVolumeState")
+async def change_volume_state(ctx: ApiContext) -> dict[str, Any]:
+    """A Disabled volume is not attached to a VM (nor offered for it) until enabled again."""
+    return await change_state(ctx, m.Volume, "Volume", "QueryObjectVolumeInventory")
+
+
+@api("GetVolumeFormat")
+async def volume_formats(ctx: ApiContext) -> dict[str, Any]:
+    """The file formats of volumes: what the agents' qemu-img makes (qcow2) and takes (raw too)."""
+    return {
+        "formats": [
+            {"format": fmt, "masterHypervisorType": "KVM", "supportingHypervisorTypes": ["KVM", "Simulator"]}
+            for fmt in VOLUME_FORMATS
+        ]
+    }
+
+
+VOLUME_FORMATS = ("qcow2", "raw")
+
+
+@api("GetVolumeCapabilities")
+async def volume_capabilities(ctx: ApiContext) -> dict[str, Any]:
+    """MigrationInCurrentPrimaryStorage: a volume on a host's local storage moves to another host
+    of it (LocalStorageMigrateVolume); moving to another primary storage is not built."""
+    vol = await _volume(ctx)
+    async with ctx.p.db.tx() as s:
+        ps = await s.get(m.PrimaryStorage, vol.primaryStorageUuid) if vol.primaryStorageUuid else None
+    bound = ps is not None and backend.of(ps).host_bound
+    return {"capabilities": {"MigrationInCurrentPrimaryStorage": bound, "MigrationToOtherPrimaryStorage": False}}
+
+
+@api("SyncVolumeSize")
+async def sync_volume_size(ctx: ApiContext) -> dict[str, Any]:
+    """The volume's file's size on disk (actualSize), and its virtual size when the agent reads
+    one, as its host's agent finds them now."""
+    p = ctx.p
+    vol = await _volume(ctx)
+    async with p.queues.serial(vol.uuid):
+        async with p.db.tx() as s:
+            vol = await load(s, m.Volume, vol.uuid, ctx)
+            ps = await s.get(m.PrimaryStorage, vol.primaryStorageUuid) if vol.primaryStorageUuid else None
+            host = await primary.file_host(s, ps, vol.hostUuid) if ps is not None and vol.installPath else None
+        if ps is None or host is None:
+            raise not_allowed(f"volume {vol.uuid} is {vol.status}: it has no file on a host to measure")
+        found = await agent(p, host, primary.command(ps, "info"), {"path": ps.url, "installPath": vol.installPath})
+        if not found.get("exists"):
+            raise not_allowed(f"volume {vol.uuid}'s file {vol.installPath} is not on host {host}")
+        async with p.db.tx() as s:
+            row = await s.get(m.Volume, vol.uuid)
+            row.actualSize = int(found.get("actualSize") or 0)
+            if found.get("virtualSize"):
+                row.size = int(found["virtualSize"])
+    return await _out(ctx, vol.uuid)

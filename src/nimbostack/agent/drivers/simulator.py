@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from nimbostack.agent.driver import DriverError, StateListener
-from nimbostack.wire import PAUSED, RUNNING, STOPPED, ConsoleAddress, DiskSpec, HostFacts, VmSpec
+from nimbostack.wire import PAUSED, RUNNING, STOPPED, ConsoleAddress, DiskSpec, HostFacts, NicSpec, VmSpec
 
 
 class SimulatorDriver:
@@ -69,6 +69,17 @@ class SimulatorDriver:
         self._need(vm_uuid)
         spec = self.specs[vm_uuid]
         spec.disks = [d for d in spec.disks if d.volume_uuid != disk.volume_uuid]
+
+    async def attach_nic(self, vm_uuid: str, nic: NicSpec) -> None:
+        self._need(vm_uuid)
+        nics = self.specs[vm_uuid].nics
+        if all(n.mac != nic.mac for n in nics):  # a retried attach: libvirt's driver keeps one too
+            nics.append(nic)
+
+    async def detach_nic(self, vm_uuid: str, nic: NicSpec) -> None:
+        self._need(vm_uuid)
+        spec = self.specs[vm_uuid]
+        spec.nics = [n for n in spec.nics if n.mac != nic.mac]
 
     async def attach_iso(self, vm_uuid: str, iso_path: str) -> None:
         self._need(vm_uuid)

@@ -24,4 +24,5 @@ PLUGIN = Plugin(
     vm_start=(hooks.VmStartExtension("Flat DHCP, userdata and EIP", eip.on_flat_vm_start, eip.on_flat_vm_stop),),
     host_connect=(service.on_host_connect, eip.on_host_connect),
     tag_change=(service.on_tag_change,),
+    nic_change=(service.on_nic_change,),
 )

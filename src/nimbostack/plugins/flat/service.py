@@ -7,6 +7,7 @@ each host serves and pushes it as the full desired state of one L3 network on on
 
 * before a VM starts on a host and after it stops or is destroyed (a VM start extension, with its release);
 * when a VM's ``userdata::`` / ``sshkey::`` / ``hostname::`` tags change;
+* when a running VM gains or loses a NIC (AttachL3NetworkToVm, DetachL3NetworkFromVm);
 * when a host (re)connects: the upgrade walkthrough (1.0 §13) switches an
   L3 network from the VirtualRouter provider to Flat and reconnects the hosts;
 * when Flat services are attached to or detached from an L3 network, or it is deleted
@@ -428,6 +429,13 @@ async def on_tag_change(ctx: ApiContext, resource_type: str, resource_uuid: str)
     if resource_type != "VmInstanceVO":
         return
     await refresh_vm(ctx.p, resource_uuid)
+
+
+async def on_nic_change(p: Platform, vm_uuid: str, host_uuid: str, l3_uuid: str) -> None:
+    """The VM's NICs on the L3 network changed: the host serves that L3 as the database now
+    says (the new NIC's lease, or none for the removed one). The L3 is named, not found from the
+    VM's NICs: a detached NIC is no longer among them. A failure is raised (hooks.nic_changed)."""
+    await push(p, host_uuid, l3_uuid)
 
 
 async def refresh_vm(p: Platform, vm_uuid: str) -> None:

@@ -126,6 +126,21 @@ def interface_element(nic: NicSpec) -> ET.Element:
     return el
 
 
+def interface_xml(nic: NicSpec) -> str:
+    """The <interface> a hot-plug attaches (attachDeviceFlags): the same device a start defines,
+    so a NIC plugged live and the same NIC after a restart are one and the same to the guest."""
+    return ET.tostring(interface_element(nic), encoding="unicode")
+
+
+def find_interface(domain: ET.Element, mac: str) -> ET.Element | None:
+    """The domain's interface with this MAC (libvirt matches a detach by MAC too)."""
+    for el in domain.findall("devices/interface"):
+        found = el.find("mac")
+        if found is not None and (found.get("address") or "").lower() == mac.lower():
+            return el
+    return None
+
+
 def build_domain_xml(
     spec: VmSpec,
     domain_type: str,

@@ -32,12 +32,24 @@ from nimbostack.agent.drivers.libvirt.domain_xml import (
     disk_target,
     domain_name,
     find_disk,
+    find_interface,
+    interface_xml,
     set_console_log,
     set_domain_owner,
     vm_hex,
     vm_uuid_of_domain,
 )
-from nimbostack.wire import PAUSED, REBOOTED, RUNNING, STOPPED, ConsoleAddress, DiskSpec, HostFacts, VmSpec
+from nimbostack.wire import (
+    PAUSED,
+    REBOOTED,
+    RUNNING,
+    STOPPED,
+    ConsoleAddress,
+    DiskSpec,
+    HostFacts,
+    NicSpec,
+    VmSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -625,10 +637,7 @@ class LibvirtDriver:
                 raise DriverError("VOLUME_NOT_FOUND", f"Disk {disk.volume_uuid} is missing: {disk.path}")
             dom = _need(conn, name)
             flags = 0
-            views = [(libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt.VIR_DOMAIN_XML_INACTIVE)]
-            if dom.isActive():
-                views.append((libvirt.VIR_DOMAIN_AFFECT_LIVE, 0))
-            for flag, xml_flags in views:
+            for flag, xml_flags in _views(dom):
                 existing = find_disk(ET.fromstring(dom.XMLDesc(xml_flags)), disk.path, target)
                 if existing is None:
                     flags |= flag
@@ -652,12 +661,8 @@ class LibvirtDriver:
         def detach(conn: libvirt.virConnect) -> bool:
             """Start the detach; True if the guest must still release the disk."""
             dom = _need(conn, name)
-            active = bool(dom.isActive())
-            views = [(libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt.VIR_DOMAIN_XML_INACTIVE)]
-            if active:
-                views.append((libvirt.VIR_DOMAIN_AFFECT_LIVE, 0))
             live = False
-            for flag, xml_flags in views:
+            for flag, xml_flags in _views(dom):
                 existing = find_disk(ET.fromstring(dom.XMLDesc(xml_flags)), disk.path, target)
                 if existing is None:
                     continue
@@ -672,8 +677,12 @@ class LibvirtDriver:
             return find_disk(ET.fromstring(dom.XMLDesc(0)), disk.path, target) is not None
 
         action = f"detach disk {disk.volume_uuid} from VM {vm_uuid}"
-        if not await self._run(action, detach):
-            return
+        if await self._run(action, detach):
+            await self._wait_released(action, still_attached, f"VM {vm_uuid} did not release disk {target}", disk.path)
+
+    async def _wait_released(
+        self, action: str, still_attached: Callable[[libvirt.virConnect], bool], what: str, details: str
+    ) -> None:
         # Hot-unplug needs the guest's cooperation (ACPI PCI hotplug); libvirt returns early.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DETACH_TIMEOUT
@@ -681,12 +690,51 @@ class LibvirtDriver:
             if loop.time() >= deadline:
                 raise DriverError(
                     "DETACH_TIMEOUT",
-                    f"VM {vm_uuid} did not release disk {target} within "
-                    f"{DETACH_TIMEOUT:.0f} s; it is removed from the configuration "
+                    f"{what} within {DETACH_TIMEOUT:.0f} s; it is removed from the configuration "
                     "and goes away at the next power-off.",
-                    disk.path,
+                    details,
                 )
             await asyncio.sleep(0.2)
+
+    async def attach_nic(self, vm_uuid: str, nic: NicSpec) -> None:
+        """Hot-plug a virtio NIC: into the live guest when it runs and into the persistent
+        definition, each only where a NIC with that MAC is not there yet (a retry is a no-op)."""
+        name = domain_name(vm_uuid)
+        xml = interface_xml(nic)
+
+        def attach(conn: libvirt.virConnect) -> None:
+            dom = _need(conn, name)
+            flags = 0
+            for flag, xml_flags in _views(dom):
+                if find_interface(ET.fromstring(dom.XMLDesc(xml_flags)), nic.mac) is None:
+                    flags |= flag
+            if flags:
+                dom.attachDeviceFlags(xml, flags)
+
+        await self._run(f"attach NIC {nic.mac} to VM {vm_uuid}", attach)
+
+    async def detach_nic(self, vm_uuid: str, nic: NicSpec) -> None:
+        """Unplug the NIC with ``nic.mac`` from the persistent definition and the live guest; no
+        error when it is not there. Waits for the guest to let the live one go."""
+        name = domain_name(vm_uuid)
+
+        def detach(conn: libvirt.virConnect) -> bool:
+            dom = _need(conn, name)
+            live = False
+            for flag, xml_flags in _views(dom):
+                existing = find_interface(ET.fromstring(dom.XMLDesc(xml_flags)), nic.mac)
+                if existing is not None:
+                    dom.detachDeviceFlags(ET.tostring(existing, encoding="unicode"), flag)
+                    live = live or flag == libvirt.VIR_DOMAIN_AFFECT_LIVE
+            return live
+
+        def still_attached(conn: libvirt.virConnect) -> bool:
+            dom = _need(conn, name)
+            return bool(dom.isActive()) and find_interface(ET.fromstring(dom.XMLDesc(0)), nic.mac) is not None
+
+        action = f"detach NIC {nic.mac} from VM {vm_uuid}"
+        if await self._run(action, detach):
+            await self._wait_released(action, still_attached, f"VM {vm_uuid} did not release NIC {nic.mac}", nic.mac)
 
     async def attach_iso(self, vm_uuid: str, iso_path: str) -> None:
         await self._change_media(vm_uuid, iso_path, f"attach ISO {iso_path} to VM {vm_uuid}")
@@ -853,6 +901,15 @@ def _end_powered_off(dom: libvirt.virDomain, wait: float = 10.0) -> None:
         except libvirt.libvirtError as e:
             if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
                 raise
+
+
+def _views(dom: libvirt.virDomain) -> list[tuple[int, int]]:
+    """(device flag, XMLDesc flags) of each definition a device change must reach: the
+    persistent one always, the live one when the domain runs."""
+    views = [(libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt.VIR_DOMAIN_XML_INACTIVE)]
+    if dom.isActive():
+        views.append((libvirt.VIR_DOMAIN_AFFECT_LIVE, 0))
+    return views
 
 
 def _need(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
