@@ -278,8 +278,9 @@ def _db_args(sub: Any) -> None:
         "restore",
         help="restore a backup into a fresh data dir (or an empty database) and migrate it",
         description="Restore FILE (of db backup, or of the node's periodic backups) into the database of "
-        "--data-dir/--db, which must be empty unless --force, then bring it to this version's schema. "
-        "Start the node on it with: nimbostack server --data-dir NEWDIR [--db URL]",
+        "--data-dir/--db, which must be empty unless --force, then bring it to this version's schema; the "
+        "node's CA kept beside the backup (pki/) goes into NEWDIR/pki, so that the hosts' agents trust the "
+        "restored node. Start it with: nimbostack server --data-dir NEWDIR [--db URL]",
     )
     restore.add_argument("file", metavar="FILE")
     restore.add_argument("--data-dir", required=True, help="the data dir of the node that will run on it")

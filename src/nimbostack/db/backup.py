@@ -225,7 +225,7 @@ def _sqlite_tables(conn: sqlite3.Connection) -> list[str]:
 
 def _sqlite_backup(source: Path, part: Path) -> None:
     # mode=rw: never create an empty database where the operator named a wrong one
-    src = sqlite3.connect(f"file:{source}?mode=rw", uri=True)
+    src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=rw", uri=True)
     try:
         src.execute("PRAGMA busy_timeout=30000")
         dst = sqlite3.connect(part)
@@ -249,7 +249,7 @@ def _sqlite_backup(source: Path, part: Path) -> None:
 
 def _sqlite_restore(file: Path, target: Path, force: bool) -> None:
     try:
-        src = sqlite3.connect(f"file:{file}?mode=ro", uri=True)
+        src = sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True)
         try:
             tables = _sqlite_tables(src)
         except sqlite3.DatabaseError as err:
