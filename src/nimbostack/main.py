@@ -259,6 +259,60 @@ def _issue_agent_credentials(data_dir: Path, address: str, out: str) -> int:
     return 0
 
 
+def _db_args(sub: Any) -> None:
+    db = sub.add_parser("db", help="back the database up (while the node runs) or restore a backup")
+    which = db.add_subparsers(dest="db_command", required=True)
+    backup = which.add_parser(
+        "backup",
+        help="back the database up into a new timestamped file and print its name",
+        description="A consistent copy of the node's database while the node runs and writes: SQLite "
+        "through its online backup API (a .db file), PostgreSQL with pg_dump's custom format (.dump). "
+        "The file is 0600 in a 0700 directory.",
+    )
+    backup.add_argument("--data-dir", default=os.environ.get("NIMBOSTACK_DATA_DIR", "./data"),
+                        help="the node's data dir (its SQLite database, unless --db)")
+    backup.add_argument("--db", default=os.environ.get("NIMBOSTACK_DB") or None,
+                        help="the node's database URL, when it is not the SQLite file of the data dir")
+    backup.add_argument("--to", default=None, metavar="DIR", help="where to write it (default DATA_DIR/db-backups)")
+    restore = which.add_parser(
+        "restore",
+        help="restore a backup into a fresh data dir (or an empty database) and migrate it",
+        description="Restore FILE (of db backup, or of the node's periodic backups) into the database of "
+        "--data-dir/--db, which must be empty unless --force, then bring it to this version's schema; the "
+        "node's CA kept beside the backup (pki/) goes into NEWDIR/pki, so that the hosts' agents trust the "
+        "restored node. Start it with: nimbostack server --data-dir NEWDIR [--db URL]",
+    )
+    restore.add_argument("file", metavar="FILE")
+    restore.add_argument("--data-dir", required=True, help="the data dir of the node that will run on it")
+    restore.add_argument("--db", default=None, help="a PostgreSQL URL, for a pg_dump backup (default: the SQLite "
+                                                      "file of the data dir)")
+    restore.add_argument("--force", action="store_true", help="replace the database that is there")
+
+
+def _db(a: argparse.Namespace) -> int:
+    from nimbostack.core.platform import keep_private
+    from nimbostack.db import backup
+    from nimbostack.db.engine import sqlite_url
+
+    data = Path(a.data_dir).resolve()
+    url = a.db or sqlite_url(data)
+    try:
+        if a.db_command == "backup":
+            print(backup.backup(url, Path(a.to) if a.to else data / backup.DIR_NAME, data_dir=data))
+            return 0
+        revision = backup.restore(Path(a.file), url, a.force)
+        keep_private(data, url)  # the data dir 0700, as the node would make it
+        ca = backup.restore_ca(Path(a.file), data)
+    except backup.BackupError as err:
+        raise SystemExit(f"nimbostack db {a.db_command}: {err}") from None
+    print(f"restored {a.file} into {data if not a.db else backup.shown_url(url)} (schema {revision})")
+    if ca is None:
+        print(f"nimbostack db restore: no CA beside the backup ({Path(a.file).parent / backup.PKI_DIR}): the node "
+              "will make a new one, and each host agent then needs new credentials (nimbostack agent-credentials)",
+              file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cli"]:
@@ -354,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     cred.add_argument("--address", required=True, help="HOST:PORT the management node reaches the agent at")
     cred.add_argument("--out", default="-", help="a file to write (0600) instead of stdout")
     sub.add_parser("cli", help="the >>> shell (nimbostack cli --help)", add_help=False)
+    _db_args(sub)
     service = sub.add_parser(
         "install-service",
         help="write (and where systemd runs, enable and start) the systemd unit of the server or the agent",
@@ -371,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if a.command == "agent-credentials":
         return _issue_agent_credentials(Path(a.data_dir), a.address, a.out)
+    if a.command == "db":
+        return _db(a)
     if a.command == "install-service":
         if a.which == "server":
             unit = units.server_unit(Path(a.data_dir).resolve(), a.port or 8080, a.db, a.user, Path(a.env_dir))

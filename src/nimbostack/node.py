@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from nimbostack.compute import host as hostmod
 from nimbostack.compute import recovery
-from nimbostack.core import expunger, gc, management
+from nimbostack.core import dbbackup, expunger, gc, management
 from nimbostack.core.platform import Platform, Settings
 from nimbostack.network.l2l3 import seed_providers
 
@@ -31,7 +31,11 @@ async def start_platform(settings: Settings) -> Platform:
 
 
 def start_loops(p: Platform) -> list[asyncio.Task[None]]:
-    loops = [hostmod.ping_loop(p), expunger.expunge_loop(p), gc.gc_loop(p)] if p.settings.background else []
+    loops = (
+        [hostmod.ping_loop(p), expunger.expunge_loop(p), gc.gc_loop(p), dbbackup.backup_loop(p)]
+        if p.settings.background
+        else []
+    )
     loops.append(p.config.refresh_loop())  # always: other nodes' config changes must arrive
     loops.append(management.heartbeat_loop(p))  # always: the others take a silent node for dead
     loops.append(p.db.checkpoint_loop())  # always: SQLite's log is written back only there

@@ -141,6 +141,19 @@ DEFINITIONS: list[ConfigDef] = [
         "tenants may never name local files",
     ),
     ConfigDef("gc", "interval", "60", "Seconds between two runs of the garbage collector's poll", "int", min=1),
+    # ZStack 1.2's "Database Periodical Backup" (release notes: the title only): daily, the last 7 kept
+    ConfigDef(
+        "database",
+        "backup.interval",
+        "86400",
+        "Seconds between two periodic backups of the database, taken by the management node into "
+        "DATA_DIR/db-backups (0: none)",
+        "int",
+        min=0,
+    ),
+    ConfigDef(
+        "database", "backup.retention", "7", "Periodic database backups kept; older ones are removed", "int", min=1
+    ),
 ]
 
 _BY_KEY = {(d.category, d.name): d for d in DEFINITIONS}
