@@ -104,7 +104,7 @@ def inventory_schema(name: str) -> dict[str, Any]:
     props: dict[str, Any] = {}
     for kind in [name, *spec.inventory_subtypes(name)]:
         typed = spec.inventory_field_types(kind)
-        for field in spec.inventory_fields(kind) or typed:
+        for field in spec.inherited_inventory_fields(kind) or typed:
             props.setdefault(field, _type_schema(typed[field]) if field in typed else {})
     if not props:  # an inventory only the table's query objects name: their plain fields
         obj = spec.query_object_spec(f"QueryObject{name}")

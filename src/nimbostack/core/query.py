@@ -67,12 +67,7 @@ class QueryTarget:
 
     def fields(self) -> list[str]:
         if self.inventory_name and spec.inventory_fields(self.inventory_name):
-            names: list[str] = []
-            name: str | None = self.inventory_name
-            while name is not None:  # the inherited fields first, as Gson writes them
-                names = spec.inventory_fields(name) + names
-                name = spec.inventory_parent(name)
-            return names
+            return spec.inherited_inventory_fields(self.inventory_name)
         prim = spec.query_object_spec(self.object_name)["primitiveFields"]
         return [f for f in prim if not f.startswith("__")]
 

@@ -124,6 +124,13 @@ def inventory_field_types(name: str) -> dict[str, str]:
     return {**(inventory_field_types(parent) if parent else {}), **own}
 
 
+def inherited_inventory_fields(name: str) -> list[str]:
+    """The table's fields of inventory ``name`` with those of the classes it extends, inherited
+    first, as Gson writes them."""
+    parent = inventory_parent(name)
+    return (inherited_inventory_fields(parent) if parent else []) + inventory_fields(name)
+
+
 def inventory_subtypes(name: str) -> list[str]:
     """The inventories that extend ``name``, directly or not: a query of hosts answers KVM hosts."""
     children = [c for c, p in inventory_types()["extends"].items() if p == name]
