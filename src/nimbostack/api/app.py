@@ -110,6 +110,12 @@ class Wire:
             body = json.loads(await _body(receive))
         except (ValueError, RecursionError) as err:  # a body nested past the parser's depth too
             return 200, _failed(ApiError(INVALID_ARGUMENT, "The body is not JSON", str(err)))
+        named = scope.get("path_params", {}).get("api_name")
+        # POST /zstack/api/<message>: the same body, at a path that names the message (the
+        # OpenAPI document's operation of each message; logs and proxies see which API it is)
+        if named is not None and not (isinstance(body, dict) and list(body) == [named]):
+            details = f"the body must be {{{named!r}: {{fields...}}}}"
+            return 200, _failed(ApiError(INVALID_ARGUMENT, "The body is not the message of the path", details))
         client = scope.get("client")
         return 200, await self.dispatcher.handle(body, client[0] if client else "")
 
@@ -187,6 +193,7 @@ def create_app(settings: Settings) -> NodeApp:
         Route("/zstack/api/result/{job_uuid}", WireEndpoint(wire.api_result), methods=["GET"]),
         # ZStack's SDK posts here; a redirect to /zstack/api would lose the body with many clients
         Route("/zstack/api/", api_post, methods=["POST"]),
+        Route("/zstack/api/{api_name}", api_post, methods=["POST"]),
         Route("/gc", wire.garbage_collector),
         Route("/health", wire.health),
         Route("/openapi.json", openapi),

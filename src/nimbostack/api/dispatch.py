@@ -80,6 +80,9 @@ MAX_STRING = (1 << 20) + 4096
 MAX_DEPTH = 8  # conditions and networkServices nest two or three levels; nothing needs more
 # lists whose elements are objects, not strings
 OBJECT_LISTS = {"conditions"}
+# the longest a call may be given: a job's deadline must be a date the database can store, and no
+# API runs for a month
+MAX_TIMEOUT_MS = 30 * 24 * 3600 * 1000
 
 
 def _check_value(where: str, value: Any, depth: int = 0) -> None:
@@ -182,8 +185,8 @@ class Dispatcher:
             ms = int(raw)
         except (TypeError, ValueError):
             raise invalid(f"timeout must be milliseconds, got {raw!r}") from None
-        if ms <= 0:
-            raise invalid("timeout must be positive milliseconds")
+        if not 0 < ms <= MAX_TIMEOUT_MS:
+            raise invalid(f"timeout must be positive milliseconds, at most {MAX_TIMEOUT_MS} (30 days)")
         return ms / 1000.0
 
     async def _run(self, ctx: ApiContext, route: Route, timeout: float) -> str:

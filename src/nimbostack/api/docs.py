@@ -22,6 +22,10 @@ ul { margin: .2em 0; }
 
 def _field(name: str, schema: dict[str, Any], required: bool) -> str:
     kind = schema.get("type", "")
+    if "anyOf" in schema:  # a list, as an array or ZStack CLI's comma-separated string
+        kind = "list"
+    elif isinstance(kind, list):
+        kind = "scalar"
     line = f'<li><code class="{"req" if required else ""}">{escape(name)}</code>'
     if kind:
         line += f" <i>{escape(kind)}</i>"
@@ -51,15 +55,19 @@ def docs_page() -> str:
         f"<li><code>{escape(method.upper())} {escape(path)}</code> &mdash; {escape(op.get('summary', ''))}</li>"
         for path, ops in doc["paths"].items()
         for method, op in ops.items()
+        if not path.startswith("/zstack/api/org.")
     )
     schemas = doc["components"]["schemas"]
-    index = " ".join(f'<a href="#{escape(n)}">{escape(n)}</a>' for n in schemas)
-    messages = "".join(_message(n, s) for n, s in schemas.items())
+    # the messages: the operations of their own paths (the others are the wire's shared ones)
+    names = sorted(op["operationId"] for path, ops in doc["paths"].items() for op in ops.values()
+                   if path.startswith("/zstack/api/org."))
+    index = " ".join(f'<a href="#{escape(n)}">{escape(n)}</a>' for n in names)
+    messages = "".join(_message(n, schemas[n]) for n in names)
     title = escape(doc["info"]["title"])
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{STYLE}</style></head><body><h1>{title}</h1>"
         f"<p>Post <code>{{&quot;&lt;message name&gt;&quot;: {{fields}}}}</code> to the API; "
         f'the machine-readable document is <a href="openapi.json">openapi.json</a>.</p>'
-        f"<ul>{paths}</ul><p>{len(schemas)} messages: {index}</p>{messages}</body></html>"
+        f"<ul>{paths}</ul><p>{len(names)} messages: {index}</p>{messages}</body></html>"
     )

@@ -67,19 +67,10 @@ class QueryTarget:
 
     def fields(self) -> list[str]:
         if self.inventory_name and spec.inventory_fields(self.inventory_name):
-            names = spec.inventory_fields(self.inventory_name)
-            parent = _PARENT_INVENTORY.get(self.inventory_name)
-            return (spec.inventory_fields(parent) if parent else []) + names
+            return spec.inherited_inventory_fields(self.inventory_name)
         prim = spec.query_object_spec(self.object_name)["primitiveFields"]
         return [f for f in prim if not f.startswith("__")]
 
-
-_PARENT_INVENTORY = {
-    "KVMHostInventory": "HostInventory",
-    "L2VlanNetworkInventory": "L2NetworkInventory",
-    "SftpBackupStorageInventory": "BackupStorageInventory",
-    "VirtualRouterVmInventory": "VmInstanceInventory",
-}
 
 TARGETS: dict[str, QueryTarget] = {}
 

@@ -9,6 +9,14 @@ from pathlib import Path
 from typing import Any
 
 TABLE = Path(__file__).with_name("zstack-1.2-api.json")
+# the table names each inventory's fields but not their types: those come from ZStack's Java classes
+INVENTORY_TYPES = Path(__file__).with_name("zstack-1.2-inventory-types.json")
+# an inventory's dates as ZStack 1.2 sends them: Gson's default for java.sql.Timestamp (Java 7/8's
+# US DateFormat.DEFAULT), "Apr 30, 2014 6:11:47 PM"
+DATE_PATTERN = (
+    r"^(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) ([1-9]|[12][0-9]|3[01]), [0-9]{4} "
+    r"([1-9]|1[0-2]):[0-5][0-9]:[0-5][0-9] (AM|PM)$"
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,38 @@ def query_object_spec(name: str) -> dict[str, Any]:
 
 def inventory_fields(name: str) -> list[str]:
     return list(table()["inventories"].get(name, []))
+
+
+@cache
+def inventory_types() -> dict[str, Any]:
+    return json.loads(INVENTORY_TYPES.read_text())
+
+
+def inventory_parent(name: str) -> str | None:
+    """The inventory class ``name``'s Java class extends (KVMHostInventory → HostInventory)."""
+    parent: str | None = inventory_types()["extends"].get(name)
+    return parent
+
+
+def inventory_field_types(name: str) -> dict[str, str]:
+    """Field → type (string, int, long, boolean, timestamp, object, list<X>, X) of inventory
+    ``name``, inherited fields first; {} for an inventory the type table does not know."""
+    parent = inventory_parent(name)
+    own: dict[str, str] = inventory_types()["inventories"].get(name, {})
+    return {**(inventory_field_types(parent) if parent else {}), **own}
+
+
+def inherited_inventory_fields(name: str) -> list[str]:
+    """The table's fields of inventory ``name`` with those of the classes it extends, inherited
+    first, as Gson writes them."""
+    parent = inventory_parent(name)
+    return (inherited_inventory_fields(parent) if parent else []) + inventory_fields(name)
+
+
+def inventory_subtypes(name: str) -> list[str]:
+    """The inventories that extend ``name``, directly or not: a query of hosts answers KVM hosts."""
+    children = [c for c, p in inventory_types()["extends"].items() if p == name]
+    return children + [g for c in children for g in inventory_subtypes(c)]
 
 
 # The release notes name some parameters differently from the API table; the server and the shell
