@@ -244,9 +244,16 @@ def test_sigkill_during_200_creates_recovers_to_a_consistent_state(tmp_path: Pat
         assert not storm.thread.is_alive(), "the clients of the killed node did not give up"
         assert len(storm.accepted) >= KILL_AFTER, f"only {len(storm.accepted)} jobs were accepted before the kill"
 
-        node.start()  # same data dir, same port: recovery runs before the node answers
+        node.start()  # same data dir, same port: the database's part of recovery runs before it answers
         api = Api(node.url)
         api.login()
+        # the hosts' part runs in the background: each host is Connecting until its agent answered
+        _wait_until(
+            "every host connected again",
+            lambda: not _db_rows(db, "SELECT uuid FROM host WHERE status = 'Connecting'"),
+            30,
+            node.proc,
+        )
 
         # every job the dead node accepted has an answer now: Done, a success or an error
         restarted = 0

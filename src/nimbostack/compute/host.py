@@ -28,6 +28,7 @@ from nimbostack.core.resources import (
     update_fields,
 )
 from nimbostack.db import models as m
+from nimbostack.storage import primary
 from nimbostack.wire import pki
 
 if TYPE_CHECKING:
@@ -125,11 +126,16 @@ async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> 
                 f"cluster {cluster.uuid} is a {cluster.hypervisorType} cluster; a {hypervisor} host cannot join it"
             )
         ip = ctx.req("managementIp")
-        dup = (
-            await s.execute(select(m.Host.uuid).where(m.Host.managementIp == ip, m.Host.hypervisorType != SIMULATOR))
-        ).first()
-        if dup and hypervisor != SIMULATOR and not any(t.startswith("agentPort::") for t in ctx.list("systemTags")):
-            raise invalid(f"a host with managementIp {ip} already exists")
+        # simulated hosts share one agent and may share addresses: asked only for the others, as
+        # the question reads every host (managementIp has no index)
+        if hypervisor != SIMULATOR and not any(t.startswith("agentPort::") for t in ctx.list("systemTags")):
+            dup = (
+                await s.execute(
+                    select(m.Host.uuid).where(m.Host.managementIp == ip, m.Host.hypervisorType != SIMULATOR)
+                )
+            ).first()
+            if dup:
+                raise invalid(f"a host with managementIp {ip} already exists")
         url = agent_url(ctx.p.settings, hypervisor, ip, [str(t) for t in ctx.list("systemTags")])
         if hypervisor != SIMULATOR and (await s.execute(select(m.Host.uuid).where(m.Host.agentUrl == url))).first():
             raise invalid(f"a host with managementIp {ip} and this agent port already exists ({url})")
@@ -252,6 +258,7 @@ async def delete_host(ctx: ApiContext) -> dict[str, Any]:
             ).scalar_one()
             if vms:
                 raise not_allowed(f"host {uuid} still has {vms} VMs; destroy or migrate them first")
+            await primary.drop_host(s, uuid)
             await s.delete(host)
             await disown(s, [uuid])
     await gc.run(ctx.p, uuid)  # what waited for the host is moot now: its entries are Done

@@ -60,6 +60,10 @@ class PrimaryStorageBackend:
         """A host of an attached cluster (re)connected, or the storage was attached to its cluster."""
         raise NotImplementedError
 
+    async def drop_host(self, s: Tx, host_uuid: str) -> None:
+        """A host is deleted (inside the caller's transaction): what the storage counts of it goes.
+        Nothing for storage every host shares."""
+
     async def reserve(self, s: Tx, ps: m.PrimaryStorage | Row[Any], host_uuid: str | None, size: int,
                       resource_uuid: str, resource_type: str, force: bool = False) -> bool:
         """Hold ``size`` bytes for the resource (inside the caller's transaction); False when the

@@ -114,6 +114,12 @@ async def init_host_share(platform: Platform, ps_uuid: str, host_uuid: str) -> N
     await backend.of(ps).init_host(platform, ps_uuid, host_uuid)
 
 
+async def drop_host(s: Tx, host_uuid: str) -> None:
+    """The host is being deleted: each backend forgets its share of the host's storages."""
+    for b in backend.BACKENDS.values():
+        await b.drop_host(s, host_uuid)
+
+
 async def _on_host_connect(platform: Platform, host_uuid: str) -> None:
     async with platform.db.tx() as s:
         cluster = (await s.execute(select(m.Host.clusterUuid).where(m.Host.uuid == host_uuid))).scalar_one()
