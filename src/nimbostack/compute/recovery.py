@@ -41,6 +41,7 @@ class Reconnect:
 
     hosts: list[str]
     first_starts: dict[str, list[str]] = field(default_factory=dict)  # host uuid -> VM uuids
+    unknown: set[str] = field(default_factory=set)  # hosts with VMs in state Unknown
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self, p: Platform) -> None:
@@ -48,7 +49,7 @@ class Reconnect:
 
         async def worker() -> None:
             for host_uuid in pending:
-                await _reconnect(p, host_uuid, self.first_starts.get(host_uuid, []))
+                await _reconnect(p, host_uuid, self.first_starts.get(host_uuid, []), host_uuid in self.unknown)
 
         try:
             await asyncio.gather(*(worker() for _ in range(min(RECONNECTS_AT_ONCE, len(self.hosts)))))
@@ -84,10 +85,16 @@ async def recover(p: Platform) -> Reconnect:
         hosts = list((await s.execute(select(m.Host.uuid).order_by(m.Host.uuid))).scalars().all())
     await _settle_unknown(p, None)
     await _drop_orphan_ips(p)
-    return Reconnect(hosts, first_starts)
+    async with p.db.tx() as s:
+        unknown = set(
+            (await s.execute(select(m.VmInstance.hostUuid).where(m.VmInstance.state == "Unknown").distinct()))
+            .scalars()
+            .all()
+        )
+    return Reconnect(hosts, first_starts, unknown)
 
 
-async def _reconnect(p: Platform, host_uuid: str, first_starts: list[str]) -> None:
+async def _reconnect(p: Platform, host_uuid: str, first_starts: list[str], unknown: bool) -> None:
     """Connect one host and settle its VMs; whatever fails leaves the host Disconnected (the
     ping loop reconnects it when it answers), never Connecting for good."""
     connected = False
@@ -107,7 +114,8 @@ async def _reconnect(p: Platform, host_uuid: str, first_starts: list[str]) -> No
             )
     try:
         changed = await _finish_first_starts(p, first_starts)
-        changed = await _settle_unknown(p, host_uuid) or changed
+        if unknown:  # the others have nothing to settle: spare 25,000 hosts a query each
+            changed = await _settle_unknown(p, host_uuid) or changed
         # connect derived the capacity already; again where recovery moved VMs since, or where no
         # connect ran at all (what a crash left reserved is given back all the same)
         if changed or not connected:
@@ -142,9 +150,10 @@ async def _settle_unknown(p: Platform, host_uuid: str | None) -> bool:
     the hypervisor does not run, are Stopped. True if one was."""
     settled = False
     async with p.db.tx() as s:
-        host = await s.get(m.Host, host_uuid) if host_uuid else None
-        if host_uuid and (host is None or host.status != "Connected"):
-            return False
+        if host_uuid:
+            status = (await s.execute(select(m.Host.status).where(m.Host.uuid == host_uuid))).scalar()
+            if status != "Connected":
+                return False
         where = (
             m.VmInstance.hostUuid == host_uuid
             if host_uuid

@@ -49,7 +49,7 @@ class LocalStorageBackend(PrimaryStorageBackend):
         """Ask the host for its capacity under the storage path and record its share; the
         storage's totals move by what this share changed (not a sum over every host's share: a
         connect costs the same with 25,000 hosts as with one)."""
-        _, reply = await agent_init(platform, self, ps_uuid, host_uuid)
+        reply = await agent_init(platform, self, ps_uuid, host_uuid)
         async with platform.db.tx() as s:
             ref = (
                 await s.execute(
