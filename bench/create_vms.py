@@ -205,6 +205,14 @@ class Processes:
             time.sleep(0.1)
         raise SystemExit("the management node did not start within 60 s")
 
+    def close(self, keep: bool) -> None:
+        """Stop the processes; remove their data dir and logs unless ``keep``."""
+        self.stop()
+        if keep:
+            print(f"kept {self.data_dir}")
+        else:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
     def stop(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
@@ -489,11 +497,7 @@ def main() -> int:
         return asyncio.run(bench(args, procs))
     finally:
         if procs is not None:
-            procs.stop()
-            if args.keep:
-                print(f"kept {procs.data_dir}")
-            else:
-                shutil.rmtree(procs.data_dir, ignore_errors=True)
+            procs.close(args.keep)
 
 
 if __name__ == "__main__":

@@ -17,25 +17,29 @@ from nimbostack.network.l2l3 import seed_providers
 log = logging.getLogger(__name__)
 
 
-async def start_platform(settings: Settings) -> Platform:
-    """The platform on a migrated, seeded database, with the jobs a dead node left answered."""
+async def start_platform(settings: Settings) -> tuple[Platform, recovery.Reconnect]:
+    """The platform on a migrated, seeded database, with the jobs a dead node left answered; and
+    its hosts to reconnect, which ``start_loops`` does in the background: the node serves first,
+    however many hosts it has."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     p = Platform(settings)
     await p.db.migrate()
     await p.config.seed()
     await p.auth.seed_admin()
     await seed_providers(p.db)
-    await recovery.recover(p)
+    reconnect = await recovery.recover(p)
     await management.join(p)
-    return p
+    return p, reconnect
 
 
-def start_loops(p: Platform) -> list[asyncio.Task[None]]:
+def start_loops(p: Platform, reconnect: recovery.Reconnect | None = None) -> list[asyncio.Task[None]]:
     loops = (
         [hostmod.ping_loop(p), expunger.expunge_loop(p), gc.gc_loop(p), dbbackup.backup_loop(p)]
         if p.settings.background
         else []
     )
+    if reconnect is not None:
+        loops.append(reconnect.run(p))  # always: a host left Connecting would never be pinged again
     loops.append(p.config.refresh_loop())  # always: other nodes' config changes must arrive
     loops.append(management.heartbeat_loop(p))  # always: the others take a silent node for dead
     loops.append(p.db.checkpoint_loop())  # always: SQLite's log is written back only there
@@ -55,8 +59,8 @@ def freeze_heap() -> None:
 @asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[Platform]:
     """A started node for the life of the block; on leaving it, the loops stop and the platform closes."""
-    p = await start_platform(settings)
-    tasks = start_loops(p)
+    p, reconnect = await start_platform(settings)
+    tasks = start_loops(p, reconnect)
     freeze_heap()
     log.info("management node ready on port %s (database %s)", settings.port, settings.db_url.split("://")[0])
     try:

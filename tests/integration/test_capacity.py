@@ -184,3 +184,28 @@ def test_ip_address_capacity_by_range_and_by_account(node: Running, api: Api) ->
     tenant = _account(api, node, "ip-tenant")
     err = tenant.fails("GetIpAddressCapacity", all=True)
     assert err["code"] == "SYS.1005" and "admin" in err["details"]
+
+
+def test_local_storage_totals_are_the_sum_of_the_host_shares(node: Running, api: Api) -> None:
+    """A connect moves the storage's totals by what that host's share changed: after adds, a VM,
+    reconnects and a deleted host they still add up to the shares."""
+    env = build_zone(api, hosts=3)
+    ps = env["ps"]["uuid"]
+    figures = ("totalCapacity", "availableCapacity", "totalPhysicalCapacity", "availablePhysicalCapacity")
+
+    def adds_up() -> dict[str, int]:
+        shares = api.call("GetLocalStorageHostDiskCapacity", primaryStorageUuid=ps)["inventories"]
+        (row,) = api.query("QueryPrimaryStorage", ("uuid", "=", ps))
+        assert {k: row[k] for k in figures} == {k: sum(s[k] for s in shares) for k in figures}
+        return {k: row[k] for k in figures}
+
+    three = adds_up()
+    vm = _vm(api, env)
+    root = api.query("QueryVolume", ("vmInstanceUuid", "=", vm["uuid"]))[0]
+    for h in env["hosts"]:
+        api.call("ReconnectHost", uuid=h["uuid"])
+    assert adds_up()["availableCapacity"] == three["availableCapacity"] - root["size"]
+    spare = next(h["uuid"] for h in env["hosts"] if h["uuid"] != vm["hostUuid"])
+    api.call("DeleteHost", uuid=spare)
+    after = adds_up()
+    assert 0 < after["totalCapacity"] < three["totalCapacity"]

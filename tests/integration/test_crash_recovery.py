@@ -1,7 +1,8 @@
 """Reliability: SIGKILL the management node while 200 CreateVmInstance calls are in flight, start it
 again on the same data dir, and check that recovery left a consistent world behind: no VM stuck in
 a transitional state, no IP without its NIC (nor a NIC without its IP), host capacity equal to what
-its VMs hold, and an answer for every job the dead node had accepted."""
+its VMs hold, and an answer for every job the dead node had accepted. And a restarted node serves
+before its hosts have all answered: they read Connecting until they have."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pytest
 
 from nimbostack.compute.allocator import HOLDS_CAPACITY
 from nimbostack.core import spec
+from nimbostack.wire import pki
 from tests.conftest import Api, build_zone, free_port
 
 VMS = 200
@@ -244,9 +246,16 @@ def test_sigkill_during_200_creates_recovers_to_a_consistent_state(tmp_path: Pat
         assert not storm.thread.is_alive(), "the clients of the killed node did not give up"
         assert len(storm.accepted) >= KILL_AFTER, f"only {len(storm.accepted)} jobs were accepted before the kill"
 
-        node.start()  # same data dir, same port: recovery runs before the node answers
+        node.start()  # same data dir, same port: the database's part of recovery runs before it answers
         api = Api(node.url)
         api.login()
+        # the hosts' part runs in the background: each host is Connecting until its agent answered
+        _wait_until(
+            "every host connected again",
+            lambda: not _db_rows(db, "SELECT uuid FROM host WHERE status = 'Connecting'"),
+            30,
+            node.proc,
+        )
 
         # every job the dead node accepted has an answer now: Done, a success or an error
         restarted = 0
@@ -329,5 +338,68 @@ def test_sigkill_during_200_creates_recovers_to_a_consistent_state(tmp_path: Pat
         assert sum(cpu for cpu, _ in held.values()) == sum(
             vm["cpuNum"] * vm["cpuSpeed"] for vm in vms if vm["state"] in HOLDS_CAPACITY
         )
+    finally:
+        node.stop()
+
+
+HOSTS = 200
+CONNECT_DELAY = 8.0  # seconds the one slow host's agent takes to answer /host/connect
+
+
+def _agent_call(data_dir: Path, agent_port: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A command to the simulator agent as the management node sends it (its certificate)."""
+    tls = pki.Credentials(data_dir / "pki" / "node.pem").client_context()
+    reply = httpx.post(f"https://127.0.0.1:{agent_port}{path}", json=body, timeout=30, verify=tls).json()
+    assert reply.get("success"), reply
+    return reply  # type: ignore[no-any-return]
+
+
+def test_a_restarted_node_serves_while_its_hosts_reconnect(tmp_path: Path, agent_port: int) -> None:
+    data_dir = tmp_path / "data"
+    node = Node(data_dir, tmp_path, agent_port)
+    try:
+        node.start()
+        api = Api(node.url)
+        api.login()
+        env = build_zone(api, hosts=HOSTS)
+        slow = env["hosts"][HOSTS // 2]["uuid"]
+        vm = api.call(
+            "CreateVmInstance",
+            name="on-the-slow-host",
+            imageUuid=env["image"]["uuid"],
+            instanceOfferingUuid=env["offering"]["uuid"],
+            l3NetworkUuids=[env["l3"]["uuid"]],
+            hostUuid=slow,
+        )["inventory"]
+        (ps,) = api.query("QueryPrimaryStorage")
+        node.stop()
+        # the slow host's agent answers the restarted node's first connect late (once: its pings are quick)
+        _agent_call(data_dir, agent_port, "/simulator/fault",
+                    {"hostUuid": slow, "path": "/host/connect", "delay": CONNECT_DELAY, "times": 1})
+
+        node.start()
+        api = Api(node.url)
+        api.login()
+        statuses = {h["uuid"]: h["status"] for h in api.query("QueryHost", fields=["uuid", "status"], limit=HOSTS)}
+        assert len(statuses) == HOSTS
+        assert statuses[slow] == "Connecting", "the node answered only after the slow host connected"
+        # a command for the host fails at once with ZStack's "host is not connected", never waits for it
+        err = api.fails("StopVmInstance", uuid=vm["uuid"])
+        assert err["code"] == "HOST.1002" and "Connecting" in err["details"], err
+        assert api.query("QueryHost", ("uuid", "=", slow))[0]["status"] == "Connecting"
+
+        _wait_until(
+            f"all {HOSTS} hosts Connected",
+            lambda: len(api.query("QueryHost", ("status", "=", "Connected"), fields=["uuid"], limit=HOSTS)) == HOSTS,
+            60,
+            node.proc,
+        )
+        (after,) = api.query("QueryVmInstance", ("uuid", "=", vm["uuid"]))
+        assert after["state"] == "Running" and after["hostUuid"] == slow
+        # the storage's figures are what they were: each reconnect moved them by its own share's change
+        (ps_after,) = api.query("QueryPrimaryStorage")
+        figures = ("totalCapacity", "availableCapacity", "totalPhysicalCapacity", "availablePhysicalCapacity")
+        assert {k: ps_after[k] for k in figures} == {k: ps[k] for k in figures}
+        assert api.call("StopVmInstance", uuid=vm["uuid"])["inventory"]["state"] == "Stopped"
     finally:
         node.stop()

@@ -200,20 +200,28 @@ async def volume_placement(s: Tx, vm_uuid: str) -> tuple[str | None, set[str]]:
     return (hosts.pop() if hosts else None), {ps for _, ps in vols}
 
 
-async def recompute_capacity(platform: Platform, host_uuid: str | None = None) -> None:
-    """Available = total − what the host's VMs hold. Derived, so a crash cannot leave it wrong."""
+def _held(what: Any) -> Any:
+    """What the VMs of the host being updated hold of a figure: a subquery of the UPDATE."""
+    return (
+        select(func.coalesce(func.sum(what), 0))
+        .where(m.VmInstance.hostUuid == HOST.c.uuid, m.VmInstance.state.in_(HOLDS_CAPACITY))
+        .scalar_subquery()
+    )
+
+
+# one statement, built once: a host (re)connects and every restart reconnects them all
+_RECOMPUTE = (
+    update(HOST)
+    .where(HOST.c.uuid == bindparam("host"))
+    .values(
+        availableCpuCapacity=HOST.c.totalCpuCapacity - _held(m.VmInstance.cpuNum * m.VmInstance.cpuSpeed),
+        availableMemoryCapacity=HOST.c.totalMemoryCapacity - _held(m.VmInstance.memorySize),
+    )
+)
+
+
+async def recompute_capacity(platform: Platform, host_uuid: str) -> None:
+    """Available = total − what the host's VMs hold. Derived, so a crash cannot leave it wrong;
+    one host's VMs only, so it costs the same however many hosts there are."""
     async with platform.db.tx() as s:
-        hosts = [await s.get(m.Host, host_uuid)] if host_uuid else (await s.execute(select(m.Host))).scalars().all()
-        for host in hosts:
-            if host is None:
-                continue
-            cpu, mem = (
-                await s.execute(
-                    select(
-                        func.coalesce(func.sum(m.VmInstance.cpuNum * m.VmInstance.cpuSpeed), 0),
-                        func.coalesce(func.sum(m.VmInstance.memorySize), 0),
-                    ).where(m.VmInstance.hostUuid == host.uuid, m.VmInstance.state.in_(HOLDS_CAPACITY))
-                )
-            ).one()
-            host.availableCpuCapacity = host.totalCpuCapacity - int(cpu)
-            host.availableMemoryCapacity = host.totalMemoryCapacity - int(mem)
+        await s.execute(_RECOMPUTE, {"host": host_uuid})

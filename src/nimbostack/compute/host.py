@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from nimbostack.compute.allocator import HOLDS_CAPACITY, recompute_capacity
 from nimbostack.compute.vmsync import apply_host_states
@@ -28,6 +28,7 @@ from nimbostack.core.resources import (
     update_fields,
 )
 from nimbostack.db import models as m
+from nimbostack.storage import primary
 from nimbostack.wire import pki
 
 if TYPE_CHECKING:
@@ -64,17 +65,22 @@ KVM = hypervisor_type("KVM")
 SIMULATOR = hypervisor_type("Simulator")
 
 
-async def connect(platform: Platform, host_uuid: str, rotate: bool = False) -> m.Host:
+# what a connect reads of the host: columns, not the whole row (a restart connects every host)
+_TO_CONNECT = select(
+    m.Host.hypervisorType, m.Host.simCpuCapacity, m.Host.simMemoryCapacity, m.Host.agentUrl
+).where(m.Host.uuid == bindparam("host"))
+
+
+async def connect(platform: Platform, host_uuid: str, rotate: bool = False) -> None:
     """Connect the host's agent, read its capacity, reconcile its VMs; Connected on success.
     ``rotate``: first give the agent new credentials (``rotate_credentials``)."""
     async with platform.db.tx() as s:
-        host = await s.get(m.Host, host_uuid)
-        assert host is not None
-        host.status = "Connecting"
-        body: dict[str, Any] = {"hostUuid": host.uuid, "managementUrl": platform.agent_wire_url}
-        if host.hypervisorType == SIMULATOR:
-            body["simulator"] = {"cpuCapacity": host.simCpuCapacity, "memoryCapacity": host.simMemoryCapacity}
-        url = host.agentUrl
+        host = (await s.execute(_TO_CONNECT, {"host": host_uuid})).one()
+        await s.execute(update(m.Host).where(m.Host.uuid == host_uuid).values(status="Connecting"))
+    body: dict[str, Any] = {"hostUuid": host_uuid, "managementUrl": platform.agent_wire_url}
+    if host.hypervisorType == SIMULATOR:
+        body["simulator"] = {"cpuCapacity": host.simCpuCapacity, "memoryCapacity": host.simMemoryCapacity}
+    url = str(host.agentUrl)
     try:
         if rotate:
             await rotate_credentials(platform, host_uuid, url)
@@ -84,34 +90,25 @@ async def connect(platform: Platform, host_uuid: str, rotate: bool = False) -> m
             await s.execute(update(m.Host).where(m.Host.uuid == host_uuid).values(status="Disconnected"))
         raise
     facts = reply["facts"]
+    if host.hypervisorType == SIMULATOR:
+        figures = {"totalCpuCapacity": int(host.simCpuCapacity or 0),
+                   "totalMemoryCapacity": int(host.simMemoryCapacity or 0)}
+    else:
+        reserved = await platform.config.get("kvm", "reservedMemory")
+        figures = {"cpuNum": facts["cpu_num"], "cpuSpeed": facts["cpu_speed_mhz"],
+                   "totalCpuCapacity": facts["cpu_num"] * facts["cpu_speed_mhz"],
+                   "totalMemoryCapacity": max(0, facts["total_memory"] - reserved)}
     async with platform.db.tx() as s:
-        host = await s.get(m.Host, host_uuid)
-        assert host is not None
-        if host.hypervisorType == SIMULATOR:
-            host.totalCpuCapacity = int(host.simCpuCapacity or 0)
-            host.totalMemoryCapacity = int(host.simMemoryCapacity or 0)
-        else:
-            reserved = await platform.config.get("kvm", "reservedMemory")
-            host.cpuNum, host.cpuSpeed = facts["cpu_num"], facts["cpu_speed_mhz"]
-            host.totalCpuCapacity = facts["cpu_num"] * facts["cpu_speed_mhz"]
-            host.totalMemoryCapacity = max(0, facts["total_memory"] - reserved)
-        host.cpuModel = facts.get("cpu_model") or None  # live migration compares it (kvm vm.cpuMode)
-        host.status = "Connected"
-    await reconcile_vms(platform, host_uuid)
+        # cpuModel: live migration compares it (kvm vm.cpuMode)
+        await s.execute(update(m.Host).where(m.Host.uuid == host_uuid).values(
+            **figures, cpuModel=facts.get("cpu_model") or None, status="Connected"))
+    await reconcile_vms(platform, host_uuid, url)
     await recompute_capacity(platform, host_uuid)
     await hooks.host_connected(platform, host_uuid)
-    async with platform.db.tx() as s:
-        host = await s.get(m.Host, host_uuid)
-        assert host is not None
-        return host
 
 
-async def reconcile_vms(platform: Platform, host_uuid: str) -> None:
+async def reconcile_vms(platform: Platform, host_uuid: str, url: str) -> None:
     """Make the database agree with what the hypervisor runs (after a restart on either side)."""
-    async with platform.db.tx() as s:
-        host = await s.get(m.Host, host_uuid)
-        assert host is not None
-        url = host.agentUrl
     reply = await platform.agents.call(url, "/vm/states", {"hostUuid": host_uuid}, timeout=30)
     await apply_host_states(platform, host_uuid, reply["states"])
 
@@ -125,11 +122,16 @@ async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> 
                 f"cluster {cluster.uuid} is a {cluster.hypervisorType} cluster; a {hypervisor} host cannot join it"
             )
         ip = ctx.req("managementIp")
-        dup = (
-            await s.execute(select(m.Host.uuid).where(m.Host.managementIp == ip, m.Host.hypervisorType != SIMULATOR))
-        ).first()
-        if dup and hypervisor != SIMULATOR and not any(t.startswith("agentPort::") for t in ctx.list("systemTags")):
-            raise invalid(f"a host with managementIp {ip} already exists")
+        # simulated hosts share one agent and may share addresses: asked only for the others, as
+        # the question reads every host (managementIp has no index)
+        if hypervisor != SIMULATOR and not any(t.startswith("agentPort::") for t in ctx.list("systemTags")):
+            dup = (
+                await s.execute(
+                    select(m.Host.uuid).where(m.Host.managementIp == ip, m.Host.hypervisorType != SIMULATOR)
+                )
+            ).first()
+            if dup:
+                raise invalid(f"a host with managementIp {ip} already exists")
         url = agent_url(ctx.p.settings, hypervisor, ip, [str(t) for t in ctx.list("systemTags")])
         if hypervisor != SIMULATOR and (await s.execute(select(m.Host.uuid).where(m.Host.agentUrl == url))).first():
             raise invalid(f"a host with managementIp {ip} and this agent port already exists ({url})")
@@ -149,7 +151,7 @@ async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> 
         await add_creation_tags(s, ctx, uuid, "HostVO")
     try:
         async with ctx.p.queues.serial(uuid):
-            host = await connect(ctx.p, uuid)
+            await connect(ctx.p, uuid)
     except ApiError as err:
         # ZStack's rule: a host that cannot be connected is not added
         async with ctx.p.db.tx() as s:
@@ -159,7 +161,7 @@ async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> 
             await disown(s, [uuid])
         raise ApiError(err.code, f"Cannot add host {ctx.req('managementIp')}: {err.description}", err.details) from None
     async with ctx.p.db.tx() as s:
-        return {"inventory": await inv(s, "QueryObjectHostInventory", host)}
+        return {"inventory": await inv(s, "QueryObjectHostInventory", await load(s, m.Host, uuid, ctx, "Host"))}
 
 
 @api("AddKVMHost", admin=True)
@@ -194,9 +196,9 @@ async def reconnect_host(ctx: ApiContext) -> dict[str, Any]:
     async with ctx.p.db.tx() as s:
         host = await load(s, m.Host, ctx.req("uuid"), ctx, "Host")
     async with ctx.p.queues.serial(host.uuid):
-        host = await connect(ctx.p, host.uuid, rotate=True)
+        await connect(ctx.p, host.uuid, rotate=True)
     async with ctx.p.db.tx() as s:
-        return {"inventory": await inv(s, "QueryObjectHostInventory", host)}
+        return {"inventory": await inv(s, "QueryObjectHostInventory", await load(s, m.Host, host.uuid, ctx, "Host"))}
 
 
 async def rotate_credentials(platform: Platform, host_uuid: str, url: str) -> None:
@@ -252,6 +254,7 @@ async def delete_host(ctx: ApiContext) -> dict[str, Any]:
             ).scalar_one()
             if vms:
                 raise not_allowed(f"host {uuid} still has {vms} VMs; destroy or migrate them first")
+            await primary.drop_host(s, uuid)
             await s.delete(host)
             await disown(s, [uuid])
     await gc.run(ctx.p, uuid)  # what waited for the host is moot now: its entries are Done

@@ -1,15 +1,24 @@
 """Start-up recovery: a management node killed mid-flow leaves resources in transitional states.
-Nothing else holds state, so the database plus the agents tell us how to settle each one."""
+Nothing else holds state, so the database plus the agents tell us how to settle each one.
+
+Two parts, so that a node with many hosts serves again at once: ``recover`` settles what the
+database alone can tell before the node serves (unanswered jobs, unfinished creations, orphan
+IPs) and marks every host Connecting; the ``Reconnect`` it returns then connects the hosts in the
+background, a bounded number at once, and settles each host's VMs as its agent answers. Until
+then a host reads Connecting, allocation passes it over, and a command for it fails with
+HOST.1002 (core/hosts.py), as ZStack answers for a host that is not Connected."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from nimbostack.compute import host as hostmod
-from nimbostack.compute.allocator import release_all
+from nimbostack.compute.allocator import recompute_capacity, release_all
 from nimbostack.compute.vmsync import TRANSITIONAL
 from nimbostack.core.envelope import reply_for_api
 from nimbostack.core.errors import ApiError
@@ -21,8 +30,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# hosts connected at once after a restart: enough to keep the agents' round trips overlapped,
+# few enough that the API's own requests still find the event loop and the database free
+RECONNECTS_AT_ONCE = 32
 
-async def recover(p: Platform) -> None:
+
+@dataclass
+class Reconnect:
+    """The hosts to connect after the restart, and the creations each one's answer settles."""
+
+    hosts: list[str]
+    first_starts: dict[str, list[str]] = field(default_factory=dict)  # host uuid -> VM uuids
+    unknown: set[str] = field(default_factory=set)  # hosts with VMs in state Unknown
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, p: Platform) -> None:
+        pending = iter(self.hosts)
+
+        async def worker() -> None:
+            for host_uuid in pending:
+                await _reconnect(p, host_uuid, self.first_starts.get(host_uuid, []), host_uuid in self.unknown)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(RECONNECTS_AT_ONCE, len(self.hosts)))))
+            log.info("recovery: %d hosts reconnected", len(self.hosts))
+        finally:
+            self.done.set()
+
+
+async def recover(p: Platform) -> Reconnect:
     await p.jobs.fail_orphans(reply_for_api)
     async with p.db.tx() as s:
         stuck = (await s.execute(select(m.VmInstance).where(m.VmInstance.state.in_(TRANSITIONAL)))).scalars().all()
@@ -35,30 +71,66 @@ async def recover(p: Platform) -> None:
         await s.flush()
         # A VM "Starting" that never ran (no lastHostUuid yet) was cut short in the last step of its
         # creation: once its host tells whether the domain runs, it is kept (Running) or undone.
-        first_starts = [v.uuid for v in stuck if v.state == "Starting" and v.lastHostUuid is None]
+        first_starts: dict[str, list[str]] = {}
+        for v in stuck:
+            if v.state == "Starting" and v.lastHostUuid is None and v.hostUuid:
+                first_starts.setdefault(v.hostUuid, []).append(v.uuid)
         # a volume migration cut short: the source copy is the volume until the last step says otherwise
         await s.execute(update(m.Volume).where(m.Volume.status == "Migrating").values(status="Ready"))
         for vm in [v for v in stuck if v.state != "Created"]:
             # Unknown until the host says; the reconcile below sets Running/Stopped from the hypervisor
             vm.state = "Stopped" if vm.state == "Destroying" and not vm.hostUuid else "Unknown"
-        hosts = (await s.execute(select(m.Host.uuid))).scalars().all()
-    for host_uuid in hosts:
-        try:
-            await hostmod.connect(p, host_uuid)
-        except ApiError as err:
-            log.warning("recovery: host %s did not answer (%s); it is Disconnected", host_uuid, err.details)
-    await _finish_first_starts(p, first_starts)
-    await _settle_unknown(p)
-    await hostmod.recompute_capacity(p)
+        # every host waits for its agent's answer, in this node's eyes as in the API's
+        await s.execute(update(m.Host).values(status="Connecting"))
+        hosts = list((await s.execute(select(m.Host.uuid).order_by(m.Host.uuid))).scalars().all())
+    await _settle_unknown(p, None)
     await _drop_orphan_ips(p)
+    async with p.db.tx() as s:
+        unknown = set(
+            (await s.execute(select(m.VmInstance.hostUuid).where(m.VmInstance.state == "Unknown").distinct()))
+            .scalars()
+            .all()
+        )
+    return Reconnect(hosts, first_starts, unknown)
 
 
-async def _finish_first_starts(p: Platform, vm_uuids: list[str]) -> None:
+async def _reconnect(p: Platform, host_uuid: str, first_starts: list[str], unknown: bool) -> None:
+    """Connect one host and settle its VMs; whatever fails leaves the host Disconnected (the
+    ping loop reconnects it when it answers), never Connecting for good."""
+    connected = False
+    try:
+        async with p.queues.serial(host_uuid):
+            await hostmod.connect(p, host_uuid)
+        connected = True
+    except ApiError as err:
+        log.warning("recovery: host %s did not answer (%s); it is Disconnected", host_uuid, err.details)
+    except Exception:
+        log.exception("recovery: connecting host %s failed; it is Disconnected", host_uuid)
+        async with p.db.tx() as s:
+            await s.execute(
+                update(m.Host).where(m.Host.uuid == host_uuid, m.Host.status == "Connecting").values(
+                    status="Disconnected"
+                )
+            )
+    try:
+        changed = await _finish_first_starts(p, first_starts)
+        if unknown:  # the others have nothing to settle: spare 25,000 hosts a query each
+            changed = await _settle_unknown(p, host_uuid) or changed
+        # connect derived the capacity already; again where recovery moved VMs since, or where no
+        # connect ran at all (what a crash left reserved is given back all the same)
+        if changed or not connected:
+            await recompute_capacity(p, host_uuid)
+    except Exception:
+        log.exception("recovery: settling the VMs of host %s failed", host_uuid)
+
+
+async def _finish_first_starts(p: Platform, vm_uuids: list[str]) -> bool:
     """Creations cut short while starting: a VM its hypervisor runs is created after all; one it
     does not run is rolled back like a creation that failed (its API already answered an error).
-    A VM whose host did not answer stays Unknown until the host is back."""
+    A VM whose host did not answer stays Unknown until the host is back. True if one was undone."""
     if not vm_uuids:
-        return
+        return False
+    undone = False
     async with p.db.tx() as s:
         vms = (await s.execute(select(m.VmInstance).where(m.VmInstance.uuid.in_(vm_uuids)))).scalars().all()
         for vm in vms:
@@ -69,16 +141,29 @@ async def _finish_first_starts(p: Platform, vm_uuids: list[str]) -> None:
                 await release_all(s, vm.uuid, release_volumes=True)
                 await s.delete(vm)
                 await disown(s, [vm.uuid])
+                undone = True
+    return undone
 
 
-async def _settle_unknown(p: Platform) -> None:
-    """VMs whose host did not answer, or that the hypervisor does not run, are Stopped."""
+async def _settle_unknown(p: Platform, host_uuid: str | None) -> bool:
+    """VMs of the host (None: of no host, or of one deleted) that it did not answer for, or that
+    the hypervisor does not run, are Stopped. True if one was."""
+    settled = False
     async with p.db.tx() as s:
-        for vm in (await s.execute(select(m.VmInstance).where(m.VmInstance.state == "Unknown"))).scalars():
-            host = await s.get(m.Host, vm.hostUuid) if vm.hostUuid else None
-            if host is None or host.status == "Connected":
-                vm.state = "Stopped"
-                vm.lastHostUuid, vm.hostUuid = vm.hostUuid or vm.lastHostUuid, None
+        if host_uuid:
+            status = (await s.execute(select(m.Host.status).where(m.Host.uuid == host_uuid))).scalar()
+            if status != "Connected":
+                return False
+        where = (
+            m.VmInstance.hostUuid == host_uuid
+            if host_uuid
+            else or_(m.VmInstance.hostUuid.is_(None), m.VmInstance.hostUuid.not_in(select(m.Host.uuid)))
+        )
+        for vm in (await s.execute(select(m.VmInstance).where(m.VmInstance.state == "Unknown", where))).scalars():
+            vm.state = "Stopped"
+            vm.lastHostUuid, vm.hostUuid = vm.hostUuid or vm.lastHostUuid, None
+            settled = True
+    return settled
 
 
 async def _drop_orphan_ips(p: Platform) -> None:

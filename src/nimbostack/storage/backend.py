@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Row, bindparam, update
+from sqlalchemy import Row, bindparam, select, update
 
 from nimbostack.db import models as m
 from nimbostack.db.engine import Tx, table_of
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 # "Statements built once"): every VM create takes. UPDATEs of the table, which keep no loaded object
 # in step: nothing reads the capacity of a storage loaded in the same transaction.
 STORAGE = table_of(m.PrimaryStorage)
+HOST = table_of(m.Host)
 FORCE_TAKE_TOTAL = (
     update(STORAGE)
     .where(STORAGE.c.uuid == bindparam("ps"))
@@ -60,6 +61,10 @@ class PrimaryStorageBackend:
         """A host of an attached cluster (re)connected, or the storage was attached to its cluster."""
         raise NotImplementedError
 
+    async def drop_host(self, s: Tx, host_uuid: str) -> None:
+        """A host is deleted (inside the caller's transaction): what the storage counts of it goes.
+        Nothing for storage every host shares."""
+
     async def reserve(self, s: Tx, ps: m.PrimaryStorage | Row[Any], host_uuid: str | None, size: int,
                       resource_uuid: str, resource_type: str, force: bool = False) -> bool:
         """Hold ``size`` bytes for the resource (inside the caller's transaction); False when the
@@ -92,13 +97,17 @@ def of(ps: m.PrimaryStorage | Row[Any] | str) -> PrimaryStorageBackend:
     return backend
 
 
+# what an init reads: two columns, not two whole rows (a restart inits every host's share)
+_INIT_TARGET = select(
+    select(STORAGE.c.url).where(STORAGE.c.uuid == bindparam("ps")).scalar_subquery(),
+    select(HOST.c.agentUrl).where(HOST.c.uuid == bindparam("host")).scalar_subquery(),
+)
+
+
 async def agent_init(platform: Platform, backend: PrimaryStorageBackend, ps_uuid: str, host_uuid: str
-                      ) -> tuple[m.PrimaryStorage, dict[str, Any]]:
+                      ) -> dict[str, Any]:
+    """The host's answer to the storage's ``init`` command (its capacity under the storage's url)."""
     async with platform.db.tx() as s:
-        ps = await s.get(m.PrimaryStorage, ps_uuid)
-        host = await s.get(m.Host, host_uuid)
-        assert ps is not None and host is not None
-        url = host.agentUrl
-    reply = await platform.agents.call(url, backend.command("init"),
-                                       {"hostUuid": host_uuid, "path": ps.url, "primaryStorageUuid": ps_uuid})
-    return ps, reply
+        path, url = (await s.execute(_INIT_TARGET, {"ps": ps_uuid, "host": host_uuid})).one()
+    return await platform.agents.call(url, backend.command("init"),
+                                      {"hostUuid": host_uuid, "path": path, "primaryStorageUuid": ps_uuid})

@@ -106,33 +106,39 @@ async def add_primary_storage(ctx: ApiContext, ps_type: str) -> dict[str, Any]:
         return {"inventory": await inv(s, "QueryObjectPrimaryStorageInventory", row)}
 
 
-async def init_host_share(platform: Platform, ps_uuid: str, host_uuid: str) -> None:
-    """The host (re)connected or its cluster got the storage: the backend checks and measures it."""
-    async with platform.db.tx() as s:
-        ps = await s.get(m.PrimaryStorage, ps_uuid)
-        assert ps is not None
-    await backend.of(ps).init_host(platform, ps_uuid, host_uuid)
+async def init_host_share(platform: Platform, ps_uuid: str, host_uuid: str, ps_type: str | None = None) -> None:
+    """The host (re)connected or its cluster got the storage: the backend checks and measures it.
+    ``ps_type``: the storage's type, when the caller has read it."""
+    if ps_type is None:
+        async with platform.db.tx() as s:
+            ps_type = (
+                await s.execute(select(m.PrimaryStorage.type).where(m.PrimaryStorage.uuid == ps_uuid))
+            ).scalar_one()
+    await backend.of(ps_type).init_host(platform, ps_uuid, host_uuid)
+
+
+async def drop_host(s: Tx, host_uuid: str) -> None:
+    """The host is being deleted: each backend forgets its share of the host's storages."""
+    for b in backend.BACKENDS.values():
+        await b.drop_host(s, host_uuid)
 
 
 async def _on_host_connect(platform: Platform, host_uuid: str) -> None:
     async with platform.db.tx() as s:
         cluster = (await s.execute(select(m.Host.clusterUuid).where(m.Host.uuid == host_uuid))).scalar_one()
-        ps_uuids = (
-            (
-                await s.execute(
-                    select(m.PrimaryStorageClusterRef.primaryStorageUuid)
-                    .join(m.PrimaryStorage, m.PrimaryStorage.uuid == m.PrimaryStorageClusterRef.primaryStorageUuid)
-                    .where(
-                        m.PrimaryStorageClusterRef.clusterUuid == cluster,
-                        m.PrimaryStorage.type.in_(list(backend.BACKENDS)),
-                    )
+        ref = m.PrimaryStorageClusterRef
+        storages = (
+            await s.execute(
+                select(m.PrimaryStorage.uuid, m.PrimaryStorage.type)
+                .join(ref, m.PrimaryStorage.uuid == ref.primaryStorageUuid)
+                .where(
+                    ref.clusterUuid == cluster,
+                    m.PrimaryStorage.type.in_(list(backend.BACKENDS)),
                 )
             )
-            .scalars()
-            .all()
-        )
-    for ps_uuid in ps_uuids:
-        await init_host_share(platform, ps_uuid, host_uuid)
+        ).all()
+    for ps_uuid, ps_type in storages:
+        await init_host_share(platform, ps_uuid, host_uuid, ps_type)
 
 
 hooks.on_host_connect(_on_host_connect)

@@ -10,7 +10,7 @@ from sqlalchemy import Row, bindparam, func, select, update
 
 from nimbostack.db import models as m
 from nimbostack.db.engine import Tx, insert_now, rowcount, table_of
-from nimbostack.storage.backend import FORCE_TAKE_TOTAL, PrimaryStorageBackend, agent_init
+from nimbostack.storage.backend import FORCE_TAKE_TOTAL, STORAGE, PrimaryStorageBackend, agent_init
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -27,28 +27,44 @@ _FORCE_TAKE_SHARE = (
 _TAKE_SHARE = _FORCE_TAKE_SHARE.where(SHARE.c.availableCapacity >= bindparam("size"))
 
 
+# the four figures a share adds to its storage's, in this order
+_TOTALS = ("totalCapacity", "availableCapacity", "totalPhysicalCapacity", "availablePhysicalCapacity")
+_ADD_TO_TOTALS = (
+    update(STORAGE)
+    .where(STORAGE.c.uuid == bindparam("ps"))
+    .values({name: STORAGE.c[name] + bindparam(f"d_{name}") for name in _TOTALS})
+)
+
+
+def _figures(ref: m.LocalStorageHostRef) -> list[int]:
+    return [int(getattr(ref, name) or 0) for name in _TOTALS]
+
+
 class LocalStorageBackend(PrimaryStorageBackend):
     type = "LocalStorage"
     agent_prefix = "/storage/local"
     host_bound = True
 
     async def init_host(self, platform: Platform, ps_uuid: str, host_uuid: str) -> None:
-        """Ask the host for its capacity under the storage path and record its share."""
-        _, reply = await agent_init(platform, self, ps_uuid, host_uuid)
+        """Ask the host for its capacity under the storage path and record its share; the
+        storage's totals move by what this share changed (not a sum over every host's share: a
+        connect costs the same with 25,000 hosts as with one)."""
+        reply = await agent_init(platform, self, ps_uuid, host_uuid)
         async with platform.db.tx() as s:
             ref = (
                 await s.execute(
-                    select(m.LocalStorageHostRef).where(
+                    select(m.LocalStorageHostRef)
+                    .where(
                         m.LocalStorageHostRef.primaryStorageUuid == ps_uuid,
                         m.LocalStorageHostRef.hostUuid == host_uuid,
                     )
+                    .with_for_update()  # PostgreSQL: no take may slip between reading it and the totals
                 )
             ).scalar_one_or_none()
             if ref is None:
                 ref = m.LocalStorageHostRef(primaryStorageUuid=ps_uuid, hostUuid=host_uuid)
                 s.add(ref)
-            ref.totalCapacity = ref.totalPhysicalCapacity = reply["totalCapacity"]
-            ref.availablePhysicalCapacity = reply["availableCapacity"]
+            before = _figures(ref)
             used = (
                 await s.execute(
                     select(func.coalesce(func.sum(m.LocalStorageResourceRef.size), 0)).where(
@@ -57,32 +73,25 @@ class LocalStorageBackend(PrimaryStorageBackend):
                     )
                 )
             ).scalar_one()
+            ref.totalCapacity = ref.totalPhysicalCapacity = reply["totalCapacity"]
+            ref.availablePhysicalCapacity = reply["availableCapacity"]
             ref.availableCapacity = ref.totalCapacity - int(used)
-            await s.flush()
-            await self.sum_capacity(s, ps_uuid)
+            await self.add_to_totals(s, ps_uuid, [a - b for a, b in zip(_figures(ref), before, strict=True)])
 
     @staticmethod
-    async def sum_capacity(s: Tx, ps_uuid: str) -> None:
-        total, avail, ptotal, pavail = (
-            await s.execute(
-                select(
-                    func.coalesce(func.sum(m.LocalStorageHostRef.totalCapacity), 0),
-                    func.coalesce(func.sum(m.LocalStorageHostRef.availableCapacity), 0),
-                    func.coalesce(func.sum(m.LocalStorageHostRef.totalPhysicalCapacity), 0),
-                    func.coalesce(func.sum(m.LocalStorageHostRef.availablePhysicalCapacity), 0),
-                ).where(m.LocalStorageHostRef.primaryStorageUuid == ps_uuid)
-            )
-        ).one()
-        await s.execute(
-            update(m.PrimaryStorage)
-            .where(m.PrimaryStorage.uuid == ps_uuid)
-            .values(
-                totalCapacity=total,
-                availableCapacity=avail,
-                totalPhysicalCapacity=ptotal,
-                availablePhysicalCapacity=pavail,
-            )
-        )
+    async def add_to_totals(s: Tx, ps_uuid: str, delta: list[int]) -> None:
+        """Move the storage's four figures by a host share's change (or, negated, its removal)."""
+        if any(delta):
+            params = {f"d_{name}": d for name, d in zip(_TOTALS, delta, strict=True)}
+            await s.execute(_ADD_TO_TOTALS, {"ps": ps_uuid, **params})
+
+    async def drop_host(self, s: Tx, host_uuid: str) -> None:
+        """The host leaves: its shares leave the storages' totals (the rows go with the host)."""
+        refs = (
+            await s.execute(select(m.LocalStorageHostRef).where(m.LocalStorageHostRef.hostUuid == host_uuid))
+        ).scalars().all()
+        for ref in refs:
+            await self.add_to_totals(s, ref.primaryStorageUuid, [-v for v in _figures(ref)])
 
     @staticmethod
     async def take(s: Tx, ps_uuid: str, host_uuid: str, size: int, force: bool = False) -> bool:

@@ -24,7 +24,7 @@ class SharedMountPointBackend(PrimaryStorageBackend):
 
     async def init_host(self, platform: Platform, ps_uuid: str, host_uuid: str) -> None:
         """The host has the file system mounted (the agent refuses otherwise); one pool."""
-        _, reply = await agent_init(platform, self, ps_uuid, host_uuid)
+        reply = await agent_init(platform, self, ps_uuid, host_uuid)
         async with platform.db.tx() as s:
             ps = await s.get(m.PrimaryStorage, ps_uuid)
             used = (
