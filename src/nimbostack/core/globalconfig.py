@@ -141,6 +141,14 @@ DEFINITIONS: list[ConfigDef] = [
         "tenants may never name local files",
     ),
     ConfigDef("gc", "interval", "60", "Seconds between two runs of the garbage collector's poll", "int", min=1),
+    ConfigDef(
+        "console",
+        "token.timeout",
+        "60",
+        "Seconds a console URL from RequestConsoleAccess can be opened (once) before it expires",
+        "int",
+        min=1,
+    ),
 ]
 
 _BY_KEY = {(d.category, d.name): d for d in DEFINITIONS}
