@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from nimbostack.compute import console
@@ -55,14 +55,13 @@ class StaticWithPolicy(StaticFiles):
     """The page's files under the same policy headers (a module script is fetched like any file)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def with_headers(message: dict[str, object]) -> None:
+        async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))  # type: ignore[call-overload]
-                headers += [(k.lower().encode(), v.encode()) for k, v in HEADERS.items() if k != "Cache-Control"]
-                message = {**message, "headers": headers}
+                extra = [(k.lower().encode(), v.encode()) for k, v in HEADERS.items() if k != "Cache-Control"]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        await super().__call__(scope, receive, with_headers)  # type: ignore[arg-type]
+        await super().__call__(scope, receive, with_headers)
 
 
 def _reason(text: str) -> str:

@@ -121,8 +121,9 @@ async def reconnect_agents(ctx: ApiContext) -> dict[str, Any]:
     async with p.db.tx() as s:
         rows = list((await s.execute(select(m.ConsoleProxyAgent))).scalars())
         known = {r.uuid for r in rows}
-        for missing in [u for u in wanted if u not in known]:
-            raise not_found("ConsoleProxyAgent", missing)
+        missing = [u for u in wanted if u not in known]
+        if missing:
+            raise not_found("ConsoleProxyAgent", missing[0])
         beating = set(
             (
                 await s.execute(
