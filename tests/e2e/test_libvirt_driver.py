@@ -330,6 +330,13 @@ async def test_start_reports_running_and_serves_vnc(harness: Harness) -> None:
     with socket.create_connection(("127.0.0.1", addr.port), timeout=5) as s:
         greeting = s.recv(12)
     assert greeting.startswith(b"RFB 003.00"), greeting
+    # VNC is for the agent's console tunnel alone: it listens on the loopback, which open_vnc reaches
+    assert dom.find("devices/graphics").get("listen") == "127.0.0.1"
+    reader, writer = await harness.driver.open_vnc(spec.uuid)
+    try:
+        assert (await asyncio.wait_for(reader.readexactly(12), 5)).startswith(b"RFB 003.00")
+    finally:
+        writer.close()
 
     if harness.image.tiny:
         await wait_console(spec, "NIMBO-READY", BOOT_TIMEOUT)
@@ -595,6 +602,10 @@ async def test_spice_console(harness: Harness) -> None:
         s.sendall(header + mess)
         reply = s.recv(4)
     assert reply == b"REDQ", reply
+    # the browser console proxies VNC only, and says so
+    with pytest.raises(DriverError) as err:
+        await harness.driver.open_vnc(spec.uuid)
+    assert err.value.code == "CONSOLE_NOT_VNC" and "vm.consoleMode=vnc" in err.value.description
 
 
 async def test_cpu_modes_follow_the_host(harness: Harness) -> None:

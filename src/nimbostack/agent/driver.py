@@ -8,6 +8,7 @@ guests).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -65,6 +66,10 @@ class HypervisorDriver(Protocol):
     async def detach_iso(self, vm_uuid: str) -> None: ...
 
     async def console_address(self, vm_uuid: str) -> ConsoleAddress: ...
+
+    async def open_vnc(self, vm_uuid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the VM's VNC server on this host (the console proxy's tunnel relays
+        it); DriverError CONSOLE_NOT_VNC when the VM's console is another protocol."""
 
     async def snapshot_disk(self, vm_uuid: str, disk: DiskSpec, new_path: str) -> None:
         """Live external snapshot of one disk of a running VM: ``disk.path`` is frozen and the

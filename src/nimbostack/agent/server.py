@@ -2,11 +2,11 @@
 
 Mutual TLS under the management node's CA (wire/pki.py): a caller without a certificate of that
 CA gets no connection at all; a caller with one gets 403 unless its role may do what it asks —
-commands (``POST /<path>``) are the management node's alone, the two file reads (``GET
-/bs/file``, ``GET /storage/file``) also other hosts' agents', and only below the storage roots the
-management node named here. aiohttp's server rather than an ASGI one because the handler must
-know the peer's certificate (``transport.get_extra_info("peercert")``), which no ASGI server here
-passes on.
+commands (``POST /<path>``) and the console tunnel (``GET /vm/vnc``) are the management node's
+alone, the two file reads (``GET /bs/file``, ``GET /storage/file``) also other hosts' agents', and
+only below the storage roots the management node named here. aiohttp's server rather than an
+ASGI one because the handler must know the peer's certificate
+(``transport.get_extra_info("peercert")``), which no ASGI server here passes on.
 
 Every command's body names ``hostUuid``; every answer is ``{"success": true, ...}`` or
 ``{"success": false, "error": {code, description, details}}``. A simulator agent serves many hosts
@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from nimbostack.agent import commands, guard, plugins  # noqa: F401  (a command module registers its commands on import)
+from nimbostack.agent.console import vnc_tunnel
 from nimbostack.agent.driver import DriverError
 from nimbostack.agent.host import COMMANDS, Agent, norm_path
 from nimbostack.wire import DEADLINE_HEADER
@@ -88,6 +89,12 @@ def create_app(agent: Agent) -> web.Application:
                           request.query.get("path", ""), status=404)
         return web.FileResponse(path)
 
+    async def vnc(request: web.Request) -> web.StreamResponse:
+        """The console proxy's tunnel to a VM's VNC (agent/console.py): the management node's alone."""
+        if (refused := _refuse(request, (NODE,))) is not None:
+            return refused
+        return await vnc_tunnel(agent, request)
+
     async def dispatch(request: web.Request) -> web.Response:
         received = time.monotonic()
         if (refused := _refuse(request, (NODE,))) is not None:
@@ -118,6 +125,7 @@ def create_app(agent: Agent) -> web.Application:
 
     app.router.add_get("/bs/file", bs_file)
     app.router.add_get("/storage/file", storage_file)
+    app.router.add_get("/vm/vnc", vnc)
     app.router.add_post("/{path:.+}", dispatch)
     app.on_cleanup.append(close)
     return app

@@ -10,11 +10,11 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse
-from starlette.routing import Route, Router
+from starlette.routing import BaseRoute, Route, Router
 from starlette.types import Receive, Scope, Send, StatelessLifespan
 
 from nimbostack import node
-from nimbostack.api import agent_wire, routes  # noqa: F401  (routes registers handlers)
+from nimbostack.api import agent_wire, console, routes  # noqa: F401  (routes registers handlers)
 from nimbostack.api.dispatch import Dispatcher
 from nimbostack.api.docs import docs_page
 from nimbostack.api.openapi import openapi_document
@@ -172,7 +172,7 @@ class NodeApp(Router):
     would add two middlewares to every request, about as much CPU again as the router and a wire
     endpoint take. ``wire`` is what the routes answer from."""
 
-    def __init__(self, wire: Wire, table: list[Route], lifespan: StatelessLifespan[Any]) -> None:
+    def __init__(self, wire: Wire, table: list[BaseRoute], lifespan: StatelessLifespan[Any]) -> None:
         super().__init__(table, lifespan=lifespan)
         self.wire = wire
 
@@ -182,12 +182,12 @@ def create_app(settings: Settings) -> NodeApp:
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
-        async with node.running(settings) as p, agent_wire.serving(p):
+        async with node.running(settings) as p, agent_wire.serving(p), console.serving(p):
             wire.serve(p)
             yield
 
     api_post = WireEndpoint(wire.api_post)
-    table = [
+    table: list[BaseRoute] = [
         # the hot three first: the router tries the routes in this order
         Route("/zstack/api", api_post, methods=["POST"]),
         Route("/zstack/api/result/{job_uuid}", WireEndpoint(wire.api_result), methods=["GET"]),
@@ -198,5 +198,7 @@ def create_app(settings: Settings) -> NodeApp:
         Route("/health", wire.health),
         Route("/openapi.json", openapi),
         Route("/docs", docs),
+        # the console proxy: its page, the page's files and the WebSocket to a VM's VNC
+        *console.routes(lambda: wire.platform),
     ]
     return NodeApp(wire, table, lifespan)

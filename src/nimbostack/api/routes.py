@@ -2,7 +2,17 @@
 the built-in plugins' (nimbostack/plugins)."""
 
 from nimbostack.api import identity, tags  # noqa: F401
-from nimbostack.compute import host, infra, migrate, vm, vm_config, vm_delete, vm_lifecycle, vm_nic  # noqa: F401
+from nimbostack.compute import (  # noqa: F401
+    console,
+    host,
+    infra,
+    migrate,
+    vm,
+    vm_config,
+    vm_delete,
+    vm_lifecycle,
+    vm_nic,
+)
 from nimbostack.core import management  # noqa: F401
 from nimbostack.network import eip, l2l3  # noqa: F401
 from nimbostack.plugins import loader

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
@@ -14,6 +15,9 @@ from nimbostack.core.errors import AGENT_ERROR, HOST_DISCONNECTED, TIMEOUT, ApiE
 from nimbostack.wire import DEADLINE_HEADER
 
 log = logging.getLogger(__name__)
+
+# the largest message of a tunnel: a framebuffer update of a large screen comes in a few of these
+TUNNEL_MAX_MESSAGE = 4 << 20
 
 
 class AgentClient:
@@ -88,6 +92,39 @@ class AgentClient:
                 f"{err.get('code', '')} {err.get('details', '')}".strip(),
             )
         return data
+
+    async def tunnel(
+        self, agent_url: str, path: str, params: dict[str, str], timeout: float = 15.0
+    ) -> aiohttp.ClientWebSocketResponse:
+        """A WebSocket to an agent over the same mutual TLS as its commands (the console proxy's
+        tunnel), once the agent's first message said it is ready; its failure is an ApiError."""
+        where = f"{agent_url}{path}"
+        try:
+            async with asyncio.timeout(timeout):
+                ws = await self._client().ws_connect(
+                    where, params=params, heartbeat=30, max_msg_size=TUNNEL_MAX_MESSAGE, autoclose=True
+                )
+                first = await ws.receive()
+        except TimeoutError:
+            raise ApiError(TIMEOUT, "The host agent did not answer in time", f"{where}: over {timeout:g} s") from None
+        except aiohttp.WSServerHandshakeError as err:
+            raise ApiError(AGENT_ERROR, "The host agent refused the tunnel", f"{where}: HTTP {err.status}") from None
+        except (aiohttp.ClientError, OSError) as err:
+            why = str(err) or type(err).__name__
+            raise ApiError(HOST_DISCONNECTED, "Cannot reach the host agent", f"{where}: {why}") from None
+        try:
+            answer = json.loads(first.data) if first.type == aiohttp.WSMsgType.TEXT else {}
+        except ValueError:
+            answer = {}
+        if not isinstance(answer, dict) or not answer.get("success"):
+            await ws.close()
+            err = (answer.get("error") if isinstance(answer, dict) else None) or {}
+            raise ApiError(
+                AGENT_ERROR,
+                f"The host agent failed: {err.get('description', 'the tunnel closed before it opened')}",
+                f"{err.get('code', '')} {err.get('details', '')}".strip(),
+            )
+        return ws
 
     async def close(self) -> None:
         if self._session is not None:

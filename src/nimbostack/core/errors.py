@@ -24,6 +24,10 @@ MANAGEMENT_RESTARTED = "SYS.1010"
 # the management node's database refused a write for want of disk space: nothing of the call was
 # kept, and the same call succeeds once space is freed (no restart needed)
 MANAGEMENT_STORAGE_FULL = "SYS.1011"
+# the browser console proxies VNC only: a VM started with kvm vm.consoleMode=spice has none
+CONSOLE_NEEDS_VNC = "CONSOLE.1001"
+# a console token that is unknown, used, expired or for another VM
+CONSOLE_TOKEN_REFUSED = "CONSOLE.1002"
 
 
 class ApiError(Exception):

@@ -154,6 +154,14 @@ DEFINITIONS: list[ConfigDef] = [
     ConfigDef(
         "database", "backup.retention", "7", "Periodic database backups kept; older ones are removed", "int", min=1
     ),
+    ConfigDef(
+        "console",
+        "token.timeout",
+        "60",
+        "Seconds a console URL from RequestConsoleAccess can be opened (once) before it expires",
+        "int",
+        min=1,
+    ),
 ]
 
 _BY_KEY = {(d.category, d.name): d for d in DEFINITIONS}

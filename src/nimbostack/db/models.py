@@ -145,6 +145,34 @@ class ManagementNode(Base):
     heartBeat: Mapped[datetime] = mapped_column(DateTime, default=datetime.utcnow, index=True)
 
 
+class ConsoleProxyAgent(Base, Stamped):
+    """A management node's console proxy (its /console/ws route), as QueryConsoleProxyAgent shows
+    it. The uuid comes from the address the browsers reach the proxy at, so a node that restarts
+    finds its row again."""
+
+    __tablename__ = "console_proxy_agent"
+    uuid: Mapped[str] = mapped_column(UUID, primary_key=True)
+    managementIp: Mapped[str] = mapped_column(String(255))
+    description: Mapped[str] = mapped_column(String(2048), default="")
+    type: Mapped[str] = mapped_column(String(64), default="ManagementServerConsoleProxy")
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    status: Mapped[str] = mapped_column(String(32), default="Connecting")
+
+
+class ConsoleProxy(Base, Stamped):
+    """One console access RequestConsoleAccess granted: only the SHA-256 of its one-time token is
+    kept (a reader of the database gets no working token), with the VM it opens and when it
+    expires. ``status`` is Active until the token's first use turns it Used."""
+
+    __tablename__ = "console_proxy"
+    uuid: Mapped[str] = mapped_column(UUID, primary_key=True)
+    vmInstanceUuid: Mapped[str] = mapped_column(UUID, index=True)
+    tokenHash: Mapped[str] = mapped_column(String(64), unique=True)
+    agentUuid: Mapped[str] = mapped_column(UUID)
+    status: Mapped[str] = mapped_column(String(32), default="Active")
+    expireDate: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
 # --- compute ------------------------------------------------------------------------------
 
 

@@ -4,6 +4,8 @@ SimulatorDriver per simulated host, so hundreds of hosts cost a few kilobytes ea
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 
 from nimbostack.agent.driver import DriverError, StateListener
 from nimbostack.wire import PAUSED, RUNNING, STOPPED, ConsoleAddress, DiskSpec, HostFacts, NicSpec, VmSpec
@@ -19,6 +21,7 @@ class SimulatorDriver:
         self.specs: dict[str, VmSpec] = {}
         self._listeners: list[StateListener] = []
         self._ports: dict[str, int] = {}
+        self._fake_vnc: set[asyncio.Task[None]] = set()
 
     async def host_facts(self) -> HostFacts:
         return self.facts
@@ -93,6 +96,22 @@ class SimulatorDriver:
         self._need(vm_uuid)
         return ConsoleAddress(self.host_ip, self._ports[vm_uuid], self.specs[vm_uuid].console_mode)
 
+    async def open_vnc(self, vm_uuid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A simulated host has no VNC server: a fake one says so in RFB's own words (the 3.8
+        greeting, then a handshake that offers no security type, with the reason), so the whole
+        console path up to the guest is exercised and a browser shows the reason."""
+        address = await self.console_address(vm_uuid)
+        if address.protocol != "vnc":
+            raise DriverError(
+                "CONSOLE_NOT_VNC",
+                f"VM {vm_uuid} has a {address.protocol} console; the browser console needs kvm vm.consoleMode=vnc.",
+            )
+        ours, theirs = socket.socketpair()
+        task = asyncio.create_task(_refusing_rfb_server(theirs))
+        self._fake_vnc.add(task)
+        task.add_done_callback(self._fake_vnc.discard)
+        return await asyncio.open_connection(sock=ours)
+
     async def snapshot_disk(self, vm_uuid: str, disk: DiskSpec, new_path: str) -> None:
         self._need(vm_uuid)
         for d in self.specs[vm_uuid].disks:
@@ -119,3 +138,22 @@ class SimulatorDriver:
 
     async def close(self) -> None:
         self.domains.clear()
+
+
+SIMULATED_VNC_REASON = "no VNC on a simulated host"
+
+
+async def _refusing_rfb_server(sock: socket.socket) -> None:
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"RFB 003.008\n")
+        await writer.drain()
+        await reader.readexactly(12)  # the client's version
+        reason = SIMULATED_VNC_REASON.encode()
+        # RFB 3.8 section 7.1.2: zero security types, then the reason the connection failed
+        writer.write(b"\x00" + struct.pack(">I", len(reason)) + reason)
+        await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()

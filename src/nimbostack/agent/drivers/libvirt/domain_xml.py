@@ -141,6 +141,10 @@ def find_interface(domain: ET.Element, mac: str) -> ET.Element | None:
     return None
 
 
+# where a VM's VNC server listens on its host: the agent's console tunnel is its only client
+VNC_LISTEN = "127.0.0.1"
+
+
 def build_domain_xml(
     spec: VmSpec,
     domain_type: str,
@@ -249,8 +253,11 @@ def build_domain_xml(
     console = _sub(devices, "console", type="pty")
     _sub(console, "target", type="serial", port="0")
 
-    graphics = _sub(devices, "graphics", type=spec.console_mode, autoport="yes", listen=console_listen)
-    _sub(graphics, "listen", type="address", address=console_listen)
+    # VNC is reached only through the platform's console proxy (the agent's /vm/vnc tunnel), so it
+    # listens on the host's loopback alone; SPICE has no proxy and its clients connect directly
+    listen = VNC_LISTEN if spec.console_mode == "vnc" else console_listen
+    graphics = _sub(devices, "graphics", type=spec.console_mode, autoport="yes", listen=listen)
+    _sub(graphics, "listen", type="address", address=listen)
     video = _sub(devices, "video")
     model = video_model or ("qxl" if spec.console_mode == "spice" else "vga")
     _sub(video, "model", type=model, heads="1", primary="yes")

@@ -25,6 +25,7 @@ from nimbostack.agent.drivers.libvirt.domain_xml import (
     DOMAIN_PREFIX,
     MACHINE,
     METADATA_NS,
+    VNC_LISTEN,
     build_domain_xml,
     cdrom_element,
     disk_element,
@@ -859,9 +860,28 @@ class LibvirtDriver:
             port = int(graphics.get("port", "-1"))
             if port <= 0:
                 raise DriverError("NO_CONSOLE", f"The console of VM {vm_uuid} has no port yet.")
-            return ConsoleAddress(self.host_ip, port, graphics.get("type", "vnc"))
+            # a console bound to one address (VNC: the loopback) is reachable there and nowhere else
+            listen = graphics.get("listen", "")
+            reachable = listen if listen and listen not in ("0.0.0.0", "::") else self.host_ip
+            return ConsoleAddress(reachable, port, graphics.get("type", "vnc"))
 
         return await self._run(f"find the console of VM {vm_uuid}", address)
+
+    async def open_vnc(self, vm_uuid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        addr = await self.console_address(vm_uuid)
+        if addr.protocol != "vnc":
+            raise DriverError(
+                "CONSOLE_NOT_VNC",
+                f"VM {vm_uuid} has a {addr.protocol} console; the browser console needs kvm vm.consoleMode=vnc.",
+            )
+        if not self.is_local:
+            raise DriverError(
+                "NO_CONSOLE", f"VM {vm_uuid} runs on a remote libvirt; its VNC is on that machine's loopback."
+            )
+        try:
+            return await asyncio.open_connection(VNC_LISTEN, addr.port)
+        except OSError as err:
+            raise DriverError("NO_CONSOLE", f"The VNC server of VM {vm_uuid} does not answer.", str(err)) from None
 
     async def close(self) -> None:
         self._connection.closed = True
