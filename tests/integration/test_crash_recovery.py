@@ -25,7 +25,7 @@ import pytest
 from nimbostack.compute.allocator import HOLDS_CAPACITY
 from nimbostack.core import spec
 from nimbostack.wire import pki
-from tests.conftest import Api, build_zone, free_port
+from tests.conftest import Api, build_zone, free_port, wait_for
 
 VMS = 200
 KILL_AFTER = 50  # accepted jobs (answered Processing) before the SIGKILL
@@ -168,6 +168,7 @@ class Storm:
     def __init__(self, url: str, session: str, env: dict[str, Any]) -> None:
         self.url, self.session, self.env = url, session, env
         self.accepted: list[str] = []  # job uuids answered Processing
+        self.names: dict[str, str] = {}  # job uuid -> the name of the VM it creates
         self.done: list[dict[str, Any]] = []  # replies answered at once (Done)
         self.lost = 0  # POSTs without an answer (the node died under them)
         self.lock = threading.Lock()
@@ -197,6 +198,7 @@ class Storm:
                 with self.lock:
                     if answer["state"] == "Processing":
                         self.accepted.append(answer["uuid"])
+                        self.names[answer["uuid"]] = f"storm-{i}"
                     else:
                         (reply,) = json.loads(answer["result"]).values()
                         self.done.append(reply)
@@ -259,6 +261,7 @@ def test_sigkill_during_200_creates_recovers_to_a_consistent_state(tmp_path: Pat
 
         # every job the dead node accepted has an answer now: Done, a success or an error
         restarted = 0
+        answered: dict[str, bool] = {}  # VM name -> whether its job answered a success
         for job in storm.accepted:
             answer: dict[str, Any] = {}
 
@@ -270,6 +273,7 @@ def test_sigkill_during_200_creates_recovers_to_a_consistent_state(tmp_path: Pat
             _wait_until(f"job {job} answers Done after the restart", done, 5)
             (reply,) = json.loads(answer["result"]).values()
             assert reply["success"] or reply.get("error", {}).get("code"), reply
+            answered[storm.names[job]] = bool(reply["success"])
             restarted += (not reply["success"]) and reply["error"]["code"] == MANAGEMENT_RESTARTED
         assert restarted, "no accepted job was cut short by the kill: the test did not exercise recovery"
 
@@ -289,6 +293,13 @@ def test_sigkill_during_200_creates_recovers_to_a_consistent_state(tmp_path: Pat
                 assert hosts.get(vm["hostUuid"], {}).get("status") != "Connected", vm
             else:
                 assert vm["state"] == "Running", f"VM {vm['uuid']} is {vm['state']} after recovery"
+        # an answer matches the outcome: a job that answered an error left no VM behind (a client
+        # that retries makes no duplicate), and one that answered a success has its VM
+        names = {vm["name"] for vm in vms}
+        left = sorted(n for n, ok in answered.items() if not ok and n in names)
+        assert not left, f"{len(left)} VMs exist whose creation answered an error, e.g. {left[:3]}"
+        missing = sorted(n for n, ok in answered.items() if ok and n not in names)
+        assert not missing, f"{len(missing)} creations answered a success but their VM is gone, e.g. {missing[:3]}"
         # what was answered a success before the kill survived it
         for reply in storm.done:
             if reply["success"]:
@@ -403,3 +414,61 @@ def test_a_restarted_node_serves_while_its_hosts_reconnect(tmp_path: Path, agent
         assert api.call("StopVmInstance", uuid=vm["uuid"])["inventory"]["state"] == "Stopped"
     finally:
         node.stop()
+
+
+def test_an_orphaned_creation_answers_what_became_of_its_vm(tmp_path: Path) -> None:
+    """The two ways a node can die around a creation's end, made exactly: after the VM's last step
+    but before the job's answer (the job must answer a success with that VM), and before the last
+    step (the job answers an error, so the VM must be gone)."""
+    from sqlalchemy import text
+
+    from tests.conftest import Running
+
+    data = tmp_path / "data"
+    first = Running(data)
+    try:
+        api = Api(first.url)
+        api.login()
+        env = build_zone(api)
+        params = {"imageUuid": env["image"]["uuid"], "instanceOfferingUuid": env["offering"]["uuid"],
+                  "l3NetworkUuids": [env["l3"]["uuid"]]}
+        finished = api.call("CreateVmInstance", name="finished", **params)["inventory"]
+        cut = api.call("CreateVmInstance", name="cut", **params)["inventory"]
+
+        async def as_if_killed() -> list[str]:
+            async with first.platform.db.tx() as s:
+                jobs = {}
+                for vm in (finished, cut):
+                    jobs[vm["uuid"]] = (await s.execute(
+                        text('SELECT uuid FROM job WHERE "resourceUuid" = :vm'), {"vm": vm["uuid"]})).scalar_one()
+                # both jobs unanswered; "cut" is where a kill mid-start leaves a VM
+                await s.execute(text("UPDATE job SET state = 'Processing', result = NULL"))
+                await s.execute(text("UPDATE vm_instance SET state = 'Starting', \"lastHostUuid\" = NULL "
+                                     "WHERE uuid = :vm"), {"vm": cut["uuid"]})
+                return [jobs[finished["uuid"]], jobs[cut["uuid"]]]
+
+        finished_job, cut_job = first.run(as_if_killed())
+    finally:
+        first.stop()
+    second = Running(data, port=first.port, agent_port=first.agent_port)
+    try:
+        api = Api(second.url)
+        api.login()
+
+        def answer(job: str) -> dict[str, Any]:
+            body = httpx.get(f"{second.url}/zstack/api/result/{job}", timeout=10).json()
+            assert body["state"] == "Done", body
+            (reply,) = json.loads(body["result"]).values()
+            return reply  # type: ignore[no-any-return]
+
+        ok = answer(finished_job)
+        assert ok["success"] and ok["inventory"]["uuid"] == finished["uuid"], ok
+        failed = answer(cut_job)
+        assert not failed["success"] and failed["error"]["code"] == MANAGEMENT_RESTARTED
+        wait_for(lambda: not api.query("QueryVmInstance", ("uuid", "=", cut["uuid"])), 30, "the cut creation undone")
+        assert api.query("QueryVmInstance", ("uuid", "=", finished["uuid"]))
+        wait_for(lambda: cut["uuid"] not in second.agent_call("/simulator/state", {"hostUuid": cut["hostUuid"]})[
+            "domains"], 30, "the cut VM's domain destroyed")
+        assert not api.query("QueryVolume", ("vmInstanceUuid", "=", cut["uuid"]))
+    finally:
+        second.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import logging
+import uuid as uuidlib
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import String
@@ -141,6 +142,17 @@ def validate(msg: spec.MessageSpec, params: dict[str, Any]) -> None:
         params["conditions"] = []
 
 
+def _resource_of(msg: spec.MessageSpec, params: dict[str, Any]) -> str | None:
+    """The uuid a creation will give what it makes, decided now (as a client may, with
+    ``resourceUuid``) so that the job records it: recovery answers a job a dead node left by what
+    became of that resource."""
+    if "resourceUuid" not in msg.fields:
+        return None
+    if not params.get("resourceUuid"):
+        params["resourceUuid"] = uuidlib.uuid4().hex
+    return str(params["resourceUuid"])
+
+
 class Dispatcher:
     def __init__(self, platform: Platform, quick_wait: float = 0.2) -> None:
         self.p = platform
@@ -168,7 +180,9 @@ class Dispatcher:
         if spec.is_synchronous(msg):
             return {"state": "Done", "result": await self._run(ctx, route, timeout)}
         try:
-            task = await self.p.jobs.start(ctx.api_uuid, msg.name, timeout, lambda: self._run(ctx, route, timeout))
+            task = await self.p.jobs.start(
+                ctx.api_uuid, msg.name, timeout, lambda: self._run(ctx, route, timeout), _resource_of(msg, params)
+            )
         except StorageFull as err:  # the job's own record: the first write of every asynchronous API
             return {"state": "Done", "result": error_result(msg, storage_full(str(err)))}
         if self.quick_wait > 0:

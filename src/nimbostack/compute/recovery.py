@@ -20,10 +20,12 @@ from sqlalchemy import or_, select, update
 from nimbostack.compute import host as hostmod
 from nimbostack.compute.allocator import recompute_capacity, release_all
 from nimbostack.compute.vmsync import TRANSITIONAL
-from nimbostack.core.envelope import reply_for_api
+from nimbostack.core import gc, hooks, spec
+from nimbostack.core.envelope import reply_for_api, wrap
 from nimbostack.core.errors import ApiError
-from nimbostack.core.resources import disown
+from nimbostack.core.resources import disown, inv
 from nimbostack.db import models as m
+from nimbostack.storage import primary
 
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
@@ -59,7 +61,7 @@ class Reconnect:
 
 
 async def recover(p: Platform) -> Reconnect:
-    await p.jobs.fail_orphans(reply_for_api)
+    await p.jobs.fail_orphans(reply_for_api, await _finished_creations(p))
     async with p.db.tx() as s:
         stuck = (await s.execute(select(m.VmInstance).where(m.VmInstance.state.in_(TRANSITIONAL)))).scalars().all()
         # A VM still "Created" never finished its creation flow: undo it like its rollback would.
@@ -94,6 +96,37 @@ async def recover(p: Platform) -> Reconnect:
     return Reconnect(hosts, first_starts, unknown)
 
 
+async def _finished_creations(p: Platform) -> dict[str, str]:
+    """CreateVmInstance jobs the dead node left unanswered although their VM was finished (it
+    died between the VM's last step and the job's answer): they answer a success with the VM, as
+    they would have. The others answer an error, and their VMs are rolled back."""
+    created = {job: vm for job, api_name, vm in await p.jobs.orphans() if api_name == "CreateVmInstance" and vm}
+    if not created:
+        return {}
+    reply = spec.reply_name(spec.messages()["CreateVmInstance"])
+    out: dict[str, str] = {}
+    async with p.db.tx() as s:
+        vms = {
+            vm.uuid: vm
+            for vm in (
+                await s.execute(
+                    select(m.VmInstance).where(
+                        m.VmInstance.uuid.in_(list(created.values())),
+                        m.VmInstance.state == "Running",
+                        m.VmInstance.lastHostUuid.is_not(None),  # the creation's last step set it
+                    )
+                )
+            ).scalars()
+        }
+        for job, vm_uuid in created.items():
+            if vm_uuid in vms:
+                out[job] = wrap(reply, {"success": True, "inventory": await inv(s, "QueryObjectVmInstanceInventory",
+                                                                                 vms[vm_uuid])})
+    if out:
+        log.warning("recovery: %d creations had finished but not answered; they answer their VM", len(out))
+    return out
+
+
 async def _reconnect(p: Platform, host_uuid: str, first_starts: list[str], unknown: bool) -> None:
     """Connect one host and settle its VMs; whatever fails leaves the host Disconnected (the
     ping loop reconnects it when it answers), never Connecting for good."""
@@ -125,24 +158,49 @@ async def _reconnect(p: Platform, host_uuid: str, first_starts: list[str], unkno
 
 
 async def _finish_first_starts(p: Platform, vm_uuids: list[str]) -> bool:
-    """Creations cut short while starting: a VM its hypervisor runs is created after all; one it
-    does not run is rolled back like a creation that failed (its API already answered an error).
-    A VM whose host did not answer stays Unknown until the host is back. True if one was undone."""
+    """Creations cut short while starting are rolled back, whether or not the hypervisor runs the
+    VM: their API job was answered an error (SYS.1010, ``recover``), so the answer must be the
+    outcome — a client that retries must not end up with two VMs. The domain is destroyed, what
+    the start set up on the host released, the volumes' files deleted (each by the GC if the host
+    cannot be reached now). A VM whose host did not answer stays Unknown until the host is back.
+    True if one was undone."""
     if not vm_uuids:
         return False
-    undone = False
     async with p.db.tx() as s:
-        vms = (await s.execute(select(m.VmInstance).where(m.VmInstance.uuid.in_(vm_uuids)))).scalars().all()
-        for vm in vms:
-            if vm.state == "Running":
-                vm.lastHostUuid = vm.hostUuid
-            elif vm.state == "Stopped":
-                log.warning("recovery: VM %s never ran; rolling back its unfinished creation", vm.uuid)
-                await release_all(s, vm.uuid, release_volumes=True)
+        rows = (
+            await s.execute(
+                select(m.VmInstance.uuid, m.VmInstance.state, m.VmInstance.hostUuid).where(
+                    m.VmInstance.uuid.in_(vm_uuids), m.VmInstance.state.in_(("Running", "Stopped", "Paused"))
+                )
+            )
+        ).all()
+        files = {
+            uuid: (
+                await s.execute(
+                    select(m.Volume.installPath, m.PrimaryStorage)
+                    .join(m.PrimaryStorage, m.PrimaryStorage.uuid == m.Volume.primaryStorageUuid)
+                    .where(m.Volume.vmInstanceUuid == uuid, m.Volume.installPath.is_not(None))
+                )
+            ).all()
+            for uuid, _, _ in rows
+        }
+    for uuid, state, host_uuid in rows:
+        log.warning("recovery: VM %s (%s) was still being created when the node died, and its API answered an "
+                    "error; rolling the creation back", uuid, state)
+        if host_uuid:
+            if state != "Stopped":
+                await gc.call_or_defer(p, gc.DESTROY_VM, host_uuid, "/vm/destroy", {"vmUuid": uuid}, uuid)
+            await hooks.release(p, uuid, host_uuid)
+            for path, ps in files[uuid]:
+                await gc.call_or_defer(p, gc.DELETE_VOLUME_FILE, host_uuid, primary.command(ps, "delete"),
+                                       {"path": ps.url, "installPath": path})
+        async with p.db.tx() as s:
+            await release_all(s, uuid, release_volumes=True)
+            vm = await s.get(m.VmInstance, uuid)
+            if vm is not None:
                 await s.delete(vm)
-                await disown(s, [vm.uuid])
-                undone = True
-    return undone
+            await disown(s, [uuid])
+    return bool(rows)
 
 
 async def _settle_unknown(p: Platform, host_uuid: str | None) -> bool:

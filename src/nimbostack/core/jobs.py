@@ -40,7 +40,12 @@ class Jobs:
         self._saving: set[asyncio.Task[None]] = set()
 
     async def start(
-        self, job_uuid: str, api_name: str, timeout: float, work: Callable[[], Awaitable[str]]
+        self,
+        job_uuid: str,
+        api_name: str,
+        timeout: float,
+        work: Callable[[], Awaitable[str]],
+        resource_uuid: str | None = None,
     ) -> asyncio.Task[str]:
         async with self.db.tx() as s:
             await s.execute(
@@ -50,6 +55,7 @@ class Jobs:
                     "apiName": api_name,
                     "state": "Processing",
                     "deadline": datetime.utcnow() + timedelta(seconds=timeout),
+                    "resourceUuid": resource_uuid,
                 },
             )
         task = asyncio.create_task(self._run(job_uuid, work))
@@ -118,11 +124,24 @@ class Jobs:
     def in_flight(self) -> int:
         return len(self._running)
 
-    async def fail_orphans(self, reply_for: Callable[[str, ApiError], str]) -> int:
-        """At start-up, no job of a previous run can still be running: answer them with an error."""
+    async def orphans(self) -> list[tuple[str, str, str | None]]:
+        """(job uuid, API name, resource uuid) of the jobs a previous run left Processing."""
+        async with self.db.tx() as s:
+            rows = await s.execute(select(Job.uuid, Job.apiName, Job.resourceUuid).where(Job.state == "Processing"))
+            return [(r.uuid, r.apiName, r.resourceUuid) for r in rows]
+
+    async def fail_orphans(
+        self, reply_for: Callable[[str, ApiError], str], outcomes: dict[str, str] | None = None
+    ) -> int:
+        """At start-up, no job of a previous run can still be running: answer each with what
+        ``outcomes`` says became of it (job uuid -> result), the others with an error."""
+        outcomes = outcomes or {}
         async with self.db.tx() as s:
             jobs = (await s.execute(select(Job).where(Job.state == "Processing"))).scalars().all()
             for job in jobs:
+                if job.uuid in outcomes:
+                    job.state, job.result = "Done", outcomes[job.uuid]
+                    continue
                 err = ApiError(
                     MANAGEMENT_RESTARTED,
                     "The management node restarted while the API ran",

@@ -114,6 +114,9 @@ class Job(Base):
     progress: Mapped[str | None] = mapped_column(String(64), nullable=True)  # e.g. "42%" while downloading
     createDate: Mapped[datetime] = mapped_column(DateTime, default=datetime.utcnow)
     deadline: Mapped[datetime] = mapped_column(DateTime)
+    # the uuid of what a creation makes (its resourceUuid): recovery answers a job a dead node left
+    # by what became of that resource
+    resourceUuid: Mapped[str | None] = mapped_column(UUID, nullable=True)
 
 
 class GarbageCollector(Base, Stamped):
