@@ -61,10 +61,11 @@ def test_an_agent_obeys_the_management_node_only(api: Api, node: Running, tmp_pa
     host = vm["hostUuid"]
     agent = f"https://127.0.0.1:{node.agent_port}"
     destroy = {"hostUuid": host, "vmUuid": vm["uuid"], "uuid": vm["uuid"]}
-    # no certificate, or one of another CA: no TLS session, so no command reaches the agent
-    for ctx in (_client(None, _ca(node)), _client(_foreign(tmp_path), _ca(node))):
-        with pytest.raises(httpx.TransportError):
-            httpx.post(f"{agent}/vm/destroy", json=destroy, verify=ctx, timeout=5)
+    # no certificate: 401 and nothing else; one of another CA: no TLS session at all
+    r = httpx.post(f"{agent}/vm/destroy", json=destroy, verify=_client(None, _ca(node)), timeout=5)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "AGENT_UNAUTHENTICATED"
+    with pytest.raises(httpx.TransportError):
+        httpx.post(f"{agent}/vm/destroy", json=destroy, verify=_client(_foreign(tmp_path), _ca(node)), timeout=5)
     # plain HTTP is not spoken at all
     with pytest.raises(httpx.TransportError):
         httpx.post(f"http://127.0.0.1:{node.agent_port}/vm/destroy", json=destroy, timeout=5)
@@ -109,8 +110,8 @@ def test_agents_serve_files_only_below_their_storages(api: Api, node: Running, t
     # the old root= parameter gives no way out
     assert get("/bs/file", root="/", path="/etc/passwd").status_code == 404
     # no certificate: no file
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{base}/bs/file", params={"path": ref["installPath"]}, verify=_client(None, _ca(node)), timeout=5)
+    r = httpx.get(f"{base}/bs/file", params={"path": ref["installPath"]}, verify=_client(None, _ca(node)), timeout=5)
+    assert r.status_code == 401 and r.content != src.read_bytes()
 
 
 def test_events_come_only_from_the_vms_own_host(api: Api, node: Running, tmp_path: Path) -> None:
@@ -118,10 +119,11 @@ def test_events_come_only_from_the_vms_own_host(api: Api, node: Running, tmp_pat
     vm = _vm(api, env)
     wire = f"https://127.0.0.1:{node.wire_port}/agent/events"
     forged = {"hostUuid": vm["hostUuid"], "vmUuid": vm["uuid"], "state": "Stopped"}
-    # no certificate, or another CA's: no TLS session
-    for ctx in (_client(None, _ca(node)), _client(_foreign(tmp_path), _ca(node))):
-        with pytest.raises(httpx.TransportError):
-            httpx.post(wire, json=forged, verify=ctx, timeout=5)
+    # no certificate: 401; another CA's: no TLS session
+    r = httpx.post(wire, json=forged, verify=_client(None, _ca(node)), timeout=5)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "AGENT_UNAUTHENTICATED"
+    with pytest.raises(httpx.TransportError):
+        httpx.post(wire, json=forged, verify=_client(_foreign(tmp_path), _ca(node)), timeout=5)
     # a certificate of this CA for another agent address, or the node's own role: refused
     for role, name in ((pki.AGENT, "127.0.0.1:9"), (pki.NODE, pki.NODE_NAME)):
         r = httpx.post(wire, json=forged, verify=_client(_issue(node, tmp_path, role, name), _ca(node)), timeout=5)

@@ -49,7 +49,11 @@ def _refuse(request: web.Request, roles: tuple[str, ...]) -> web.Response | None
     peer = _peer(request)
     if peer is not None and peer.role in roles:
         return None
-    who = f"{peer.role} {peer.name}" if peer else "a caller without a certificate of this CA"
+    if peer is None:
+        log.warning("refused %s %s from a caller without a certificate", request.method, request.path)
+        return _error("AGENT_UNAUTHENTICATED", "a certificate of the management node's CA is required",
+                      "this agent serves only callers with one (README: Credentials)", status=401)
+    who = f"{peer.role} {peer.name}"
     log.warning("refused %s %s from %s", request.method, request.path, who)
     return _error("AGENT_FORBIDDEN", "this caller may not do that on this agent", who, status=403)
 

@@ -60,7 +60,9 @@ def wire_app(p: Platform) -> web.Application:
     async def event(request: web.Request) -> web.Response:
         transport = request.transport
         peer = peer_of(transport.get_extra_info("peercert")) if transport is not None else None
-        if peer is None or peer.role != AGENT:
+        if peer is None:
+            return _answer(401, "AGENT_UNAUTHENTICATED", "a certificate of the management node's CA is required")
+        if peer.role != AGENT:
             return _answer(403, "AGENT_FORBIDDEN", "only a host agent posts events")
         try:
             ev = json.loads(await request.read())

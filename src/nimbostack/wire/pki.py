@@ -224,10 +224,12 @@ class Credentials:
         return ctx
 
     def server_context(self) -> ssl.SSLContext:
-        """Asks every client for a certificate of this CA; no certificate, no connection."""
+        """Asks every client for a certificate of this CA. One signed by another CA (or forged)
+        ends the handshake; a client with none gets its connection, so that the server can answer
+        it 401 and say what it lacks — it reaches nothing else (``peer_of`` is None)."""
         if self._server is None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.verify_mode = ssl.CERT_OPTIONAL
             self._server = self._load(ctx)
         return self._server
 
