@@ -23,7 +23,7 @@ from nimbostack.core.errors import (
     invalid,
     storage_full,
 )
-from nimbostack.core.resources import check_visible
+from nimbostack.core.resources import check_visible, wanted_uuid
 from nimbostack.core.spec import ALIASES
 from nimbostack.db.engine import StorageFull
 from nimbostack.db.models import Base
@@ -143,14 +143,14 @@ def validate(msg: spec.MessageSpec, params: dict[str, Any]) -> None:
 
 
 def _resource_of(msg: spec.MessageSpec, params: dict[str, Any]) -> str | None:
-    """The uuid a creation will give what it makes, decided now (as a client may, with
-    ``resourceUuid``) so that the job records it: recovery answers a job a dead node left by what
-    became of that resource."""
+    """The uuid a creation will give what it makes — the client's ``resourceUuid``, or one
+    decided now — so that the job records it: recovery answers a job a dead node left by what
+    became of that resource. (Not put into the parameters: a client's resourceUuid also means
+    "this may be a retry", which costs a creation a read.)"""
     if "resourceUuid" not in msg.fields:
         return None
-    if not params.get("resourceUuid"):
-        params["resourceUuid"] = uuidlib.uuid4().hex
-    return str(params["resourceUuid"])
+    given = params.get("resourceUuid")
+    return wanted_uuid(str(given)) if given else uuidlib.uuid4().hex
 
 
 class Dispatcher:
@@ -172,7 +172,7 @@ class Dispatcher:
             if not caller.is_admin:
                 async with self.p.db.tx() as s:
                     await check_visible(s, msg, params, caller)
-            ctx = ApiContext(self.p, msg, params, caller, source=source)
+            ctx = ApiContext(self.p, msg, params, caller, source=source, resource_uuid=_resource_of(msg, params))
             timeout = self._timeout(msg, params)
         except ApiError as err:
             return {"state": "Done", "result": error_result(msg, err)}
@@ -181,7 +181,7 @@ class Dispatcher:
             return {"state": "Done", "result": await self._run(ctx, route, timeout)}
         try:
             task = await self.p.jobs.start(
-                ctx.api_uuid, msg.name, timeout, lambda: self._run(ctx, route, timeout), _resource_of(msg, params)
+                ctx.api_uuid, msg.name, timeout, lambda: self._run(ctx, route, timeout), ctx.resource_uuid
             )
         except StorageFull as err:  # the job's own record: the first write of every asynchronous API
             return {"state": "Done", "result": error_result(msg, storage_full(str(err)))}

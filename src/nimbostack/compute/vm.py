@@ -146,7 +146,8 @@ class NewVm:
     host_uuid: str | None = None
     system_tags: list[str] = field(default_factory=list)
     user_tags: list[str] = field(default_factory=list)
-    resource_uuid: str | None = None
+    resource_uuid: str | None = None  # the client's: a retry of the same creation names it again
+    uuid: str | None = None  # the VM's uuid when the caller decided it (the dispatcher, for the job)
 
 
 @api("CreateVmInstance")
@@ -168,6 +169,7 @@ async def create_vm(ctx: ApiContext) -> dict[str, Any]:
         system_tags=[str(t) for t in ctx.list("systemTags")],
         user_tags=ctx.list("userTags"),
         resource_uuid=ctx.str("resourceUuid"),
+        uuid=ctx.resource_uuid,
     )
     return {"inventory": await create_vm_instance(ctx.p, new)}
 
@@ -184,7 +186,7 @@ async def create_vm_instance(p: Platform, new: NewVm) -> dict[str, Any]:
     default_l3 = new.default_l3_network_uuid or l3_uuids[0]
     if default_l3 not in l3_uuids:
         raise invalid(f"defaultL3NetworkUuid {default_l3} is not one of l3NetworkUuids")
-    vm_uuid = wanted_uuid(new.resource_uuid)
+    vm_uuid = wanted_uuid(new.resource_uuid) if new.resource_uuid else (new.uuid or wanted_uuid(None))
     # the whole creation holds the VM's queue: a retry with the same resourceUuid waits for it
     async with p.queues.serial(vm_uuid):
         made = await _made_before(p, new, vm_uuid) if new.resource_uuid else None

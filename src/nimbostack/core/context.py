@@ -30,6 +30,8 @@ class ApiContext:
     caller: Caller
     api_uuid: str = field(default_factory=lambda: uuidlib.uuid4().hex)
     source: str = ""  # the client's address, as the API's server saw it
+    # what a creation names what it makes: the client's resourceUuid, or one the dispatcher chose
+    resource_uuid: str | None = None
 
     # --- typed access to parameters; every failure is an INVALID_ARGUMENT with the field name
     def get(self, name: str, default: Any = None) -> Any:

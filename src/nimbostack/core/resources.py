@@ -30,6 +30,8 @@ class Acting(Protocol):
 
 
 def new_uuid(ctx: ApiContext | None = None) -> str:
+    if ctx is not None and ctx.resource_uuid:
+        return ctx.resource_uuid
     return wanted_uuid(ctx.str("resourceUuid") if ctx is not None else None)
 
 
