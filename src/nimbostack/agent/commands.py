@@ -82,7 +82,12 @@ async def _plug(a: Agent, spec: VmSpec) -> list[str]:
 async def _start(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     spec = _vm_spec(a, b["vm"])
     warnings = await _plug(a, spec)
-    await a.driver(b["hostUuid"]).start_vm(spec)
+    a.expect(b["hostUuid"], spec.uuid, "Running")
+    try:
+        await a.driver(b["hostUuid"]).start_vm(spec)
+    except BaseException:
+        a.expect(b["hostUuid"], spec.uuid, None)
+        raise
     return {"warnings": warnings}
 
 

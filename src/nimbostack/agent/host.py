@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,8 @@ from nimbostack.wire.pki import Credentials, CredentialsError, write_private
 log = logging.getLogger(__name__)
 
 DriverFactory = Callable[[str, dict[str, Any]], HypervisorDriver]
+# how long the state a command brings a VM to is expected: a later change of the same kind is news
+EXPECT_SECONDS = 30.0
 
 
 class Agent:
@@ -56,6 +59,10 @@ class Agent:
         # than all the agent's other work. A few at a time keep that queue short.
         self._event_slots = asyncio.Semaphore(8)
         self._pending_events: list[dict[str, Any]] = []
+        # (host, vm) -> (state, until when): the state a command of the node's is bringing the VM
+        # to. Its event is not posted: the node's flow sets that state itself, and an event per VM
+        # start cost the node a request, a read and a transaction for nothing
+        self._expected: dict[tuple[str, str], tuple[str, float]] = {}
         # host-side services (e.g. "flat": network namespaces, dnsmasq, metadata), closed with the agent
         self.extensions: dict[str, Any] = {}
 
@@ -134,8 +141,18 @@ class Agent:
         facts = await self.drivers[key].host_facts()
         return {"facts": asdict(facts)}
 
+    def expect(self, host_uuid: str, vm_uuid: str, state: str | None) -> None:
+        """A node's command is bringing the VM to ``state`` (None: it failed, expect nothing)."""
+        if state is None:
+            self._expected.pop((host_uuid, vm_uuid), None)
+        else:
+            self._expected[(host_uuid, vm_uuid)] = (state, time.monotonic() + EXPECT_SECONDS)
+
     async def report(self, host_uuid: str, vm_uuid: str, state: str) -> None:
         """Push a VM state change to the management node; keep it for retry if that fails."""
+        expected = self._expected.pop((host_uuid, vm_uuid), None)
+        if expected is not None and expected[0] == state and expected[1] > time.monotonic():
+            return  # the change the node asked for: its own flow records it
         if not self.management_url:
             return
         event = {"hostUuid": host_uuid, "vmUuid": vm_uuid, "state": state}

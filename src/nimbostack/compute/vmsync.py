@@ -57,8 +57,10 @@ async def on_event(platform: Platform, host_uuid: str, vm_uuid: str, state: str)
             log.warning("ignored: host %s says VM %s is %s, but the VM is on host %s",
                         host_uuid, vm_uuid, state, now.hostUuid)
             return
-        if now.state == state and now.hostUuid == host_uuid:
-            return  # nothing changed (e.g. the event of a start this node has just finished)
+        if now.state == state and (now.hostUuid == host_uuid or state == "Stopped"):
+            # nothing changed (the event of a start or stop this node has just finished): a
+            # Stopped VM stays on no host, whichever host's stop event comes late
+            return
         vm = await s.get(m.VmInstance, vm_uuid)
         if vm is None:
             return
