@@ -21,6 +21,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -137,35 +138,29 @@ class Authority:
 
     def node_credentials(self, addresses: list[str]) -> Credentials:
         """The node's own bundle (``node.pem``), made again when it lacks an address it now serves."""
-        path = self.directory / "node.pem"
         wanted = [NODE_NAME, "127.0.0.1", *addresses]
-        if path.exists():
-            try:
-                creds = Credentials(path)
-                if creds.covers(wanted) and creds.ca_pem == self.ca_pem:
-                    return creds
-            except CredentialsError:
-                pass
-        write_private(path, self.issue(NODE, NODE_NAME, wanted))
-        return Credentials(path)
+        return _bundle(self, self.directory / "node.pem", Peer(NODE, NODE_NAME), wanted)
 
 
 def agent_bundle(authority: Authority, path: Path, name: str, addresses: list[str]) -> Credentials:
     """The agent bundle at ``path``, issued (again) unless it is this CA's for agent ``name``."""
+    return _bundle(authority, path, Peer(AGENT, name), addresses)
+
+
+def _bundle(authority: Authority, path: Path, peer: Peer, addresses: list[str]) -> Credentials:
+    """The bundle at ``path`` if this CA issued it to ``peer`` for ``addresses``; else a new one."""
     try:
         creds = Credentials(path)
-        if creds.ca_pem == authority.ca_pem and creds.peer == Peer(AGENT, name):
+        if creds.ca_pem == authority.ca_pem and creds.peer == peer and creds.covers(addresses):
             return creds
     except CredentialsError:
         pass
-    write_private(path, authority.issue(AGENT, name, addresses))
+    write_private(path, authority.issue(peer.role, peer.name, addresses))
     return Credentials(path)
 
 
 def agent_name(url: str) -> str:
     """The common name of the agent reached at ``url``: its ``host:port``."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port}"
 
