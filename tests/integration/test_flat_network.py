@@ -405,12 +405,26 @@ def test_a_vm_start_adds_its_entries_and_a_host_without_state_gets_the_full_stat
     from nimbostack.plugins.flat import service as flat
 
     full = node.run(flat.desired_state(node.platform, host, l3, {"DHCP", "Userdata"}))
+    assert full is not None and body.pop("seq") < full.pop("seq")  # the order of the node's reads
     assert body == full
-    # the agent restarted: nothing to add to, so the next start pushes every running VM
+    # a full state read before a VM's start but arriving after its entries keeps them
     svc = node.agent_server.agent.extensions["flat"]
+    before = node.run(flat.desired_state(node.platform, host, l3, {"DHCP", "Userdata"}))
+    late = make_vm(api, env, "late")
+    assert before is not None and late["uuid"] not in {e["vmUuid"] for e in before["vms"]}
+    node.run(svc.apply(before))
+    assert late["uuid"] in {e["vmUuid"] for e in flat_state(node, host)[l3]["vms"]}
+    # and one read after it (its stop, say) is the state
+    api.call("StopVmInstance", uuid=late["uuid"])
+    assert late["uuid"] not in {e["vmUuid"] for e in flat_state(node, host)[l3]["vms"]}
+    node.run(svc.apply(before))  # the stale state again: the stopped VM's entries were dropped
+    assert late["uuid"] not in {e["vmUuid"] for e in flat_state(node, host)[l3]["vms"]}
+    # the agent restarted: nothing to add to, so the next start pushes every running VM
     svc.simulated.clear()
+    svc.added.clear()
     third = make_vm(api, env, "c")
     assert {e["vmUuid"] for e in flat_state(node, host)[l3]["vms"]} == {v["uuid"] for v in (first, second, third)}
+    assert late["uuid"] not in {e["vmUuid"] for e in flat_state(node, host)[l3]["vms"]}
     # a stale entry holding the new VM's IP (its stop was never pushed) gives way to it
     stale = dict(flat_state(node, host)[l3]["vms"][0], vmUuid="e" * 32, nicUuid="e" * 32, mac="fa:00:00:00:00:01")
     api.call("StopVmInstance", uuid=first["uuid"])

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DriverError
-from nimbostack.agent.host import Agent, command, storage_command
+from nimbostack.agent.host import COMMANDS, START_STEPS, Agent, command, storage_command
 from nimbostack.agent.storage import LocalStorage, PullFile
 from nimbostack.wire import DiskSpec, NicSpec, VmSpec
 from nimbostack.wire.pki import CredentialsError
@@ -80,7 +80,19 @@ async def _plug(a: Agent, spec: VmSpec) -> list[str]:
 
 @command("/vm/start")
 async def _start(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    """``before``: [{path, body}] commands of the node's plugins (START_STEPS) to run first, in
+    order; the first that fails fails the start, with no domain started."""
     spec = _vm_spec(a, b["vm"])
+    steps = b.get("before") or []
+    if not isinstance(steps, list):
+        raise ValueError("before must be a list of {path, body}")
+    for step in steps:
+        if not isinstance(step, dict) or not isinstance(step.get("body"), dict):
+            raise ValueError("before must be a list of {path, body}")
+        if step.get("path") not in START_STEPS:
+            raise ValueError(f"{step.get('path')!r} is not a command a VM start may carry")
+    for step in steps:
+        await COMMANDS[step["path"]](a, {**step["body"], "hostUuid": b["hostUuid"]})
     warnings = await _plug(a, spec)
     a.expect(b["hostUuid"], spec.uuid, "Running")
     try:

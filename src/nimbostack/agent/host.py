@@ -190,9 +190,17 @@ Command = Callable[[Agent, dict[str, Any]], Awaitable[dict[str, Any]]]
 COMMANDS: dict[str, Command] = {}
 
 
-def command(path: str) -> Callable[[Command], Command]:
+# commands a /vm/start may carry, run before the domain starts (a plugin's part of the VM's start)
+START_STEPS: set[str] = set()
+
+
+def command(path: str, *, start_step: bool = False) -> Callable[[Command], Command]:
+    """Register a command at ``path``; ``start_step``: a /vm/start may also carry it."""
+
     def register(fn: Command) -> Command:
         COMMANDS[path] = fn
+        if start_step:
+            START_STEPS.add(path)
         return fn
 
     return register

@@ -196,7 +196,7 @@ async def migrate_vm(ctx: ApiContext) -> dict[str, Any]:
         # the domain already runs on the new host: each extension is tried there, whatever the others do
         for ext in hooks.VM_START:
             try:
-                await ext.before_start(p, vm.uuid, dest_uuid, None)
+                await hooks.prepare_one(p, ext, vm.uuid, dest_uuid)
             except Exception as err:
                 log.warning("VM %s migrated to host %s, but %s failed there: %s", vm.uuid, dest_uuid, ext.name, err)
         await hooks.release(p, vm.uuid, source)

@@ -24,7 +24,7 @@ from nimbostack.core.resources import (
     load,
     load_row,
     new_uuid,
-    own,
+    own_all,
     register_queries,
     wanted_uuid,
 )
@@ -202,61 +202,64 @@ async def _disk_size(s: Tx, new: NewVm, offering_uuid: str) -> int:
 
 async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dict[str, Any]:
     l3_uuids = new.l3_network_uuids
-    async with p.db.tx() as s:
-        # read only: rows (db/engine.py)
-        offering = await load_row(s, m.InstanceOffering, new.instance_offering_uuid, new, "InstanceOffering")
-        if offering.state != "Enabled":
-            raise not_allowed(f"instance offering {offering.uuid} is {offering.state}")
-        image = await load_row(s, m.Image, new.image_uuid, new, "Image")
-        if image.status != "Ready" or image.state != "Enabled":
-            raise not_allowed(f"image {image.uuid} is {image.state}/{image.status}; it must be Enabled and Ready")
-        root_size = image.size
-        if image.mediaType == "ISO":
-            if not new.root_disk_offering_uuid:
-                raise invalid("a VM created from an ISO needs rootDiskOfferingUuid for its empty root volume")
-            root_size = await _disk_size(s, new, new.root_disk_offering_uuid)
-        data_sizes = [await _disk_size(s, new, u) for u in new.data_disk_offering_uuids]
-        for u in l3_uuids:
-            l3 = await load_row(s, m.L3Network, u, new, "L3Network")
-            if l3.state != "Enabled":
-                raise not_allowed(f"L3 network {u} is {l3.state}")
-        vm = m.VmInstance(
-            uuid=vm_uuid,
-            name=new.name,
-            description=new.description,
-            imageUuid=image.uuid,
-            instanceOfferingUuid=offering.uuid,
-            platform=image.platform,
-            defaultL3NetworkUuid=default_l3,
-            type=new.type,
-            memorySize=offering.memorySize,
-            cpuNum=offering.cpuNum,
-            cpuSpeed=offering.cpuSpeed,
-            allocatorStrategy=offering.allocatorStrategy,
-            state="Created",
-            bootOrder="CdRom,HardDisk" if image.mediaType == "ISO" else "HardDisk",
-            isoUuid=image.uuid if image.mediaType == "ISO" else None,
-        )
-        await insert_now(s, vm)
-        await own(s, new, vm.uuid, "VmInstanceVO")
-        await add_tags(s, vm.uuid, "VmInstanceVO", new.system_tags, new.user_tags)
-        if image.mediaType == "ISO":
-            await insert_now(
-                s,
-                m.SystemTag(
-                    uuid=new_uuid(),
-                    resourceUuid=vm.uuid,
-                    resourceType="VmInstanceVO",
-                    tag=ISO_INSTALL_TAG,
-                    inherent=True,
-                )
-            )
     static_ips = {t.split("::")[1]: t.split("::")[2] for t in new.system_tags if t.startswith("staticIp::")}
-    cpu = vm.cpuNum * vm.cpuSpeed
+    # what later steps need of the first one's reads
+    vm: m.VmInstance
+    image: Any
 
     async def allocate(c: dict[str, Any]) -> None:
-        """Host, storage, volumes and IPs in one transaction: all taken, or none."""
+        """The VM's row, its host, storage, volumes and IPs in one transaction: all taken, or
+        none (and no VM row is left to forget)."""
+        nonlocal vm, image
         async with p.db.tx() as s:
+            # read only: rows (db/engine.py)
+            offering = await load_row(s, m.InstanceOffering, new.instance_offering_uuid, new, "InstanceOffering")
+            if offering.state != "Enabled":
+                raise not_allowed(f"instance offering {offering.uuid} is {offering.state}")
+            image = await load_row(s, m.Image, new.image_uuid, new, "Image")
+            if image.status != "Ready" or image.state != "Enabled":
+                raise not_allowed(f"image {image.uuid} is {image.state}/{image.status}; it must be Enabled and Ready")
+            root_size = image.size
+            if image.mediaType == "ISO":
+                if not new.root_disk_offering_uuid:
+                    raise invalid("a VM created from an ISO needs rootDiskOfferingUuid for its empty root volume")
+                root_size = await _disk_size(s, new, new.root_disk_offering_uuid)
+            data_sizes = [await _disk_size(s, new, u) for u in new.data_disk_offering_uuids]
+            for u in l3_uuids:
+                l3 = await load_row(s, m.L3Network, u, new, "L3Network")
+                if l3.state != "Enabled":
+                    raise not_allowed(f"L3 network {u} is {l3.state}")
+            vm = m.VmInstance(
+                uuid=vm_uuid,
+                name=new.name,
+                description=new.description,
+                imageUuid=image.uuid,
+                instanceOfferingUuid=offering.uuid,
+                platform=image.platform,
+                defaultL3NetworkUuid=default_l3,
+                type=new.type,
+                memorySize=offering.memorySize,
+                cpuNum=offering.cpuNum,
+                cpuSpeed=offering.cpuSpeed,
+                allocatorStrategy=offering.allocatorStrategy,
+                state="Created",
+                bootOrder="CdRom,HardDisk" if image.mediaType == "ISO" else "HardDisk",
+                isoUuid=image.uuid if image.mediaType == "ISO" else None,
+            )
+            await insert_now(s, vm)
+            await add_tags(s, vm.uuid, "VmInstanceVO", new.system_tags, new.user_tags)
+            if image.mediaType == "ISO":
+                await insert_now(
+                    s,
+                    m.SystemTag(
+                        uuid=new_uuid(),
+                        resourceUuid=vm.uuid,
+                        resourceType="VmInstanceVO",
+                        tag=ISO_INSTALL_TAG,
+                        inherent=True,
+                    )
+                )
+            cpu = vm.cpuNum * vm.cpuSpeed
             hosts = await candidate_hosts(
                 s, cpu, vm.memorySize, l3_uuids, new.zone_uuid, new.cluster_uuid, new.host_uuid
             )
@@ -272,6 +275,7 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
                 ("Data", size, u) for size, u in zip(data_sizes, new.data_disk_offering_uuids, strict=True)
             ]
             vols = []
+            owned = [(vm.uuid, "VmInstanceVO")]
             storages: dict[str, Any] = {}  # the volumes' primary storages, as reserve read them
             for device_id, (vtype, size, offering_uuid) in enumerate(sizes):
                 vol_uuid = new_uuid()
@@ -294,10 +298,11 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
                     installPath=primary.install_path(ps, new.caller.account_uuid, vol_uuid, vtype),
                 )
                 await insert_now(s, vol)
-                await own(s, new, vol_uuid, "VolumeVO")
+                owned.append((vol_uuid, "VolumeVO"))
                 vols.append(vol)
                 if vtype == "Root":
                     placed["root"] = vol_uuid
+            await own_all(s, new, owned)
             await s.execute(_PLACE_VM, placed)
             c["volumes"] = [(v.installPath, v.size, v.type, v.primaryStorageUuid) for v in vols]
             c["ps"] = storages
@@ -324,7 +329,7 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
         if "host" not in c:
             return
         async with p.db.tx() as s:
-            await release_all(s, vm.uuid, release_volumes=True)
+            await release_all(s, vm_uuid, release_volumes=True)
 
     async def create_volumes(c: dict[str, Any]) -> None:
         c["made"] = []
@@ -351,22 +356,22 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
 
     async def start(c: dict[str, Any]) -> None:
         async with p.db.tx() as s:
-            await s.execute(_VM_STARTING, {"vm": vm.uuid})
-            await s.execute(_VOLUMES_READY, {"vm": vm.uuid})
-        await hooks.before_start(p, vm.uuid, c["host"].uuid, c["host"].agentUrl)
-        spec = await build_spec(p, vm.uuid)
-        await agent(p, c["host"].uuid, "/vm/start", {"vm": asdict(spec)}, c["host"].agentUrl)
+            await s.execute(_VM_STARTING, {"vm": vm_uuid})
+            await s.execute(_VOLUMES_READY, {"vm": vm_uuid})
+        host, url = c["host"].uuid, c["host"].agentUrl
+        carried = await hooks.before_start(p, vm_uuid, host, url, defer=True)
+        await hooks.start_vm(p, host, asdict(await build_spec(p, vm_uuid)), carried, url)
 
     async def unstart(c: dict[str, Any]) -> None:
-        await gc.call_or_defer(p, gc.DESTROY_VM, c["host"].uuid, "/vm/destroy", {"vmUuid": vm.uuid}, vm.uuid)
+        await gc.call_or_defer(p, gc.DESTROY_VM, c["host"].uuid, "/vm/destroy", {"vmUuid": vm_uuid}, vm_uuid)
         # what before_start put on the host (DHCP entry, EIP rule), whether or not the domain ran
-        await hooks.release(p, vm.uuid, c["host"].uuid)
+        await hooks.release(p, vm_uuid, c["host"].uuid)
 
     async def running(c: dict[str, Any]) -> None:
         # a step of its own: a write refused here (a full disk) rolls back the running VM as well,
         # rather than leaving it Starting with its host's capacity taken
         async with p.db.tx() as s:
-            row = (await s.execute(_VM_RUNNING, {"vm": vm.uuid, "host": c["host"].uuid})).one()
+            row = (await s.execute(_VM_RUNNING, {"vm": vm_uuid, "host": c["host"].uuid})).one()
             c["inventory"] = await inv(s, "QueryObjectVmInstanceInventory", row)
 
     chain = (
@@ -378,10 +383,10 @@ async def _create(p: Platform, new: NewVm, vm_uuid: str, default_l3: str) -> dic
     )
     async def forget() -> None:
         async with p.db.tx() as s:
-            row = await s.get(m.VmInstance, vm.uuid)
+            row = await s.get(m.VmInstance, vm_uuid)
             if row is not None:
                 await s.delete(row)
-            await disown(s, [vm.uuid])
+            await disown(s, [vm_uuid])
 
     try:
         c = await chain.run({})

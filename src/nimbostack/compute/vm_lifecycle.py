@@ -48,8 +48,8 @@ async def start_vm(ctx: ApiContext) -> dict[str, Any]:
                 .values(state="Starting", hostUuid=chosen.uuid, clusterUuid=chosen.clusterUuid)
             )
         try:
-            await hooks.before_start(p, vm.uuid, chosen.uuid, chosen.agentUrl)
-            await agent(p, chosen.uuid, "/vm/start", {"vm": asdict(await build_spec(p, vm.uuid))}, chosen.agentUrl)
+            carried = await hooks.before_start(p, vm.uuid, chosen.uuid, chosen.agentUrl, defer=True)
+            await hooks.start_vm(p, chosen.uuid, asdict(await build_spec(p, vm.uuid)), carried, chosen.agentUrl)
         except BaseException:
             async with p.db.tx() as s:
                 await give_back_host(s, chosen.uuid, cpu, vm.memorySize)

@@ -5,14 +5,21 @@ system tags change.
 A VM start extension comes as a pair, like ZStack's PreVmInstantiateResourceExtensionPoint with its
 preReleaseVmResource: whatever ``before_start`` set up on a host (a DHCP entry, an nft chain, an EIP
 rule) its ``release`` takes down again. A failed or rolled-back start calls ``release`` (in the
-create flow, as the rollback of the step that ran ``before_start``), so nothing stays behind."""
+create flow, as the rollback of the step that ran ``before_start``), so nothing stays behind.
+
+``before_start`` may also hand back agent commands (StartCommand) instead of sending them: a start
+that can (``start_vm``) sends them inside its ``/vm/start``, where the agent runs them before the
+domain starts — one round trip to the host instead of one per extension."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from nimbostack.core.errors import AGENT_ERROR, ApiError
+from nimbostack.core.hosts import agent
 
 if TYPE_CHECKING:
     from nimbostack.core.context import ApiContext
@@ -20,9 +27,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+@dataclass(frozen=True)
+class StartCommand:
+    """An agent command that prepares a host for a VM, for the agent to run before the domain
+    starts. ``refused``: the agent's error code with which the host says it cannot take the
+    command as it is (it needs more than this one VM's part); ``recover`` then sends what it needs
+    on its own, and the start goes ahead without this command."""
+
+    path: str
+    body: dict[str, Any]
+    refused: str | None = None
+    recover: Callable[[], Awaitable[None]] | None = None
+
+
 VmHook = Callable[["Platform", str, str], Awaitable[None]]  # (platform, vm uuid, host uuid)
-# (platform, vm uuid, host uuid, the host's agent URL when the caller has just read it, or None)
-StartHook = Callable[["Platform", str, str, "str | None"], Awaitable[None]]
+# (platform, vm uuid, host uuid, the host's agent URL when the caller has just read it, or None):
+# what it set up itself, or the commands the start is to carry (None: nothing to carry)
+StartHook = Callable[["Platform", str, str, "str | None"], Awaitable["Sequence[StartCommand] | None"]]
 HostHook = Callable[["Platform", str], Awaitable[None]]  # (platform, host uuid)
 TagHook = Callable[["ApiContext", str, str], Awaitable[None]]  # (ctx, resource type, resource uuid)
 # (platform, vm uuid, host uuid, l3 uuid): what the host serves the running VM on that L3 network
@@ -66,13 +87,66 @@ def on_nic_change(hook: NicHook) -> None:
     NIC_CHANGE.append(hook)
 
 
-async def before_start(p: Platform, vm_uuid: str, host_uuid: str, agent_url: str | None = None) -> None:
+async def before_start(
+    p: Platform, vm_uuid: str, host_uuid: str, agent_url: str | None = None, *, defer: bool = False
+) -> list[StartCommand]:
     """Every extension's ``before_start``, in order. A caller whose start fails after this began
     (here or later) calls ``release``: each release is safe for an extension that never ran.
     ``agent_url``: the host's, when the caller has just read the host (spares each extension's
-    commands a read of it)."""
+    commands a read of it). ``defer``: the commands the extensions hand back are returned for the
+    caller's ``start_vm`` to carry; otherwise they are sent here, one by one."""
+    carried: list[StartCommand] = []
     for ext in VM_START:
-        await ext.before_start(p, vm_uuid, host_uuid, agent_url)
+        commands = await ext.before_start(p, vm_uuid, host_uuid, agent_url) or ()
+        if defer:
+            carried.extend(commands)
+        else:
+            await send(p, host_uuid, commands, agent_url)
+    return carried
+
+
+async def prepare_one(p: Platform, ext: VmStartExtension, vm_uuid: str, host_uuid: str) -> None:
+    """One extension's ``before_start`` with its commands sent (a VM that already runs on the host:
+    the destination of a migration)."""
+    await send(p, host_uuid, await ext.before_start(p, vm_uuid, host_uuid, None) or (), None)
+
+
+async def send(p: Platform, host_uuid: str, commands: Sequence[StartCommand], agent_url: str | None) -> None:
+    for command in commands:
+        try:
+            await agent(p, host_uuid, command.path, command.body, agent_url)
+        except ApiError as err:
+            if not _refused(command, err):
+                raise
+            assert command.recover is not None
+            await command.recover()
+
+
+async def start_vm(
+    p: Platform, host_uuid: str, vm: dict[str, Any], commands: Sequence[StartCommand], agent_url: str | None = None
+) -> dict[str, Any]:
+    """``/vm/start`` of the VM's spec on the host, carrying the extensions' commands. A command the
+    host refuses as it is gets its ``recover``, and the start is sent again without it (the ones
+    before it ran already: they set a state, and run again harmlessly)."""
+    body = {"vm": vm, "before": [{"path": c.path, "body": c.body} for c in commands]}
+    try:
+        return await agent(p, host_uuid, "/vm/start", body, agent_url)
+    except ApiError as err:
+        refused = next((c for c in commands if _refused(c, err)), None)
+        if refused is None:
+            raise
+        assert refused.recover is not None
+        await refused.recover()
+        return await start_vm(p, host_uuid, vm, [c for c in commands if c is not refused], agent_url)
+
+
+def _refused(command: StartCommand, err: ApiError) -> bool:
+    return (
+        command.refused is not None
+        and command.recover is not None
+        and err.code == AGENT_ERROR
+        and err.details.split(" ", 1)[0] == command.refused
+    )
 
 
 async def release(p: Platform, vm_uuid: str, host_uuid: str | None, *, strict: bool = False) -> None:

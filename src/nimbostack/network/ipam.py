@@ -6,18 +6,29 @@ import ipaddress
 import random
 from typing import Any
 
-from sqlalchemy import Row, bindparam, delete, select
+from sqlalchemy import Row, bindparam, delete, exists, insert, select
 
 from nimbostack.core.errors import IP_ALLOCATION_FAILED, ApiError, invalid
 from nimbostack.core.resources import new_uuid
 from nimbostack.db import models as m
-from nimbostack.db.engine import Tx, columns, insert_now
+from nimbostack.db.engine import Tx, columns, insert_now, rowcount
 
 PROBES = 16
 
 # built once (db/engine.py, "Statements built once"): every VM create allocates
 _RANGES = select(*columns(m.IpRange)).where(m.IpRange.l3NetworkUuid == bindparam("l3"))
 _TAKEN = select(m.UsedIp.uuid).where(m.UsedIp.l3NetworkUuid == bindparam("l3"), m.UsedIp.ipInLong == bindparam("ip"))
+# a probe and its use in one statement: the row is inserted only if the address is free (the
+# unique constraint still guards against a concurrent writer on PostgreSQL)
+_USE_COLUMNS = ("uuid", "ipRangeUuid", "l3NetworkUuid", "ip", "ipInLong", "netmask", "gateway", "usedFor")
+_USE_IF_FREE = insert(m.UsedIp).from_select(
+    list(_USE_COLUMNS),
+    select(*(bindparam(c, type_=getattr(m.UsedIp, c).type) for c in _USE_COLUMNS)).where(
+        ~exists().where(
+            m.UsedIp.l3NetworkUuid == bindparam("l3NetworkUuid"), m.UsedIp.ipInLong == bindparam("ipInLong")
+        )
+    ),
+)
 
 
 async def allocate(s: Tx, l3_uuid: str, wanted: str | None = None, used_for: str = "VmNic") -> m.UsedIp:
@@ -47,8 +58,8 @@ async def allocate(s: Tx, l3_uuid: str, wanted: str | None = None, used_for: str
         gw = int(ipaddress.IPv4Address(r.gateway))
         for _ in range(min(PROBES, hi - lo + 1)):
             ip = random.randint(lo, hi)
-            if ip != gw and not await _taken(s, l3_uuid, ip):
-                return await _use(s, r, ip, used_for)
+            if ip != gw and (row := await _use_if_free(s, r, ip, used_for)) is not None:
+                return row
         used = set(
             (
                 await s.execute(
@@ -68,8 +79,8 @@ async def _taken(s: Tx, l3_uuid: str, ip: int) -> bool:
     return (await s.execute(_TAKEN, {"l3": l3_uuid, "ip": ip})).first() is not None
 
 
-async def _use(s: Tx, r: Row[Any], ip: int, used_for: str) -> m.UsedIp:
-    row = m.UsedIp(
+def _used(r: Row[Any], ip: int, used_for: str) -> m.UsedIp:
+    return m.UsedIp(
         uuid=new_uuid(),
         ipRangeUuid=r.uuid,
         l3NetworkUuid=r.l3NetworkUuid,
@@ -79,8 +90,19 @@ async def _use(s: Tx, r: Row[Any], ip: int, used_for: str) -> m.UsedIp:
         gateway=r.gateway,
         usedFor=used_for,
     )
+
+
+async def _use(s: Tx, r: Row[Any], ip: int, used_for: str) -> m.UsedIp:
+    row = _used(r, ip, used_for)
     await insert_now(s, row)
     return row
+
+
+async def _use_if_free(s: Tx, r: Row[Any], ip: int, used_for: str) -> m.UsedIp | None:
+    """The address's row, inserted, or None when another NIC holds it."""
+    row = _used(r, ip, used_for)
+    done = await s.execute(_USE_IF_FREE, {c: getattr(row, c) for c in _USE_COLUMNS})
+    return row if rowcount(done) == 1 else None
 
 
 async def release(s: Tx, used_ip_uuids: list[str]) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, literal, select, union_all
 
 from nimbostack.core.errors import ApiError
+from nimbostack.core.hooks import StartCommand
 from nimbostack.core.hosts import agent
 from nimbostack.core.tags import system_tags
 from nimbostack.db import models as m
@@ -160,19 +161,27 @@ _VM_FLAT_AND_EIP = union_all(
 )
 
 
-async def on_flat_vm_start(p: Platform, vm_uuid: str, host_uuid: str, agent_url: str | None = None) -> None:
-    """Before the VM boots: its DHCP/userdata entries on its host and, if it has an EIP, the host's
-    EIP rules (a failure fails the start)."""
+async def on_flat_vm_start(
+    p: Platform, vm_uuid: str, host_uuid: str, agent_url: str | None = None
+) -> list[StartCommand]:
+    """Before the VM boots: its DHCP/userdata entries on its host (for its start to carry) and, if
+    it has an EIP, the host's EIP rules (a failure fails the start)."""
     async with p.db.tx() as s:
         rows = (await s.execute(_VM_FLAT_AND_EIP, {"vm": vm_uuid})).all()
     l3s: dict[str, set[str]] = defaultdict(set)
     for l3_uuid, service in rows:
         if service != _HAS_EIP:
             l3s[l3_uuid].add(service)
+    has_eip = len(rows) > sum(len(v) for v in l3s.values())
+    carried = []
     for l3_uuid, services in sorted(l3s.items()):
-        await flat.push_vm(p, host_uuid, l3_uuid, services, vm_uuid, agent_url)
-    if len(rows) > sum(len(v) for v in l3s.values()):
+        # a VM without an EIP has no public IP to look up for its entries
+        command = await flat.vm_entries(p, host_uuid, l3_uuid, services, vm_uuid, extras=None if has_eip else {})
+        if command is not None:
+            carried.append(command)
+    if has_eip:
         await sync_host(p, host_uuid)
+    return carried
 
 
 async def on_flat_vm_stop(p: Platform, vm_uuid: str, host_uuid: str | None) -> None:

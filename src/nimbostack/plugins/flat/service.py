@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,8 @@ import yaml
 from sqlalchemy import Row, bindparam, delete, select
 from sqlalchemy.orm import aliased
 
-from nimbostack.core.errors import AGENT_ERROR, ApiError
+from nimbostack.core.errors import ApiError
+from nimbostack.core.hooks import StartCommand
 from nimbostack.core.hosts import agent
 from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 PROVIDER_TYPE = "Flat"
 SERVICES = ("DHCP", "Userdata")
 DHCP_USED_FOR = "DHCP"
+# the agent's answer to entries of one VM it has no state of the L3 network to add to
+FULL_STATE_NEEDED = "FLAT_FULL_STATE_NEEDED"
 # VM states in which a VM's NICs are served on its host (Stopping/Destroying VMs are on their way out)
 ACTIVE = ("Starting", "Running", "Rebooting", "Pausing", "Paused", "Resuming", "Unknown", "Migrating")
 # Hook functions may want extra per-VM fields (the EIP module adds publicIp); (s, vm_uuids) -> {vm: {..}}
@@ -233,6 +237,16 @@ def ssh_keys_of(vm_uuid: str, tags: list[str]) -> list[str]:
     return keys
 
 
+_last_seq = 0
+
+
+def next_seq() -> int:
+    """Increasing over the node's life and across its restarts (nanoseconds of the clock)."""
+    global _last_seq
+    _last_seq = max(_last_seq + 1, time.time_ns())
+    return _last_seq
+
+
 async def desired_state(
     p: Platform,
     host_uuid: str,
@@ -240,14 +254,20 @@ async def desired_state(
     services: set[str],
     exclude: str | None = None,
     only: str | None = None,
+    extras: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """The body of ``/flat/apply`` for one L3 network on one host (None: nothing can be served);
-    with ``only``, of ``/flat/apply-vm``: the entries of that one VM."""
+    with ``only``, of ``/flat/apply-vm``: the entries of that one VM. ``extras``: the fields
+    ENTRY_EXTRAS would add, when the caller knows them already.
+
+    ``seq`` is taken before the reads: the host keeps entries of a later seq when this state
+    arrives after them (they were read after it, and may be missing from it)."""
+    seq = next_seq()
     async with p.db.tx() as s:
         l3 = (await s.execute(_L3_AND_L2, {"l3": l3_uuid})).first()
         if l3 is not None and l3.dhcpIp is not None:
             dns = list((await s.execute(_L3_DNS, {"l3": l3_uuid})).scalars())
-            rows, tags, extras = await _served(s, l3_uuid, host_uuid, exclude, only)
+            rows, tags, extras = await _served(s, l3_uuid, host_uuid, exclude, only, extras)
     if l3 is None:
         return None
     if l3.dhcpIp is None:
@@ -256,7 +276,7 @@ async def desired_state(
         if await dhcp_ip(p, l3_uuid) is None:
             log.warning("L3 network %s has no IP range: no DHCP server IP, Flat services not applied", l3_uuid)
             return None
-        return await desired_state(p, host_uuid, l3_uuid, services, exclude, only)
+        return await desired_state(p, host_uuid, l3_uuid, services, exclude, only, extras)
     vms = []
     for vm in rows:
         t = tags.get(vm.uuid, [])
@@ -281,6 +301,7 @@ async def desired_state(
         domain = None
     return {
         "hostUuid": host_uuid,
+        "seq": seq,
         "l3": {
             "uuid": l3.uuid,
             "bridge": l2l3.bridge_of(l3, l3.bridgeTag),
@@ -298,7 +319,12 @@ async def desired_state(
 
 
 async def _served(
-    s: Tx, l3_uuid: str, host_uuid: str, exclude: str | None, only: str | None
+    s: Tx,
+    l3_uuid: str,
+    host_uuid: str,
+    exclude: str | None,
+    only: str | None,
+    known: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[list[Row[Any]], dict[str, list[str]], dict[str, dict[str, Any]]]:
     """The VMs the host serves on the L3 network (``only``: that one), a row per NIC, with their
     system tags and the fields ENTRY_EXTRAS add."""
@@ -317,6 +343,9 @@ async def _served(
         for ruuid, tag in tag_rows:
             tags[ruuid].append(tag)
     extras: dict[str, dict[str, Any]] = defaultdict(dict)
+    if known is not None:
+        extras.update(known)
+        return rows, tags, extras
     for extra in ENTRY_EXTRAS:
         for vm_uuid, fields in (await extra(s, l3_uuid, vm_uuids)).items():
             extras[vm_uuid].update(fields)
@@ -344,29 +373,38 @@ async def _push_full(
     return body
 
 
-async def push_vm(
-    p: Platform, host_uuid: str, l3_uuid: str, services: set[str], vm_uuid: str, agent_url: str | None = None
-) -> None:
-    """Serve one starting VM on its host: its own entries (``/flat/apply-vm``), not the state of
-    every VM of the L3 network on the host, whose size (and cost, on both sides) grew with the
-    host's VMs. A host without that state to add to (its agent restarted) gets the full state."""
-    async with p.queues.serial(f"flat:{host_uuid}:{l3_uuid}"):
-        services &= set(SERVICES)
-        if not services:
-            return
-        body = await desired_state(p, host_uuid, l3_uuid, services, only=vm_uuid)
-        if body is None:
-            return
-        try:
-            await agent(p, host_uuid, "/flat/apply-vm", {"vmUuid": vm_uuid, "l3": body["l3"], "vms": body["vms"]},
-                        agent_url)
-            return
-        except ApiError as err:
-            if err.code != AGENT_ERROR:  # unreachable, or out of time: the full state would fail too
-                raise
-            # FLAT_FULL_STATE_NEEDED, or an agent from before /flat/apply-vm
-            log.info("host %s: Flat L3 %s gets its full state (%s)", host_uuid, l3_uuid, err.details)
-        await _push_full(p, host_uuid, l3_uuid, services)
+async def vm_entries(
+    p: Platform,
+    host_uuid: str,
+    l3_uuid: str,
+    services: set[str],
+    vm_uuid: str,
+    extras: dict[str, dict[str, Any]] | None = None,
+) -> StartCommand | None:
+    """What serves one starting VM on its host: its own entries (``/flat/apply-vm``), for the VM's
+    ``/vm/start`` to carry, not the state of every VM of the L3 network on the host, whose size
+    (and cost, on both sides) grew with the host's VMs. A host without that state to add to (its
+    agent restarted) refuses it, and gets the full state instead.
+
+    Not in the (host, L3) queue that orders full pushes: the body's ``seq`` orders them on the
+    host (a full state computed before these entries keeps them)."""
+    services &= set(SERVICES)
+    if not services:
+        return None
+    body = await desired_state(p, host_uuid, l3_uuid, services, only=vm_uuid, extras=extras)
+    if body is None:
+        return None
+
+    async def full_state() -> None:
+        log.info("host %s: Flat L3 %s gets its full state", host_uuid, l3_uuid)
+        await push(p, host_uuid, l3_uuid)
+
+    return StartCommand(
+        "/flat/apply-vm",
+        {"vmUuid": vm_uuid, "seq": body["seq"], "l3": body["l3"], "vms": body["vms"]},
+        refused=FULL_STATE_NEEDED,
+        recover=full_state,
+    )
 
 
 async def release_everywhere(p: Platform, l3_uuid: str) -> None:

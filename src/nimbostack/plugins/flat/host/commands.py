@@ -38,7 +38,7 @@ async def _apply(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     return await flat_service(a).apply(b)
 
 
-@command("/flat/apply-vm")
+@command("/flat/apply-vm", start_step=True)
 async def _apply_vm(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     return await flat_service(a).add_vm(b)
 

@@ -169,6 +169,25 @@ def _terminate(pid: int, popen: subprocess.Popen[bytes] | None = None) -> None:
         popen.wait(2)
 
 
+# how long add_vm's entries are kept for a full state that was computed before them (seconds)
+ADDED_KEEP = 600.0
+
+
+def _merged(base: list[dict[str, Any]], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``base`` with ``entries`` in place of its entries of the same VMs, NICs, IPs or MACs (as a
+    full state from the management node's records would have them), in that state's order (by IP)."""
+    vms, nics, ips, macs = ({e.get(k) for e in entries} for k in ("vmUuid", "nicUuid", "ip", "mac"))
+    kept = [
+        e
+        for e in base
+        if e.get("vmUuid") not in vms
+        and e.get("nicUuid") not in nics
+        and e.get("ip") not in ips
+        and e.get("mac") not in macs
+    ]
+    return sorted(kept + copy.deepcopy(entries), key=lambda e: str(e.get("ip")))
+
+
 @dataclass
 class Runtime:
     """What this agent knows it has set up for one L3 network."""
@@ -205,6 +224,9 @@ class FlatService:
         self.python = python
         self.metadata_port = metadata_port
         self.simulated: dict[str, dict[str, dict[str, Any]]] = {}  # host uuid -> L3 uuid -> body
+        # (host uuid on a simulator, else "", L3 uuid) -> VM uuid -> (seq, its entries): what
+        # add_vm served, for a full state computed before it (lower seq) that arrives after it
+        self.added: dict[tuple[str, str], dict[str, tuple[int, list[dict[str, Any]], float]]] = {}
         self.runtimes: dict[str, Runtime] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self.global_lock = asyncio.Lock()
@@ -231,9 +253,33 @@ class FlatService:
 
     # --- commands ---------------------------------------------------------------------------
 
+    def _added_key(self, host_uuid: str, l3_uuid: str) -> tuple[str, str]:
+        return (host_uuid if self.simulate else "", l3_uuid)
+
+    def _with_later_entries(self, body: dict[str, Any], host_uuid: str, l3_uuid: str) -> dict[str, Any]:
+        """A full state with the entries add_vm served after the node read it (a later seq): the
+        node sends VMs' entries with their start, outside the queue that orders its full states,
+        so a full state read before a VM started may arrive after that VM's entries."""
+        key = self._added_key(host_uuid, l3_uuid)
+        seq = body.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            self.added.pop(key, None)  # no order known: the full state is all there is
+            return body
+        later = {vm: added for vm, added in self.added.get(key, {}).items() if added[0] > seq}
+        if not later:
+            self.added.pop(key, None)
+            return body
+        self.added[key] = later
+        entries = [e for _, vm_entries, _ in later.values() for e in vm_entries]
+        return {**body, "vms": _merged(body.get("vms") or [], entries)}
+
     async def apply(self, body: dict[str, Any]) -> dict[str, Any]:
-        started = time.perf_counter()
         desired = render.parse(body)
+        later = self._with_later_entries(body, desired.host_uuid, desired.l3.uuid)
+        return await self._apply_body(later, desired if later is body else render.parse(later))
+
+    async def _apply_body(self, body: dict[str, Any], desired: render.Desired) -> dict[str, Any]:
+        started = time.perf_counter()
         if self.simulate:
             self.simulated.setdefault(desired.host_uuid, {})[desired.l3.uuid] = copy.deepcopy(body)
             return {"simulated": True}
@@ -272,28 +318,38 @@ class FlatService:
                 "this host has no Flat state of the L3 network to add the VM to",
                 f"L3 network {delta.l3.uuid}: send the full state with /flat/apply",
             )
-        nics, ips, macs = ({e[k] for e in body["vms"]} for k in ("nicUuid", "ip", "mac"))
-        kept = [
-            e
-            for e in base.get("vms") or []
-            if e.get("vmUuid") != vm_uuid
-            and e.get("nicUuid") not in nics
-            and e.get("ip") not in ips
-            and e.get("mac") not in macs
-        ]
-        # in the order of the management node's full state (by IP), so both look the same
         merged = {
             "hostUuid": delta.host_uuid,
+            "seq": base.get("seq"),
             "l3": body["l3"],
-            "vms": sorted(kept + copy.deepcopy(body["vms"]), key=lambda e: str(e.get("ip"))),
+            "vms": _merged(base.get("vms") or [], body["vms"]),
         }
         if self.simulate:  # the kept entries were checked when they were applied
             self.simulated[delta.host_uuid][delta.l3.uuid] = merged
-            return {"simulated": True}
-        return await self.apply(merged)
+            answer: dict[str, Any] = {"simulated": True}
+        else:
+            answer = await self._apply_body(merged, render.parse(merged))
+        seq = body.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            self._remember(self._added_key(delta.host_uuid, delta.l3.uuid), vm_uuid, seq, body["vms"])
+        return answer
+
+    def _remember(self, key: tuple[str, str], vm_uuid: str, seq: int, entries: list[dict[str, Any]]) -> None:
+        """Keep a VM's entries for ADDED_KEEP seconds: longer than any full state computed before
+        them can be on its way (a command's budget is the API's, and a full push is a short one)."""
+        added = self.added.setdefault(key, {})
+        added.pop(vm_uuid, None)  # to the end: the dict stays in the order of arrival
+        now = time.monotonic()
+        added[vm_uuid] = (seq, copy.deepcopy(entries), now)
+        while added:
+            oldest = next(iter(added))
+            if now - added[oldest][2] < ADDED_KEEP:
+                break
+            del added[oldest]
 
     async def release(self, host_uuid: str, l3_uuid: str) -> dict[str, Any]:
         v.uuid(l3_uuid, "l3Uuid")
+        self.added.pop(self._added_key(host_uuid, l3_uuid), None)
         if self.simulate:
             self.simulated.get(host_uuid, {}).pop(l3_uuid, None)
             return {"simulated": True}
