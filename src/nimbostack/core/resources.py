@@ -15,7 +15,7 @@ from nimbostack.core.auth import ADMIN_UUID, Caller
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid, not_allowed, not_found
 from nimbostack.core.tags import validate_system_tag
-from nimbostack.db.engine import Tx, get_row, insert_now
+from nimbostack.db.engine import Tx, get_row, insert_now, table_of
 from nimbostack.db.models import AccountResourceRef, SystemTag, UserTag
 
 T = TypeVar("T")
@@ -129,7 +129,7 @@ async def own(s: Tx, ctx: Acting, uuid: str, resource_type: str) -> None:
     )
 
 
-_OWN = insert(AccountResourceRef)
+_OWN = insert(table_of(AccountResourceRef))  # Core: one executemany on either database
 
 
 async def own_all(s: Tx, ctx: Acting, resources: Sequence[tuple[str, str]]) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy import Row, bindparam, delete, exists, insert, select
 from nimbostack.core.errors import IP_ALLOCATION_FAILED, ApiError, invalid
 from nimbostack.core.resources import new_uuid
 from nimbostack.db import models as m
-from nimbostack.db.engine import Tx, columns, insert_now, rowcount
+from nimbostack.db.engine import Tx, columns, insert_now, rowcount, table_of
 
 PROBES = 16
 
@@ -21,7 +21,9 @@ _TAKEN = select(m.UsedIp.uuid).where(m.UsedIp.l3NetworkUuid == bindparam("l3"), 
 # a probe and its use in one statement: the row is inserted only if the address is free (the
 # unique constraint still guards against a concurrent writer on PostgreSQL)
 _USE_COLUMNS = ("uuid", "ipRangeUuid", "l3NetworkUuid", "ip", "ipInLong", "netmask", "gateway", "usedFor")
-_USE_IF_FREE = insert(m.UsedIp).from_select(
+# of the Table, not the class: a Core INSERT on either database (the ORM's would take the
+# columns' names for its own bulk insert)
+_USE_IF_FREE = insert(table_of(m.UsedIp)).from_select(
     list(_USE_COLUMNS),
     select(*(bindparam(c, type_=getattr(m.UsedIp, c).type) for c in _USE_COLUMNS)).where(
         ~exists().where(
