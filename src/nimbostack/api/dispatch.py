@@ -186,7 +186,8 @@ class Dispatcher:
         except StorageFull as err:  # the job's own record: the first write of every asynchronous API
             return {"state": "Done", "result": error_result(msg, storage_full(str(err)))}
         # the web UI's open pages learn of the change (core/events.py)
-        events.announce_job(ctx, task)
+        events.announce_job(self.p.events, msg.name, events.subject(params, ctx.resource_uuid),
+                            ctx.caller.account_uuid, task)
         if self.quick_wait > 0:
             done, _ = await asyncio.wait({task}, timeout=self.quick_wait)
             if done:

@@ -13,10 +13,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from nimbostack.core.context import ApiContext
+from typing import Any
 
 # events a slow subscriber may fall behind by; past that it is told to reload ("overflow")
 QUEUE_LIMIT = 1000
@@ -67,11 +64,8 @@ def subject(params: dict[str, Any], resource_uuid: str | None) -> str:
     return ""
 
 
-def announce_job(ctx: ApiContext, task: asyncio.Future[Any]) -> None:
+def announce_job(bus: EventBus, api: str, uuid: str, account: str, task: asyncio.Future[Any]) -> None:
     """An API job that changes something: published when it starts and again when it ends, so that
     an open page shows the transitional state (Starting) and then the outcome."""
-    assert ctx.msg is not None
-    bus, api, account = ctx.p.events, ctx.msg.name, ctx.caller.account_uuid
-    uuid = subject(ctx.params, ctx.resource_uuid)
     bus.publish("api", uuid, api=api, account=account, phase="started")
     task.add_done_callback(lambda _t: bus.publish("api", uuid, api=api, account=account, phase="done"))
