@@ -110,7 +110,8 @@ def test_the_ui_session_is_an_httponly_strict_cookie_and_needs_its_csrf_token(no
     assert client.get("/ui/session").json()["isAdmin"] is True
     # logging out ends the cookie's session
     assert client.post("/ui/logout", headers=csrf).status_code == 200
-    assert httpx.get(f"{node.url}/ui/session", cookies={web.SESSION_COOKIE: token}).status_code == 401
+    gone = httpx.get(f"{node.url}/ui/session", cookies={web.SESSION_COOKIE: token}).json()
+    assert gone["success"] is False and gone["error"]["code"] == "ID.1001"
 
 
 def test_events_need_a_session_and_each_sees_only_its_own(node: Running, api: Api) -> None:

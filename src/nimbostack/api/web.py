@@ -151,10 +151,12 @@ class WebUi:
         return response
 
     async def whoami(self, request: Request) -> Response:
+        """Who the page's cookie logs in, if anyone: a page opened anew asks before it shows the
+        login form (an answer, not an error: no session is the usual case then)."""
         try:
             _token, caller = await self._caller(request)
         except ApiError as err:
-            return _error(401, err.code, err.description, err.details)
+            return JSONResponse({"success": False, "error": err.to_dict()}, headers={"Cache-Control": "no-store"})
         async with self.platform().db.tx() as s:
             account = await s.get(Account, caller.account_uuid)
         body = {"success": True, "accountUuid": caller.account_uuid, "isAdmin": caller.is_admin,

@@ -70,5 +70,6 @@ export async function logout() {
 
 export async function whoami() {
   const r = await fetch("/ui/session", { credentials: "same-origin" });
-  return r.ok ? r.json() : null;
+  const answer = r.ok ? await r.json() : null;
+  return answer && answer.success ? answer : null;
 }
