@@ -117,6 +117,14 @@ function cell(name, value) {
   return String(value);
 }
 
+// in a list a uuid is its first 8 characters (the whole in the tooltip and the detail page)
+function listCell(name, value) {
+  if (typeof value === "string" && /^[0-9a-f]{32}$/.test(value) && (name === "uuid" || name.endsWith("Uuid"))) {
+    return h("span", { class: "uuid", title: value }, value.slice(0, 8));
+  }
+  return cell(name, value);
+}
+
 function applies(action, row) {
   return !action.when || Object.entries(action.when).every(([field, values]) => values.includes(row[field]));
 }
@@ -258,9 +266,10 @@ async function deleteRow(type, row) {
   else refresh();
 }
 
-function actionButtons(type, row) {
+// a list's row offers the actions that ask nothing; its detail page offers them all
+function actionButtons(type, row, compact = false) {
   const r = app.resources[type];
-  const buttons = (r.actions || []).filter((a) => applies(a, row)).map((a) => h("button", {
+  const buttons = (r.actions || []).filter((a) => applies(a, row) && !(compact && a.fields)).map((a) => h("button", {
     type: "button", class: a.danger ? "danger small" : "small", dataset: { action: a.id },
     onclick: (ev) => { ev.stopPropagation(); runAction(type, a, row); },
   }, t(`act.${a.id}`)));
@@ -351,7 +360,8 @@ function drawTable(type, view, table, load) {
     dataset: { uuid: row[key] || "" },
     onclick: r.key ? null : () => { location.hash = `#/r/${type}/${row.uuid}`; },
     class: r.key ? "" : "link",
-  }, r.columns.map((col) => h("td", { dataset: { field: col } }, cell(col, row[col]))), h("td", {}, actionButtons(type, row))));
+  }, r.columns.map((col) => h("td", { dataset: { field: col } }, listCell(col, row[col]))),
+  h("td", {}, actionButtons(type, row, true))));
   fill(table, h("thead", {}, head), h("tbody", {}, rows));
 }
 
