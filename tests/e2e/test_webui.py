@@ -26,6 +26,8 @@ pytestmark = pytest.mark.e2e
 # simulator host does not need)
 CHROMIUM = "/usr/bin/chromium"
 
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE2e0j1eG5zbWNvbnNvbGV0ZXN0a2V5 ui@test"
+HOSTILE = "<img src=x onerror=window.pwned=1><b>tenant</b>"
 LABELS = {  # what the VM list's page is called, and its Stop button, in each language
     "en": ("Virtual machines", "Stop"),
     "zh_CN": ("云主机", "停止"),
@@ -57,7 +59,7 @@ def _wizard(page: Any, env: dict[str, Any], name: str) -> None:
     page.click("dialog[open] #submit")
     page.wait_for_selector("dialog[open] [name=userdata]")
     page.fill("dialog[open] [name=userdata]", "#cloud-config\nhostname: from-the-wizard\n")
-    page.fill("dialog[open] [name=sshKey]", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE2e0j1eG5zbWNvbnNvbGV0ZXN0a2V5 ui@test")
+    page.fill("dialog[open] [name=sshKey]", SSH_KEY)
     page.click("dialog[open] #submit")
 
 
@@ -69,7 +71,8 @@ def test_the_web_ui_end_to_end(node: Running, api: Api, tmp_path: Path) -> None:
     api.call("CreateAccount", name="tenant", password=hashlib.sha512(b"tenant-pw").hexdigest())
     tenant_api = Api(node.url)
     tenant_api.login("tenant", "tenant-pw")
-    tenants_vm = tenant_api.call("CreateVmInstance", name="tenants-own", imageUuid=env["image"]["uuid"],
+    # a name that would run a script if a page ever put it on the page as HTML
+    tenants_vm = tenant_api.call("CreateVmInstance", name=HOSTILE, imageUuid=env["image"]["uuid"],
                                  instanceOfferingUuid=env["offering"]["uuid"],
                                  l3NetworkUuids=[env["l3"]["uuid"]])["inventory"]
     shots = tmp_path / "screenshots"
@@ -153,6 +156,9 @@ def test_the_web_ui_end_to_end(node: Running, api: Api, tmp_path: Path) -> None:
             tenant_page.wait_for_selector(f"#list tr[data-uuid='{tenants_vm['uuid']}']")
             assert tenant_page.locator(f"#list tr[data-uuid='{vm_uuid}']").count() == 0
             assert tenant_page.locator("#list tbody tr").count() == 1
+            name_cell = tenant_page.locator(f"#list tr[data-uuid='{tenants_vm['uuid']}'] td[data-field=name]")
+            assert name_cell.inner_text() == HOSTILE and name_cell.locator("img, b").count() == 0
+            assert tenant_page.evaluate("() => window.pwned") is None
             tenant_page.screenshot(path=str(shots / "tenant-vms-zh_CN.png"))
         finally:
             browser.close()

@@ -550,7 +550,10 @@ function connectEvents() {
   app.events?.close();
   const source = new EventSource("/ui/events");
   app.events = source;
-  source.onopen = () => setLive(true);
+  source.onopen = () => {
+    setLive(true);
+    refresh(); // after a reconnect: what changed while the stream was down
+  };
   source.onerror = () => setLive(false);
   source.onmessage = (msg) => {
     const event = JSON.parse(msg.data);
