@@ -3,13 +3,15 @@ the page uses; no script puts data on the page as HTML; the UI's responses carry
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from starlette.applications import Starlette
-from starlette.testclient import TestClient
 
 from nimbostack.api import web
 from nimbostack.web import UI
@@ -28,11 +30,11 @@ STATES = ("Running", "Stopped", "Starting", "Stopping", "Rebooting", "Migrating"
           "Ready", "Downloading", "Deleted", "Maintenance", "PreMaintenance")
 
 
-def used_keys() -> set[str]:
+def used_keys(scripts: dict[str, str] = SCRIPTS) -> set[str]:
     """Every catalog key the UI's files refer to: literal t() calls, the page's data-i18n, and the
     keys the resource table implies (its pages, groups, actions, columns and form fields)."""
-    keys = {k for text in SCRIPTS.values() for k in _T_CALL.findall(text)}
-    keys |= {f"f.{k}" for text in SCRIPTS.values() for k in _FIELD.findall(text)}
+    keys = {k for text in scripts.values() for k in _T_CALL.findall(text)}
+    keys |= {f"f.{k}" for text in scripts.values() for k in _FIELD.findall(text)}
     keys |= set(_DATA_I18N.findall((UI / "index.html").read_text()))
     for name, r in RESOURCES.items():
         keys |= {f"res.{name}", f"group.{r['group']}"}
@@ -77,9 +79,11 @@ def test_the_chinese_catalogs_are_translations() -> None:
     assert len(differ) > 20, "zh_TW is zh_CN copied"
 
 
-def test_the_key_check_catches_a_missing_key(tmp_path: Path) -> None:
-    # the check above is not vacuous: a key used by a script and absent from a catalog is found
-    assert "login.submit" in used_keys() and "res.vm" in used_keys() and "f.memorySize" in used_keys()
+def test_the_key_check_catches_a_missing_key() -> None:
+    # the check above is not vacuous: a label a script would show and no catalog has is found
+    assert {"login.submit", "res.vm", "f.memorySize", "f.imageUuid"} <= used_keys()
+    added = {**SCRIPTS, "new.js": 'h("p", {}, t("page.newLabel")); ask([{ name: "newField" }]);'}
+    assert used_keys(added) - set(CATALOGS["en"]) == {"page.newLabel", "f.newField"}
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
@@ -99,15 +103,21 @@ def test_the_page_loads_no_inline_script_or_outside_file() -> None:
     assert " on" not in re.sub(r"<script.*?</script>", "", page, flags=re.S).lower().split("<body", 1)[1].split(">")[0]
 
 
-def _client() -> TestClient:
+def _requests(*calls: tuple[str, str, dict[str, Any]], cookies: dict[str, str] | None = None) -> list[httpx.Response]:
+    """The UI's routes alone (no node behind them): what they answer before any API is asked."""
     app = Starlette(routes=web.routes(lambda: None, lambda: None))  # type: ignore[arg-type, return-value]
-    return TestClient(app)
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://node", cookies=cookies) as client:
+            return [await client.request(method, path, **kw) for method, path, kw in calls]
+
+    return asyncio.run(run())
 
 
 def test_the_ui_responses_carry_a_policy_that_allows_no_inline_script() -> None:
-    client = _client()
-    for path in ("/", "/ui/static/app.js", "/ui/static/i18n/zh_CN.json"):
-        r = client.get(path)
+    paths = ("/", "/ui/static/app.js", "/ui/static/i18n/zh_CN.json")
+    for path, r in zip(paths, _requests(*(("GET", p, {}) for p in paths)), strict=True):
         assert r.status_code == 200, path
         policy = r.headers["content-security-policy"]
         directives = dict(d.strip().split(" ", 1) for d in policy.split(";") if " " in d.strip())
@@ -115,18 +125,22 @@ def test_the_ui_responses_carry_a_policy_that_allows_no_inline_script() -> None:
         assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
         assert directives["default-src"] == "'none'" and directives["frame-ancestors"] == "'none'"
         assert r.headers["x-content-type-options"] == "nosniff"
-    assert _client().get("/").headers["x-frame-options"] == "DENY"
+        if path == "/":
+            assert r.headers["x-frame-options"] == "DENY"
 
 
 def test_a_state_changing_request_needs_the_csrf_token_and_the_nodes_origin() -> None:
-    client = _client()
-    client.cookies.set(web.SESSION_COOKIE, "a" * 32)
+    body = {"json": {"APIQueryZoneMsg": {}}}
     # no token, a token of another session, a foreign Origin: refused before any API is asked
-    assert client.post("/ui/api", json={"APIQueryZoneMsg": {}}).status_code == 403
-    wrong = {web.CSRF_HEADER: web.csrf_token("b" * 32)}
-    assert client.post("/ui/api", json={"APIQueryZoneMsg": {}}, headers=wrong).status_code == 403
-    right = {web.CSRF_HEADER: web.csrf_token("a" * 32), "origin": "http://evil.example"}
-    r = client.post("/ui/api", json={"APIQueryZoneMsg": {}}, headers=right)
-    assert r.status_code == 403 and r.json()["error"]["description"] == "Cross-site request refused"
-    assert client.post("/ui/login", json={}, headers={"origin": "http://evil.example"}).status_code == 403
-    assert client.post("/ui/logout", json={}).status_code == 403
+    none, other, foreign, login, logout = _requests(
+        ("POST", "/ui/api", body),
+        ("POST", "/ui/api", {**body, "headers": {web.CSRF_HEADER: web.csrf_token("b" * 32)}}),
+        ("POST", "/ui/api", {**body, "headers": {web.CSRF_HEADER: web.csrf_token("a" * 32),
+                                                 "origin": "http://evil.example"}}),
+        ("POST", "/ui/login", {"json": {}, "headers": {"origin": "http://evil.example"}}),
+        ("POST", "/ui/logout", {"json": {}}),
+        cookies={web.SESSION_COOKIE: "a" * 32},
+    )
+    assert none.status_code == other.status_code == login.status_code == logout.status_code == 403
+    assert foreign.status_code == 403 and foreign.json()["error"]["description"] == "Cross-site request refused"
+    assert none.json()["error"]["code"] == "ID.1003"
