@@ -139,9 +139,10 @@ def test_the_web_ui_end_to_end(node: Running, api: Api, tmp_path: Path) -> None:
                 page.goto(f"{node.url}/#/r/vm/{vm_uuid}")
                 page.wait_for_selector("#detail td[data-field=state] [data-state]")
                 page.screenshot(path=str(shots / f"vm-detail-{lang}.png"))
-                page.goto(f"{node.url}/#/r/host")
-                page.wait_for_selector("#list[data-resource=host] tbody tr")
-                page.screenshot(path=str(shots / f"hosts-{lang}.png"))
+                for resource in ("host", "image", "l3", "volume"):
+                    page.goto(f"{node.url}/#/r/{resource}")
+                    page.wait_for_selector(f"#list[data-resource={resource}] tbody tr")
+                    page.screenshot(path=str(shots / f"{resource}-{lang}.png"))
             # the choice is remembered across a reload
             page.reload()
             page.wait_for_selector("#nav a[data-page=vm]:text-is('雲端主機')")
@@ -163,4 +164,4 @@ def test_the_web_ui_end_to_end(node: Running, api: Api, tmp_path: Path) -> None:
         finally:
             browser.close()
     print(f"screenshots: {shots}")
-    assert len(list(shots.glob("*.png"))) == 13
+    assert len(list(shots.glob("*.png"))) == 3 * 7 + 1
