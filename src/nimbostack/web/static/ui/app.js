@@ -361,7 +361,7 @@ function drawTable(type, view, table, load) {
     onclick: r.key ? null : () => { location.hash = `#/r/${type}/${row.uuid}`; },
     class: r.key ? "" : "link",
   }, r.columns.map((col) => h("td", { dataset: { field: col } }, listCell(col, row[col]))),
-  h("td", {}, actionButtons(type, row, true))));
+  h("td", {}, actionButtons(type, row, !r.key)))); // a row with no detail page offers every action
   fill(table, h("thead", {}, head), h("tbody", {}, rows));
 }
 
