@@ -142,6 +142,7 @@ class Processes:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.port, self.agent_port = free_port(), free_port()
+        self.wire_port = free_port()  # where the agent posts its events (bench/ui.py posts some too)
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.server: subprocess.Popen[bytes] | None = None
@@ -184,7 +185,7 @@ class Processes:
                 "--port",
                 str(self.port),
                 "--wire-port",
-                str(free_port()),
+                str(self.wire_port),
                 "--simulator-agent-url",
                 f"https://127.0.0.1:{self.agent_port}",
             ],

@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute, Route, Router
 from starlette.types import Receive, Scope, Send, StatelessLifespan
 
 from nimbostack import node
-from nimbostack.api import agent_wire, console, routes  # noqa: F401  (routes registers handlers)
+from nimbostack.api import agent_wire, console, routes, web  # noqa: F401  (routes registers handlers)
 from nimbostack.api.dispatch import Dispatcher
 from nimbostack.api.docs import docs_page
 from nimbostack.api.openapi import openapi_document
@@ -200,5 +200,7 @@ def create_app(settings: Settings) -> NodeApp:
         Route("/docs", docs),
         # the console proxy: its page, the page's files and the WebSocket to a VM's VNC
         *console.routes(lambda: wire.platform),
+        # the web UI at / and its endpoints beside the API (api/web.py)
+        *web.routes(lambda: wire.platform, lambda: wire.dispatcher),
     ]
     return NodeApp(wire, table, lifespan)

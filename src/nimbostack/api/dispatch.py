@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import String
 from sqlalchemy.exc import IntegrityError
 
-from nimbostack.core import deadline, spec
+from nimbostack.core import deadline, events, spec
 from nimbostack.core.context import ROUTES, ApiContext, Route
 from nimbostack.core.envelope import error_result, wrap
 from nimbostack.core.errors import (
@@ -185,6 +185,9 @@ class Dispatcher:
             )
         except StorageFull as err:  # the job's own record: the first write of every asynchronous API
             return {"state": "Done", "result": error_result(msg, storage_full(str(err)))}
+        # the web UI's open pages learn of the change (core/events.py)
+        events.announce_job(self.p.events, msg.name, events.subject(params, ctx.resource_uuid),
+                            ctx.caller.account_uuid, task)
         if self.quick_wait > 0:
             done, _ = await asyncio.wait({task}, timeout=self.quick_wait)
             if done:

@@ -68,6 +68,7 @@ async def on_event(platform: Platform, host_uuid: str, vm_uuid: str, state: str)
         vm.state = state
         vm.hostUuid = host_uuid
         vm.lastHostUuid = host_uuid
+    platform.events.publish("VmInstanceVO", vm_uuid, state=state, hostUuid=host_uuid)
     await recompute_capacity(platform, host_uuid)
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import make_url
 from nimbostack.core.agents import AgentClient
 from nimbostack.core.auth import Auth
 from nimbostack.core.deadline import ApiTimeouts
+from nimbostack.core.events import EventBus
 from nimbostack.core.globalconfig import API_TIMEOUT, GlobalConfigStore
 from nimbostack.core.jobs import Jobs
 from nimbostack.core.queues import SerialQueues
@@ -70,6 +71,7 @@ class Platform:
         self.agents = AgentClient(self.credentials.client_context())
         self.auth = Auth(self.db, self.config)
         self.node_uuid = uuid.uuid4().hex  # this management node's, for its life (management_node)
+        self.events = EventBus()  # what changed, for the web UI's open pages (core/events.py)
 
     @property
     def management_url(self) -> str:
