@@ -313,6 +313,42 @@ def _db(a: argparse.Namespace) -> int:
     return 0
 
 
+def _upgrade_args(sub: Any) -> None:
+    up = sub.add_parser(
+        "upgrade",
+        help="back the database up, then migrate it to this version's schema (stop the node first)",
+        description="Take a backup of the node's database (as db backup does, named nimbostack-pre-upgrade-"
+        "<time>), then migrate its schema to this version's newest revision. A database that a newer "
+        "nimbostack wrote is refused, and nothing is touched. Stop the management node first; start it "
+        "again afterwards.",
+    )
+    up.add_argument("--data-dir", default=os.environ.get("NIMBOSTACK_DATA_DIR", "./data"),
+                    help="the node's data dir (its SQLite database, unless --db)")
+    up.add_argument("--db", default=os.environ.get("NIMBOSTACK_DB") or None,
+                    help="the node's database URL, when it is not the SQLite file of the data dir")
+    up.add_argument("--backup-dir", default=None, metavar="DIR",
+                    help="where the backup goes (default DATA_DIR/db-backups)")
+
+
+def _upgrade(a: argparse.Namespace) -> int:
+    from nimbostack.db import backup, upgrade
+    from nimbostack.db.engine import NewerSchema, sqlite_url
+
+    data = Path(a.data_dir).resolve()
+    url = a.db or sqlite_url(data)
+    try:
+        done = upgrade.upgrade(url, Path(a.backup_dir) if a.backup_dir else data / backup.DIR_NAME, data)
+    except (backup.BackupError, NewerSchema) as err:
+        raise SystemExit(f"nimbostack upgrade: {err}") from None
+    if done.backup is not None:
+        print(f"backed up to {done.backup}")
+    if done.before == done.after:
+        print(f"the database is at schema {done.after} already: nothing to do")
+    else:
+        print(f"upgraded the schema from {done.before or 'nothing'} to {done.after}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cli"]:
@@ -409,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     cred.add_argument("--out", default="-", help="a file to write (0600) instead of stdout")
     sub.add_parser("cli", help="the >>> shell (nimbostack cli --help)", add_help=False)
     _db_args(sub)
+    _upgrade_args(sub)
     service = sub.add_parser(
         "install-service",
         help="write (and where systemd runs, enable and start) the systemd unit of the server or the agent",
@@ -428,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         return _issue_agent_credentials(Path(a.data_dir), a.address, a.out)
     if a.command == "db":
         return _db(a)
+    if a.command == "upgrade":
+        return _upgrade(a)
     if a.command == "install-service":
         if a.which == "server":
             unit = units.server_unit(Path(a.data_dir).resolve(), a.port or 8080, a.db, a.user, Path(a.env_dir))

@@ -1,0 +1,56 @@
+"""``nimbostack upgrade``: a backup, then the schema migrated to this version's newest revision.
+
+A database a newer version wrote is refused before anything is touched (no backup is taken, no
+migration runs): Alembic migrations here only go up, and the code would misread a newer schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import make_url
+
+from nimbostack.db import backup
+from nimbostack.db.engine import NewerSchema, known_revisions, upgrade_schema
+
+PREFIX = "nimbostack-pre-upgrade"  # a name of its own: the periodic backups' retention keeps it
+
+
+@dataclass(frozen=True)
+class Upgraded:
+    before: str | None  # None: the database was empty
+    after: str
+    backup: Path | None  # None: nothing to back up, or nothing to do
+
+
+def revision(db_url: str) -> str | None:
+    """The database's revision; BackupError when there is no database to upgrade or no reaching it."""
+    if backup.is_sqlite(db_url):
+        path = Path(make_url(db_url).database or "")
+        if not path.is_file():  # sqlite3 would make an empty one where the operator mistyped
+            raise backup.BackupError(f"no database at {path} (give the node's --data-dir, or --db)")
+        return backup.schema_revision(db_url)
+    try:
+        return backup.schema_revision(db_url)
+    except Exception as err:  # asyncpg's and the socket's errors have no common base but Exception
+        raise backup.BackupError(f"cannot reach the database {backup.shown_url(db_url)}: {err}") from None
+
+
+def check(db_url: str) -> tuple[str | None, str]:
+    """(the database's revision, this version's newest); NewerSchema for a downgrade."""
+    known, head = known_revisions()
+    current = revision(db_url)
+    if current is not None and current not in known:
+        raise NewerSchema(current, head)
+    return current, head
+
+
+def upgrade(db_url: str, backup_dir: Path, data_dir: Path | None = None) -> Upgraded:
+    """Back the database up into ``backup_dir`` (with the CA of ``data_dir``) and migrate it. The
+    node should be stopped: an old node keeps writing the old schema's way meanwhile."""
+    current, head = check(db_url)
+    if current == head:
+        return Upgraded(current, head, None)
+    taken = backup.backup(db_url, backup_dir, PREFIX, data_dir=data_dir) if current is not None else None
+    upgrade_schema(db_url)
+    return Upgraded(current, revision(db_url) or "?", taken)

@@ -1,0 +1,138 @@
+"""``nimbostack upgrade`` on the database of an earlier release (tests/fixtures/release-0006.sql,
+made by tests/fixtures/make_release_db.sh from that release's own code): every resource is there
+afterwards by the Query APIs, its VMs start, and a database of a newer version is refused untouched."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nimbostack.db.engine import NewerSchema, known_revisions, sqlite_url, upgrade_schema
+from nimbostack.main import main
+from tests.conftest import Api, Running, wait_for
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+RELEASE = json.loads((FIXTURES / "release-0006.json").read_text())
+
+
+def release_data_dir(path: Path) -> Path:
+    """A data dir holding the earlier release's database, as that release left it."""
+    path.mkdir()
+    conn = sqlite3.connect(path / "nimbostack.db")
+    conn.executescript((FIXTURES / "release-0006.sql").read_text())
+    conn.close()
+    return path
+
+
+def revision(data: Path) -> str:
+    conn = sqlite3.connect(data / "nimbostack.db")
+    try:
+        return str(conn.execute("SELECT version_num FROM alembic_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def upgrade(data: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:
+    """``nimbostack upgrade --data-dir DATA``: (exit code, what it said)."""
+    try:
+        code: int | str | None = main(["upgrade", "--data-dir", str(data)])
+    except SystemExit as exit_:  # a message as its code: what Python prints on stderr, exit status 1
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out + out.err + (f"{code}\n" if isinstance(code, str) else "")
+
+
+def test_a_release_database_upgrades_with_a_backup_and_keeps_every_resource(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = release_data_dir(tmp_path / "data")
+    assert revision(data) == RELEASE["revision"] == "0006"
+    _, head = known_revisions()
+
+    code, said = upgrade(data, capsys)
+    assert code == 0, said
+    assert f"from 0006 to {head}" in said
+    assert revision(data) == head
+    (taken,) = (data / "db-backups").glob("nimbostack-pre-upgrade-*.db")
+    assert str(taken) in said
+    assert taken.stat().st_mode & 0o777 == 0o600
+    # the backup is the release's database as it was: it restores, and migrates, elsewhere
+    conn = sqlite3.connect(taken)
+    assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0006"
+    conn.close()
+
+    code, said = upgrade(data, capsys)  # a second run: nothing to do, and no second backup
+    assert code == 0 and "already" in said, said
+    assert len(list((data / "db-backups").glob("*.db"))) == 1
+
+    node = Running(data, agent_port=RELEASE["agentPort"])  # where the release's hosts have their agent
+    try:
+        api = Api(node.url)
+        api.login()  # the release's admin password still logs in
+        for kind, uuids in RELEASE["resources"].items():
+            found = {r["uuid"] for r in api.query(f"Query{kind}", ("uuid", "?=", ",".join(uuids)))}
+            assert found == set(uuids), kind
+        hosts = RELEASE["resources"]["Host"]
+        in_release = ("uuid", "?=", ",".join(hosts))
+        wait_for(lambda: {h["status"] for h in api.query("QueryHost", in_release)} == {"Connected"},
+                 60, "the release's hosts to reconnect")
+        attached = api.query("QueryVolume", ("name", "=", "data-attached"))[0]
+        assert attached["vmInstanceUuid"] == RELEASE["resources"]["VmInstance"][0]
+        free = api.query("QueryVolume", ("name", "=", "data-free"))[0]
+        assert free["status"] == "NotInstantiated" and "vmInstanceUuid" not in free
+
+        for uuid in RELEASE["resources"]["VmInstance"]:
+            vm = vm_state(api, uuid)
+            if vm["state"] == "Running":
+                api.call("StopVmInstance", uuid=uuid)
+            started = api.call("StartVmInstance", uuid=uuid)["inventory"]
+            assert started["state"] == "Running" and started["hostUuid"] in hosts
+            state = node.agent_call("/simulator/state", {"hostUuid": started["hostUuid"]})
+            assert state["domains"].get(uuid) == "Running", state["domains"]  # the agent runs it, not only the table
+        # and the new version's own work on the old data: the release's free volume attached, a new
+        # VM from the release's image, offering and L3
+        vm1 = RELEASE["resources"]["VmInstance"][1]
+        assert api.call("AttachDataVolumeToVm", vmInstanceUuid=vm1, volumeUuid=free["uuid"])["inventory"][
+            "vmInstanceUuid"] == vm1
+        image, l3 = RELEASE["resources"]["Image"][0], RELEASE["resources"]["L3Network"][0]
+        offering = RELEASE["resources"]["InstanceOffering"][0]
+        new = api.call("CreateVmInstance", name="after-upgrade", imageUuid=image, instanceOfferingUuid=offering,
+                       l3NetworkUuids=[l3])["inventory"]
+        assert new["state"] == "Running"
+    finally:
+        node.stop()
+
+
+def vm_state(api: Api, uuid: str) -> dict[str, Any]:
+    (vm,) = api.query("QueryVmInstance", ("uuid", "=", uuid))
+    return vm
+
+
+def test_a_newer_database_is_refused_and_left_untouched(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = release_data_dir(tmp_path / "data")
+    upgrade_schema(sqlite_url(data))
+    conn = sqlite3.connect(data / "nimbostack.db")
+    conn.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    conn.commit()
+    conn.close()
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+
+    code, said = upgrade(data, capsys)
+    assert code not in (0, None)
+    assert "9999_from_the_future" in said and "newer than this nimbostack" in said
+    assert "Traceback" not in said and said.count("\n") == 1, said
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before  # no backup taken, no byte changed
+
+    # the node itself refuses it at its start, in the same words, before any change
+    with pytest.raises(NewerSchema, match="9999_from_the_future"):
+        upgrade_schema(sqlite_url(data))
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+
+
+def test_upgrade_says_in_one_line_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, said = upgrade(tmp_path / "nothing-here", capsys)
+    assert code not in (0, None) and "no database at" in said and said.count("\n") == 1, said
+    assert not (tmp_path / "nothing-here").exists()
