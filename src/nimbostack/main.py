@@ -343,9 +343,57 @@ def _upgrade(a: argparse.Namespace) -> int:
     if done.backup is not None:
         print(f"backed up to {done.backup}")
     if done.before == done.after:
-        print(f"the database is at schema {done.after} already: nothing to do")
+        print(f"the database is at schema {done.after} already: nothing to migrate")
     else:
         print(f"upgraded the schema from {done.before or 'nothing'} to {done.after}")
+    return 0
+
+
+MIN_ADMIN_PASSWORD = 8
+
+
+def _admin_password_args(sub: Any) -> None:
+    p = sub.add_parser(
+        "admin-password",
+        help="set the admin account's password in the node's database (read from stdin)",
+        description="Read a password from the first line of stdin and make it the admin account's, in the "
+        "database of --data-dir/--db (its schema made first, on a new one); the admin's sessions end. "
+        "For a first password before the node starts, or one that was lost.",
+    )
+    p.add_argument("--data-dir", default=os.environ.get("NIMBOSTACK_DATA_DIR", "./data"),
+                   help="the node's data dir (its SQLite database, unless --db)")
+    p.add_argument("--db", default=os.environ.get("NIMBOSTACK_DB") or None,
+                   help="the node's database URL, when it is not the SQLite file of the data dir")
+
+
+def _admin_password(a: argparse.Namespace) -> int:
+    from sqlalchemy.exc import DBAPIError
+
+    from nimbostack.core.auth import set_admin_password
+    from nimbostack.db.engine import Database, NewerSchema, sqlite_url
+
+    password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_ADMIN_PASSWORD:
+        raise SystemExit(f"nimbostack admin-password: give at least {MIN_ADMIN_PASSWORD} characters on stdin")
+    data = Path(a.data_dir).resolve()
+    if not a.db:
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    async def run() -> None:
+        db = Database(a.db or sqlite_url(data))
+        try:
+            await db.migrate()
+            await set_admin_password(db, password)
+        finally:
+            await db.close()
+
+    try:
+        asyncio.run(run())
+    except NewerSchema as err:
+        raise SystemExit(f"nimbostack admin-password: {err}") from None
+    except (OSError, DBAPIError) as err:  # the database server is not there, or refuses the role
+        raise SystemExit(f"nimbostack admin-password: cannot use the database: {str(err).splitlines()[0]}") from None
+    print("the admin password is set")
     return 0
 
 
@@ -446,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("cli", help="the >>> shell (nimbostack cli --help)", add_help=False)
     _db_args(sub)
     _upgrade_args(sub)
+    _admin_password_args(sub)
     service = sub.add_parser(
         "install-service",
         help="write (and where systemd runs, enable and start) the systemd unit of the server or the agent",
@@ -453,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     service.add_argument("which", choices=["server", "agent"])
     service.add_argument("--data-dir", default="/var/lib/nimbostack", help="server: its data dir")
     service.add_argument("--port", type=int, default=None, help="default 8080 (server) or 7070 (agent)")
-    service.add_argument("--db", default=None, help="server: a database URL, kept in /etc/nimbostack/server.env")
+    service.add_argument("--db", default=os.environ.get("NIMBOSTACK_DB") or None,
+                         help="server: a database URL (default $NIMBOSTACK_DB), kept in /etc/nimbostack/server.env")
     service.add_argument("--user", default="root", help="server: the user it runs as")
     service.add_argument("--state-dir", default="/var/lib/nimbostack-agent", help="agent: its state dir")
     service.add_argument("--host-ip", default="127.0.0.1", help="agent: the IP console clients use to reach it")
@@ -467,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         return _db(a)
     if a.command == "upgrade":
         return _upgrade(a)
+    if a.command == "admin-password":
+        return _admin_password(a)
     if a.command == "install-service":
         if a.which == "server":
             unit = units.server_unit(Path(a.data_dir).resolve(), a.port or 8080, a.db, a.user, Path(a.env_dir))

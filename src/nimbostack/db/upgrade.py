@@ -20,7 +20,7 @@ PREFIX = "nimbostack-pre-upgrade"  # a name of its own: the periodic backups' re
 class Upgraded:
     before: str | None  # None: the database was empty
     after: str
-    backup: Path | None  # None: nothing to back up, or nothing to do
+    backup: Path | None  # None: an empty database, nothing to back up
 
 
 def revision(db_url: str) -> str | None:
@@ -47,10 +47,11 @@ def check(db_url: str) -> tuple[str | None, str]:
 
 def upgrade(db_url: str, backup_dir: Path, data_dir: Path | None = None) -> Upgraded:
     """Back the database up into ``backup_dir`` (with the CA of ``data_dir``) and migrate it. The
-    node should be stopped: an old node keeps writing the old schema's way meanwhile."""
+    node should be stopped: an old node keeps writing the old schema's way meanwhile. The backup is
+    taken even when the schema is this version's already: an upgrade of the code alone is one too,
+    and its new code may still change the data (as ZStack's installer does, it backs up every time)."""
     current, head = check(db_url)
-    if current == head:
-        return Upgraded(current, head, None)
     taken = backup.backup(db_url, backup_dir, PREFIX, data_dir=data_dir) if current is not None else None
-    upgrade_schema(db_url)
+    if current != head:
+        upgrade_schema(db_url)
     return Upgraded(current, revision(db_url) or "?", taken)
