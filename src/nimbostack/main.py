@@ -259,6 +259,15 @@ def _issue_agent_credentials(data_dir: Path, address: str, out: str) -> int:
     return 0
 
 
+def _database_args(p: argparse.ArgumentParser) -> None:
+    """Which database a command works on: a running node's, as its server command names it."""
+    p.add_argument("--data-dir", default=os.environ.get("NIMBOSTACK_DATA_DIR", "./data"),
+                   help="the node's data dir (its SQLite database, unless --db)")
+    p.add_argument("--db", default=os.environ.get("NIMBOSTACK_DB") or None,
+                   help="the node's database URL (default $NIMBOSTACK_DB), when it is not the SQLite file "
+                   "of the data dir")
+
+
 def _db_args(sub: Any) -> None:
     db = sub.add_parser("db", help="back the database up (while the node runs) or restore a backup")
     which = db.add_subparsers(dest="db_command", required=True)
@@ -269,10 +278,7 @@ def _db_args(sub: Any) -> None:
         "through its online backup API (a .db file), PostgreSQL with pg_dump's custom format (.dump). "
         "The file is 0600 in a 0700 directory.",
     )
-    backup.add_argument("--data-dir", default=os.environ.get("NIMBOSTACK_DATA_DIR", "./data"),
-                        help="the node's data dir (its SQLite database, unless --db)")
-    backup.add_argument("--db", default=os.environ.get("NIMBOSTACK_DB") or None,
-                        help="the node's database URL, when it is not the SQLite file of the data dir")
+    _database_args(backup)
     backup.add_argument("--to", default=None, metavar="DIR", help="where to write it (default DATA_DIR/db-backups)")
     restore = which.add_parser(
         "restore",
@@ -322,10 +328,7 @@ def _upgrade_args(sub: Any) -> None:
         "nimbostack wrote is refused, and nothing is touched. Stop the management node first; start it "
         "again afterwards.",
     )
-    up.add_argument("--data-dir", default=os.environ.get("NIMBOSTACK_DATA_DIR", "./data"),
-                    help="the node's data dir (its SQLite database, unless --db)")
-    up.add_argument("--db", default=os.environ.get("NIMBOSTACK_DB") or None,
-                    help="the node's database URL, when it is not the SQLite file of the data dir")
+    _database_args(up)
     up.add_argument("--backup-dir", default=None, metavar="DIR",
                     help="where the backup goes (default DATA_DIR/db-backups)")
 
@@ -360,10 +363,7 @@ def _admin_password_args(sub: Any) -> None:
         "database of --data-dir/--db (its schema made first, on a new one); the admin's sessions end. "
         "For a first password before the node starts, or one that was lost.",
     )
-    p.add_argument("--data-dir", default=os.environ.get("NIMBOSTACK_DATA_DIR", "./data"),
-                   help="the node's data dir (its SQLite database, unless --db)")
-    p.add_argument("--db", default=os.environ.get("NIMBOSTACK_DB") or None,
-                   help="the node's database URL, when it is not the SQLite file of the data dir")
+    _database_args(p)
 
 
 def _admin_password(a: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ afterwards by the Query APIs, its VMs start, and a database of a newer version i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from pathlib import Path
@@ -38,8 +39,12 @@ def revision(data: Path) -> str:
 
 def upgrade(data: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:
     """``nimbostack upgrade --data-dir DATA``: (exit code, what it said)."""
+    return upgrade_cli(["upgrade", "--data-dir", str(data)], capsys)
+
+
+def upgrade_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:
     try:
-        code: int | str | None = main(["upgrade", "--data-dir", str(data)])
+        code: int | str | None = main(argv)
     except SystemExit as exit_:  # a message as its code: what Python prints on stderr, exit status 1
         code = exit_.code
     out = capsys.readouterr()
@@ -136,3 +141,27 @@ def test_upgrade_says_in_one_line_what_is_missing(tmp_path: Path, capsys: pytest
     code, said = upgrade(tmp_path / "nothing-here", capsys)
     assert code not in (0, None) and "no database at" in said and said.count("\n") == 1, said
     assert not (tmp_path / "nothing-here").exists()
+
+
+def test_admin_password_sets_the_first_password_and_ends_the_admins_sessions(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    data = tmp_path / "data"
+    monkeypatch.setattr("sys.stdin", io.StringIO("first-password\n"))
+    assert main(["admin-password", "--data-dir", str(data)]) == 0  # before the node ever started
+    node = Running(data)
+    try:
+        api = Api(node.url)
+        assert api.fails("LogInByAccount", accountName="admin",
+                         password=hashlib.sha512(b"password").hexdigest())["code"] == "ID.1004"
+        api.login("admin", "first-password")
+        monkeypatch.setattr("sys.stdin", io.StringIO("second-password\n"))
+        assert main(["admin-password", "--data-dir", str(data)]) == 0  # while it runs: the session ends
+        wait_for(lambda: not api.raw("QueryZone", {})["success"], 30, "the admin's session to end")
+        api.login("admin", "second-password")
+    finally:
+        node.stop()
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    code, said = upgrade_cli(["admin-password", "--data-dir", str(data)], capsys)
+    assert code not in (0, None) and "at least 8 characters" in said
