@@ -331,6 +331,8 @@ def _upgrade_args(sub: Any) -> None:
     _database_args(up)
     up.add_argument("--backup-dir", default=None, metavar="DIR",
                     help="where the backup goes (default DATA_DIR/db-backups)")
+    up.add_argument("--force", action="store_true",
+                    help="migrate even though a management node beat in the database within 30 s")
 
 
 def _upgrade(a: argparse.Namespace) -> int:
@@ -340,8 +342,8 @@ def _upgrade(a: argparse.Namespace) -> int:
     data = Path(a.data_dir).resolve()
     url = a.db or sqlite_url(data)
     try:
-        done = upgrade.upgrade(url, Path(a.backup_dir) if a.backup_dir else data / backup.DIR_NAME, data)
-    except (backup.BackupError, NewerSchema) as err:
+        done = upgrade.upgrade(url, Path(a.backup_dir) if a.backup_dir else data / backup.DIR_NAME, data, a.force)
+    except (backup.BackupError, NewerSchema, upgrade.NodeRunning) as err:
         raise SystemExit(f"nimbostack upgrade: {err}") from None
     if done.backup is not None:
         print(f"backed up to {done.backup}")

@@ -134,6 +134,10 @@ def test_install_then_upgrade_in_place(tmp_path: Path, names: str) -> None:
         api.login("admin", password)
         zone = api.call("CreateZone", name="before-upgrade")["inventory"]
         assert api.call("GetVersion")["version"] == "0.1.0"
+        # -u under the node it would replace is refused before it installs anything
+        refused = install("-u", "--config-dir", str(etc), check=False)
+        assert refused.returncode != 0 and "still runs" in refused.stderr, refused.stderr
+        assert api.query("QueryZone", ("uuid", "=", zone["uuid"]))
     finally:
         node.stop()
 

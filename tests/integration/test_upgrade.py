@@ -107,6 +107,12 @@ def test_a_release_database_upgrades_with_a_backup_and_keeps_every_resource(
         new = api.call("CreateVmInstance", name="after-upgrade", imageUuid=image, instanceOfferingUuid=offering,
                        l3NetworkUuids=[l3])["inventory"]
         assert new["state"] == "Running"
+
+        # an upgrade under the running node is refused, untouched
+        backups = sorted((data / "db-backups").iterdir())
+        code, said = upgrade(data, capsys)
+        assert code not in (0, None) and "a management node works on this database" in said, said
+        assert sorted((data / "db-backups").iterdir()) == backups
     finally:
         node.stop()
 
