@@ -4,17 +4,28 @@ afterwards by the Query APIs, its VMs start, and a database of a newer version i
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
 import sqlite3
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from sqlalchemy import MetaData, text
+from sqlalchemy import types as sqltypes
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from nimbostack.db.engine import NewerSchema, known_revisions, sqlite_url, upgrade_schema
+from nimbostack.db.backup import schema_revision
+from nimbostack.db.engine import NewerSchema, alembic_config, known_revisions, sqlite_url, upgrade_schema
 from nimbostack.main import main
 from tests.conftest import Api, Running, wait_for
+from tests.conftest import _fresh_postgres as fresh_postgres
+
+PG = os.environ.get("NIMBOSTACK_TEST_DB")  # also: the release's database on PostgreSQL
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 RELEASE = json.loads((FIXTURES / "release-0006.json").read_text())
@@ -29,17 +40,59 @@ def release_data_dir(path: Path) -> Path:
     return path
 
 
-def revision(data: Path) -> str:
-    conn = sqlite3.connect(data / "nimbostack.db")
-    try:
-        return str(conn.execute("SELECT version_num FROM alembic_version").fetchone()[0])
-    finally:
-        conn.close()
+def release_on_postgres(data: Path) -> str:
+    """The release's database on PostgreSQL (NIMBOSTACK_TEST_DB's server): its schema made by its
+    own migrations (up to its revision), then its rows copied from the SQLite fixture."""
+    url = fresh_postgres(PG)
+    command.upgrade(alembic_config(url), RELEASE["revision"])
+    source = sqlite3.connect(data / "nimbostack.db")
+
+    async def copy() -> None:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as conn:
+                meta = MetaData()
+                await conn.run_sync(meta.reflect)
+                for table in meta.sorted_tables:
+                    if table.name == "alembic_version":
+                        continue
+                    names = [c.name for c in table.columns]
+                    rows = source.execute(f'SELECT {", ".join(chr(34) + n + chr(34) for n in names)} '
+                                          f'FROM "{table.name}"').fetchall()
+                    if rows:
+                        await conn.execute(table.insert(), [
+                            {n: _pg_value(table.columns[n].type, v) for n, v in zip(names, row, strict=True)}
+                            for row in rows])
+                    # rows copied with their ids leave a serial's sequence behind them, as pg_dump would not
+                    for column in table.primary_key.columns:
+                        if isinstance(column.type, sqltypes.Integer) and rows:
+                            await conn.execute(text(
+                                f"SELECT setval(pg_get_serial_sequence('\"{table.name}\"', '{column.name}'), "
+                                f'(SELECT max("{column.name}") FROM "{table.name}")) '
+                                f"WHERE pg_get_serial_sequence('\"{table.name}\"', '{column.name}') IS NOT NULL"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(copy())
+    source.close()
+    (data / "nimbostack.db").unlink()  # the node's database is PostgreSQL's now, as --db would name it
+    return url
 
 
-def upgrade(data: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:
-    """``nimbostack upgrade --data-dir DATA``: (exit code, what it said)."""
-    return upgrade_cli(["upgrade", "--data-dir", str(data)], capsys)
+def _pg_value(kind: Any, value: Any) -> Any:
+    """An SQLite value as PostgreSQL's column takes it: SQLite keeps times as text, booleans as 0/1."""
+    if value is None:
+        return None
+    if isinstance(kind, sqltypes.DateTime):
+        return datetime.fromisoformat(value)
+    if isinstance(kind, sqltypes.Boolean):
+        return bool(value)
+    return value
+
+
+def upgrade(data: Path, capsys: pytest.CaptureFixture[str], db: str | None = None) -> tuple[int | str | None, str]:
+    """``nimbostack upgrade --data-dir DATA [--db URL]``: (exit code, what it said)."""
+    return upgrade_cli(["upgrade", "--data-dir", str(data), *(["--db", db] if db else [])], capsys)
 
 
 def upgrade_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:
@@ -54,26 +107,30 @@ def upgrade_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[in
 def test_a_release_database_upgrades_with_a_backup_and_keeps_every_resource(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = release_data_dir(tmp_path / "data")
-    assert revision(data) == RELEASE["revision"] == "0006"
+    db = release_on_postgres(data) if PG else None
+    url = db or sqlite_url(data)
+    assert schema_revision(url) == RELEASE["revision"] == "0006"
     _, head = known_revisions()
 
-    code, said = upgrade(data, capsys)
+    code, said = upgrade(data, capsys, db)
     assert code == 0, said
     assert f"from 0006 to {head}" in said
-    assert revision(data) == head
-    (taken,) = (data / "db-backups").glob("*.db")
-    assert str(taken) in said
+    assert schema_revision(url) == head
+    (taken,) = (data / "db-backups").glob("nimbostack-pre-upgrade-*")
+    assert str(taken) in said and taken.suffix == (".dump" if PG else ".db")
     assert taken.stat().st_mode & 0o777 == 0o600
-    # the backup is the release's database as it was: it restores, and migrates, elsewhere
-    conn = sqlite3.connect(taken)
-    assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0006"
-    conn.close()
+    # the backup is the release's database as it was
+    if not PG:
+        conn = sqlite3.connect(taken)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0006"
+        conn.close()
 
-    code, said = upgrade(data, capsys)  # a second run (the code alone upgraded): nothing to migrate, a backup still
+    code, said = upgrade(data, capsys, db)  # a second run (the code alone upgraded): nothing to migrate, a backup
     assert code == 0 and "already" in said, said
-    assert len(list((data / "db-backups").glob("nimbostack-pre-upgrade-*.db"))) == 2
+    assert len(list((data / "db-backups").glob("nimbostack-pre-upgrade-*"))) == 2
 
-    node = Running(data, agent_port=RELEASE["agentPort"])  # where the release's hosts have their agent
+    # the release's hosts have their agent on a fixed port
+    node = Running(data, db_url=db, agent_port=RELEASE["agentPort"])
     try:
         api = Api(node.url)
         api.login()  # the release's admin password still logs in
@@ -110,7 +167,7 @@ def test_a_release_database_upgrades_with_a_backup_and_keeps_every_resource(
 
         # an upgrade under the running node is refused, untouched
         backups = sorted((data / "db-backups").iterdir())
-        code, said = upgrade(data, capsys)
+        code, said = upgrade(data, capsys, db)
         assert code not in (0, None) and "a management node works on this database" in said, said
         assert sorted((data / "db-backups").iterdir()) == backups
     finally:
