@@ -354,6 +354,26 @@ def _upgrade(a: argparse.Namespace) -> int:
     return 0
 
 
+def sqlite_url_of(data_dir: str) -> str:
+    from nimbostack.db.engine import sqlite_url
+
+    return sqlite_url(Path(data_dir).resolve())
+
+
+def _refuse_newer_schema(command: str, url: str) -> None:
+    """A database a newer version wrote, said in one line before the servers start (the node's own
+    migration at its start refuses it too, in a traceback)."""
+    from nimbostack.db import backup, upgrade
+    from nimbostack.db.engine import NewerSchema
+
+    try:
+        upgrade.check(url)
+    except NewerSchema as err:
+        raise SystemExit(f"nimbostack {command}: {err}") from None
+    except backup.BackupError:
+        pass  # no database yet (the node makes it), or none reachable (the node says so, and retries)
+
+
 MIN_ADMIN_PASSWORD = 8
 
 
@@ -531,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in units.install(unit, Path(a.unit_dir), enable=not a.no_enable):
             print(line)
         return 0
+    if a.command in ("server", "up"):
+        _refuse_newer_schema(a.command, a.db or sqlite_url_of(a.data_dir))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per agent call drowns what matters
 
