@@ -333,6 +333,8 @@ def _upgrade_args(sub: Any) -> None:
                     help="where the backup goes (default DATA_DIR/db-backups)")
     up.add_argument("--force", action="store_true",
                     help="migrate even though a management node beat in the database within 30 s")
+    up.add_argument("--check", action="store_true",
+                    help="only say whether the database can be upgraded (what would be migrated); touch nothing")
 
 
 def _upgrade(a: argparse.Namespace) -> int:
@@ -342,6 +344,10 @@ def _upgrade(a: argparse.Namespace) -> int:
     data = Path(a.data_dir).resolve()
     url = a.db or sqlite_url(data)
     try:
+        if a.check:
+            current, head = upgrade.check(url, a.force)
+            print(f"the database can be upgraded: schema {current or 'nothing'} to {head}")
+            return 0
         done = upgrade.upgrade(url, Path(a.backup_dir) if a.backup_dir else data / backup.DIR_NAME, data, a.force)
     except (backup.BackupError, NewerSchema, upgrade.NodeRunning) as err:
         raise SystemExit(f"nimbostack upgrade: {err}") from None

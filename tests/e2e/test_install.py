@@ -170,5 +170,15 @@ def test_install_then_upgrade_in_place(tmp_path: Path, names: str) -> None:
     finally:
         node.stop()
 
+    # a database newer than the checkout -u runs from (a downgrade): refused, the venv left as it was
+    psql("UPDATE alembic_version SET version_num = '9999_newer'", names)
+    refused = install("-u", "--config-dir", str(etc), check=False)
+    assert refused.returncode != 0 and "newer than this nimbostack" in refused.stderr, refused.stderr
+    assert "nothing was changed" in refused.stderr
+    installed = subprocess.run([str(prefix / "venv" / "bin" / "python"), "-c",
+                                "from importlib.metadata import version; print(version('nimbostack'))"],
+                               capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]})
+    assert installed.stdout.strip() == "0.1.1"
+
     missing = install("-u", "--config-dir", str(tmp_path / "nowhere"), check=False)
     assert missing.returncode != 0 and "no installation recorded" in missing.stderr

@@ -47,12 +47,18 @@ def revision(db_url: str) -> str | None:
         raise backup.BackupError(f"cannot reach the database {backup.shown_url(db_url)}: {err}") from None
 
 
-def check(db_url: str) -> tuple[str | None, str]:
-    """(the database's revision, this version's newest); NewerSchema for a downgrade."""
+def check(db_url: str, force: bool = True) -> tuple[str | None, str]:
+    """(the database's revision, this version's newest); NewerSchema for a downgrade, and unless
+    ``force`` NodeRunning while a management node beats in it."""
     known, head = known_revisions()
     current = revision(db_url)
     if current is not None and current not in known:
         raise NewerSchema(current, head)
+    nodes = running_nodes(db_url) if current is not None and not force else []
+    if nodes:
+        raise NodeRunning(f"a management node works on this database ({', '.join(sorted(set(nodes)))}, its last "
+                          f"heartbeat less than {ALIVE.seconds} s ago): stop it first (systemctl stop "
+                          "nimbostack-server), or give --force if it is dead")
     return current, head
 
 
@@ -85,12 +91,7 @@ def upgrade(db_url: str, backup_dir: Path, data_dir: Path | None = None, force: 
     NodeRunning, before anything is touched, while a node beats in it (unless ``force``). The backup is
     taken even when the schema is this version's already: an upgrade of the code alone is one too,
     and its new code may still change the data (as ZStack's installer does, it backs up every time)."""
-    current, head = check(db_url)
-    nodes = running_nodes(db_url) if current is not None and not force else []
-    if nodes:
-        raise NodeRunning(f"a management node works on this database ({', '.join(sorted(set(nodes)))}, its last "
-                          f"heartbeat less than {ALIVE.seconds} s ago): stop it first (systemctl stop "
-                          "nimbostack-server), or give --force if it is dead")
+    current, head = check(db_url, force)
     taken = backup.backup(db_url, backup_dir, PREFIX, data_dir=data_dir) if current is not None else None
     if current != head:
         upgrade_schema(db_url)
