@@ -259,6 +259,15 @@ def _issue_agent_credentials(data_dir: Path, address: str, out: str) -> int:
     return 0
 
 
+def _database_args(p: argparse.ArgumentParser) -> None:
+    """Which database a command works on: a running node's, as its server command names it."""
+    p.add_argument("--data-dir", default=os.environ.get("NIMBOSTACK_DATA_DIR", "./data"),
+                   help="the node's data dir (its SQLite database, unless --db)")
+    p.add_argument("--db", default=os.environ.get("NIMBOSTACK_DB") or None,
+                   help="the node's database URL (default $NIMBOSTACK_DB), when it is not the SQLite file "
+                   "of the data dir")
+
+
 def _db_args(sub: Any) -> None:
     db = sub.add_parser("db", help="back the database up (while the node runs) or restore a backup")
     which = db.add_subparsers(dest="db_command", required=True)
@@ -269,10 +278,7 @@ def _db_args(sub: Any) -> None:
         "through its online backup API (a .db file), PostgreSQL with pg_dump's custom format (.dump). "
         "The file is 0600 in a 0700 directory.",
     )
-    backup.add_argument("--data-dir", default=os.environ.get("NIMBOSTACK_DATA_DIR", "./data"),
-                        help="the node's data dir (its SQLite database, unless --db)")
-    backup.add_argument("--db", default=os.environ.get("NIMBOSTACK_DB") or None,
-                        help="the node's database URL, when it is not the SQLite file of the data dir")
+    _database_args(backup)
     backup.add_argument("--to", default=None, metavar="DIR", help="where to write it (default DATA_DIR/db-backups)")
     restore = which.add_parser(
         "restore",
@@ -310,6 +316,112 @@ def _db(a: argparse.Namespace) -> int:
         print(f"nimbostack db restore: no CA beside the backup ({Path(a.file).parent / backup.PKI_DIR}): the node "
               "will make a new one, and each host agent then needs new credentials (nimbostack agent-credentials)",
               file=sys.stderr)
+    return 0
+
+
+def _upgrade_args(sub: Any) -> None:
+    up = sub.add_parser(
+        "upgrade",
+        help="back the database up, then migrate it to this version's schema (stop the node first)",
+        description="Take a backup of the node's database (as db backup does, named nimbostack-pre-upgrade-"
+        "<time>), then migrate its schema to this version's newest revision. A database that a newer "
+        "nimbostack wrote is refused, and nothing is touched. Stop the management node first; start it "
+        "again afterwards.",
+    )
+    _database_args(up)
+    up.add_argument("--backup-dir", default=None, metavar="DIR",
+                    help="where the backup goes (default DATA_DIR/db-backups)")
+    up.add_argument("--force", action="store_true",
+                    help="migrate even though a management node beat in the database within 30 s")
+    up.add_argument("--check", action="store_true",
+                    help="only say whether the database can be upgraded (what would be migrated); touch nothing")
+
+
+def _upgrade(a: argparse.Namespace) -> int:
+    from nimbostack.db import backup, upgrade
+    from nimbostack.db.engine import NewerSchema, sqlite_url
+
+    data = Path(a.data_dir).resolve()
+    url = a.db or sqlite_url(data)
+    try:
+        if a.check:
+            current, head = upgrade.check(url, a.force)
+            print(f"the database can be upgraded: schema {current or 'nothing'} to {head}")
+            return 0
+        done = upgrade.upgrade(url, Path(a.backup_dir) if a.backup_dir else data / backup.DIR_NAME, data, a.force)
+    except (backup.BackupError, NewerSchema, upgrade.NodeRunning) as err:
+        raise SystemExit(f"nimbostack upgrade: {err}") from None
+    if done.backup is not None:
+        print(f"backed up to {done.backup}")
+    if done.before == done.after:
+        print(f"the database is at schema {done.after} already: nothing to migrate")
+    else:
+        print(f"upgraded the schema from {done.before or 'nothing'} to {done.after}")
+    return 0
+
+
+def sqlite_url_of(data_dir: str) -> str:
+    from nimbostack.db.engine import sqlite_url
+
+    return sqlite_url(Path(data_dir).resolve())
+
+
+def _refuse_newer_schema(command: str, url: str) -> None:
+    """A database a newer version wrote, said in one line before the servers start (the node's own
+    migration at its start refuses it too, in a traceback)."""
+    from nimbostack.db import backup, upgrade
+    from nimbostack.db.engine import NewerSchema
+
+    try:
+        upgrade.check(url)
+    except NewerSchema as err:
+        raise SystemExit(f"nimbostack {command}: {err}") from None
+    except backup.BackupError:
+        pass  # no database yet (the node makes it), or none reachable (the node says so, and retries)
+
+
+MIN_ADMIN_PASSWORD = 8
+
+
+def _admin_password_args(sub: Any) -> None:
+    p = sub.add_parser(
+        "admin-password",
+        help="set the admin account's password in the node's database (read from stdin)",
+        description="Read a password from the first line of stdin and make it the admin account's, in the "
+        "database of --data-dir/--db (its schema made first, on a new one); the admin's sessions end. "
+        "For a first password before the node starts, or one that was lost.",
+    )
+    _database_args(p)
+
+
+def _admin_password(a: argparse.Namespace) -> int:
+    from sqlalchemy.exc import DBAPIError
+
+    from nimbostack.core.auth import set_admin_password
+    from nimbostack.db.engine import Database, NewerSchema, sqlite_url
+
+    password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_ADMIN_PASSWORD:
+        raise SystemExit(f"nimbostack admin-password: give at least {MIN_ADMIN_PASSWORD} characters on stdin")
+    data = Path(a.data_dir).resolve()
+    if not a.db:
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    async def run() -> None:
+        db = Database(a.db or sqlite_url(data))
+        try:
+            await db.migrate()
+            await set_admin_password(db, password)
+        finally:
+            await db.close()
+
+    try:
+        asyncio.run(run())
+    except NewerSchema as err:
+        raise SystemExit(f"nimbostack admin-password: {err}") from None
+    except (OSError, DBAPIError) as err:  # the database server is not there, or refuses the role
+        raise SystemExit(f"nimbostack admin-password: cannot use the database: {str(err).splitlines()[0]}") from None
+    print("the admin password is set")
     return 0
 
 
@@ -409,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     cred.add_argument("--out", default="-", help="a file to write (0600) instead of stdout")
     sub.add_parser("cli", help="the >>> shell (nimbostack cli --help)", add_help=False)
     _db_args(sub)
+    _upgrade_args(sub)
+    _admin_password_args(sub)
     service = sub.add_parser(
         "install-service",
         help="write (and where systemd runs, enable and start) the systemd unit of the server or the agent",
@@ -416,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     service.add_argument("which", choices=["server", "agent"])
     service.add_argument("--data-dir", default="/var/lib/nimbostack", help="server: its data dir")
     service.add_argument("--port", type=int, default=None, help="default 8080 (server) or 7070 (agent)")
-    service.add_argument("--db", default=None, help="server: a database URL, kept in /etc/nimbostack/server.env")
+    service.add_argument("--db", default=os.environ.get("NIMBOSTACK_DB") or None,
+                         help="server: a database URL (default $NIMBOSTACK_DB), kept in /etc/nimbostack/server.env")
     service.add_argument("--user", default="root", help="server: the user it runs as")
     service.add_argument("--state-dir", default="/var/lib/nimbostack-agent", help="agent: its state dir")
     service.add_argument("--host-ip", default="127.0.0.1", help="agent: the IP console clients use to reach it")
@@ -428,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         return _issue_agent_credentials(Path(a.data_dir), a.address, a.out)
     if a.command == "db":
         return _db(a)
+    if a.command == "upgrade":
+        return _upgrade(a)
+    if a.command == "admin-password":
+        return _admin_password(a)
     if a.command == "install-service":
         if a.which == "server":
             unit = units.server_unit(Path(a.data_dir).resolve(), a.port or 8080, a.db, a.user, Path(a.env_dir))
@@ -438,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in units.install(unit, Path(a.unit_dir), enable=not a.no_enable):
             print(line)
         return 0
+    if a.command in ("server", "up"):
+        _refuse_newer_schema(a.command, a.db or sqlite_url_of(a.data_dir))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per agent call drowns what matters
 

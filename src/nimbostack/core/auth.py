@@ -208,3 +208,16 @@ class Auth:
             self._cache.clear()
         self._cache[sid] = (now, caller, row.expiredDate)
         return caller
+
+
+async def set_admin_password(db: Database, password: str) -> None:
+    """The admin account's password, from outside the API (the installer's first password, or an
+    operator who lost it): the account made if the node has not started yet; its sessions end."""
+    stored = await hash_password(hashlib.sha512(password.encode()).hexdigest())
+    async with db.tx() as s:
+        account = await s.get(Account, ADMIN_UUID)
+        if account is None:
+            s.add(Account(uuid=ADMIN_UUID, name="admin", type=ADMIN_TYPE, passwordHash=stored))
+        else:
+            account.passwordHash = stored
+            await s.execute(delete(Session).where(Session.accountUuid == ADMIN_UUID))

@@ -555,7 +555,28 @@ def alembic_config(url: str):  # type: ignore[no-untyped-def]
     return cfg
 
 
+class NewerSchema(Exception):
+    """The database is at a revision this version's migrations do not know: a newer nimbostack
+    wrote it. Nothing was changed; there is no migrating down."""
+
+    def __init__(self, revision: str, head: str) -> None:
+        super().__init__(f"the database is at schema revision {revision}, newer than this nimbostack knows "
+                         f"(its newest is {head}): a newer version wrote it. Run that version, or restore a "
+                         "backup taken before its upgrade (nimbostack db restore)")
+        self.revision, self.head = revision, head
+
+
+def known_revisions() -> tuple[set[str], str]:
+    """The schema revisions of this version's migrations, and the newest of them."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return {s.revision for s in script.walk_revisions()}, str(script.get_current_head())
+
+
 def upgrade_schema(url: str) -> None:
+    """Bring the schema to this version's newest revision; NewerSchema, before any change, for a
+    database a newer version wrote (migrations/env.py checks it inside the migration's transaction)."""
     from alembic import command
 
     command.upgrade(alembic_config(url), "head")
