@@ -42,10 +42,14 @@ async def _nft(nft: str, *args: str) -> tuple[int, str]:
 
 
 class SgService:
-    def __init__(self, agent: Any, table: str = "nimbo_sg", state_dir: str | Path = "/run/nimbostack/sg") -> None:
+    def __init__(
+        self, agent: Any, table: str = "nimbo_sg", state_dir: str | Path = "/run/nimbostack/sg", real: bool = False
+    ) -> None:
+        """``real``: nft even on the simulator agent (a benchmark of the whole path on one machine)."""
         if not render.TABLE.fullmatch(table):
             raise ValueError(f"table {table!r} must be [a-z][a-z0-9_]*")
         self.agent = agent
+        self.real = real
         self.table = table
         self.state_dir = Path(state_dir)
         self.simulated: dict[str, dict[str, dict[str, Any]]] = {}  # host -> nic uuid -> entry
@@ -56,7 +60,7 @@ class SgService:
 
     @property
     def simulate(self) -> bool:
-        return bool(getattr(self.agent, "multi_host", False))
+        return not self.real and bool(getattr(self.agent, "multi_host", False))
 
     # --- commands ---------------------------------------------------------------------------
 
