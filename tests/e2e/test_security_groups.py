@@ -243,5 +243,6 @@ def test_a_restarted_agent_removes_the_vms_chains_and_nothing_is_left(world: Any
     # a full apply (host reconnect) puts it back exactly
     side.call("/sg/apply", {"full": True, "nics": [nic([rule("TCP", 8081, 8081, f"{C2}/32")])]})
     assert connect("nbsgc2", 8081) and not connect("nbsgc2", 8080)
+    # no NIC left to filter: no table left either
     side.call("/sg/apply", {"full": True, "nics": []})
-    assert tap not in sh("nft", "list", "table", "bridge", TABLE).stdout
+    assert sh("nft", "list", "table", "bridge", TABLE, check=False).returncode != 0

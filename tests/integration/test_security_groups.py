@@ -127,6 +127,18 @@ def test_destroy_detach_and_reconnect(node: Running, api: Api) -> None:
     api.call("AddVmNicToSecurityGroup", securityGroupUuid=sg["uuid"], vmNicUuids=[nic])
     api.call("DestroyVmInstance", uuid=vm["uuid"])
     assert nic not in sg_state(node, host)
+    # a running VM that loses a filtered NIC loses its chains
+    two = make_vm(api, env, name="two")
+    l3b = api.call("CreateL3Network", name="b", l2NetworkUuid=env["l2"]["uuid"])["inventory"]
+    api.call("AddIpRange", l3NetworkUuid=l3b["uuid"], name="r", startIp="198.19.4.10", endIp="198.19.4.20",
+             netmask="255.255.255.0", gateway="198.19.4.1")
+    api.call("AttachL3NetworkToVm", vmInstanceUuid=two["uuid"], l3NetworkUuid=l3b["uuid"])
+    first = two["vmNics"][0]["uuid"]
+    api.call("AddVmNicToSecurityGroup", securityGroupUuid=sg["uuid"], vmNicUuids=[first])
+    assert first in sg_state(node, two["hostUuid"])
+    api.call("DetachL3NetworkFromVm", vmNicUuid=first)
+    assert first not in sg_state(node, two["hostUuid"])
+    assert api.query("QueryVmNicInSecurityGroup") == []
 
 
 def test_the_service_is_needed_and_bad_rules_get_their_codes(node: Running, api: Api) -> None:

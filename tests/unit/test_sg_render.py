@@ -82,6 +82,8 @@ def test_full_replaces_the_table_and_removal_deletes_whatever_is_there() -> None
     a = render.parse(body())
     full = render.render("t", a.nics, (), full=True, stateful=False)
     assert full.splitlines()[:2] == ["add table bridge t", "delete table bridge t"]
+    nothing = render.render("t", (), (), full=True, stateful=False)
+    assert nothing.splitlines() == ["add table bridge t", "delete table bridge t"]
     other = render.parse({"hostUuid": "h" * 32, "remove": ["cd" * 16]})
     text = render.render("t", other.nics, other.remove, full=False, stateful=False)
     tap = "vniccdcdcdcd"

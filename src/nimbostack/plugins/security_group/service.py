@@ -185,10 +185,13 @@ async def members(s: Tx, group_uuids: set[str], l3_uuid: str | None = None) -> s
     return set((await s.execute(stmt)).scalars())
 
 
-async def push_vm(p: Platform, vm_uuid: str, host_uuid: str, url: str | None = None, releasing: bool = False) -> None:
-    """The VM's chains on its host: all of its NICs' (none when ``releasing``)."""
+async def push_vm(
+    p: Platform, vm_uuid: str, host_uuid: str, url: str | None = None, releasing: bool = False, always: bool = False
+) -> None:
+    """The VM's chains on its host: all of its NICs' (none when ``releasing``). Unless ``always``,
+    a VM in no group costs one indexed read and no agent call."""
     async with p.db.tx() as s:
-        if (await s.execute(_HAS_REF, {"vm": vm_uuid})).first() is None:
+        if not always and (await s.execute(_HAS_REF, {"vm": vm_uuid})).first() is None:
             return  # in no group: no chain to make, none was made
         nics = set((await s.execute(select(m.VmNic.uuid).where(m.VmNic.vmInstanceUuid == vm_uuid))).scalars())
         wanted = {} if releasing else await entries(s, nics)
@@ -214,16 +217,13 @@ async def release(p: Platform, vm_uuid: str, host_uuid: str) -> None:
 
 
 async def on_nic_change(p: Platform, vm_uuid: str, host_uuid: str, l3_uuid: str) -> None:
-    """A running VM's NICs changed: a NIC removed takes its chains along (its refs went with it).
-    Only L3 networks with the SecurityGroup service can have had a filtered NIC."""
+    """A running VM's NICs changed: a NIC removed takes its chains along (its refs went with it,
+    so the VM may be in no group any more). Only L3 networks with the SecurityGroup service can
+    have had a filtered NIC."""
     async with p.db.tx() as s:
         if await providers.attached_type(s, l3_uuid, SERVICE) != PROVIDER_TYPE:
             return
-        nics = set((await s.execute(select(m.VmNic.uuid).where(m.VmNic.vmInstanceUuid == vm_uuid))).scalars())
-        wanted = await entries(s, nics)
-    body = {"vmUuids": [vm_uuid], "nics": [wanted[n] for n in sorted(wanted)], "remove": sorted(nics - set(wanted))}
-    async with p.queues.serial(f"sg:{host_uuid}"):
-        await agent(p, host_uuid, "/sg/apply", body)
+    await push_vm(p, vm_uuid, host_uuid, always=True)
 
 
 async def on_host_connect(p: Platform, host_uuid: str) -> None:

@@ -231,14 +231,16 @@ def _drop(t: str, tap: str) -> list[str]:
 
 
 def render(table: str, nics: tuple[Nic, ...], remove: tuple[str, ...], full: bool, stateful: bool) -> str:
-    """One nft transaction: ``full`` replaces the table with exactly ``nics``; otherwise the
-    ``nics`` chains are (re)written and the ``remove`` taps' chains deleted, the rest untouched."""
+    """One nft transaction: ``full`` replaces the table with exactly ``nics`` (none: no table);
+    otherwise the ``nics`` chains are (re)written and the ``remove`` taps' chains deleted, the rest untouched."""
     if not TABLE.fullmatch(table):
         raise ValueError(f"table {table!r} must be [a-z][a-z0-9_]*, at most 32 characters")
     t = f"bridge {table}"
     lines: list[str] = []
     if full:
         lines += [f"add table {t}", f"delete table {t}"]
+        if not nics:  # a host without filtered NICs keeps no table (nor hooks) at all
+            return "\n".join(lines) + "\n"
     lines += _base(t)
     for nic in nics:
         lines += _upsert(t, nic, stateful)

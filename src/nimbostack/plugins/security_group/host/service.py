@@ -130,11 +130,14 @@ class SgService:
         return self.stateful
 
     def _write(self, name: str, text: str) -> Path:
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.state_dir / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as err:
+            raise DriverError("SG_STATE_DIR_FAILED", "cannot write the security group state", str(err)) from None
         return path
 
     async def _load_file(self, nft: str, text: str) -> None:
