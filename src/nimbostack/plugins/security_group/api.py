@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 
 from nimbostack.core import query
 from nimbostack.core.context import ApiContext, api
@@ -183,21 +184,30 @@ async def create_group(ctx: ApiContext) -> dict[str, Any]:
     name = ctx.req("name")
     if not name.strip():
         raise invalid("name must not be empty")
-    async with ctx.p.db.tx() as s:
-        # internalId: ZStack's short number of a group (its host-side names); one more than any
-        last = (await s.execute(select(func.max(m.SecurityGroup.internalId)))).scalar()
-        row = m.SecurityGroup(
-            uuid=new_uuid(ctx),
-            name=name,
-            description=ctx.str("description"),
-            state="Enabled",
-            internalId=int(last or 0) + 1,
-        )
-        s.add(row)
-        await own(s, ctx, row.uuid, "SecurityGroupVO")
-        await add_creation_tags(s, ctx, row.uuid, "SecurityGroupVO")
-        await s.flush()
-        return {"inventory": await _inventory(s, row.uuid)}
+    # internalId: ZStack's short number of a group (its host-side names); one more than any. Two
+    # management nodes may pick the same one at once: the unique index refuses the second, which
+    # picks again
+    for attempt in range(3):
+        try:
+            async with ctx.p.queues.serial("sg-internal-id"), ctx.p.db.tx() as s:
+                last = (await s.execute(select(func.max(m.SecurityGroup.internalId)))).scalar()
+                row = m.SecurityGroup(
+                    uuid=new_uuid(ctx),
+                    name=name,
+                    description=ctx.str("description"),
+                    state="Enabled",
+                    internalId=int(last or 0) + 1,
+                )
+                s.add(row)
+                await own(s, ctx, row.uuid, "SecurityGroupVO")
+                await add_creation_tags(s, ctx, row.uuid, "SecurityGroupVO")
+                await s.flush()
+                out = {"inventory": await _inventory(s, row.uuid)}
+            return out
+        except IntegrityError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 @api("UpdateSecurityGroup")
