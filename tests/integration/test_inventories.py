@@ -39,6 +39,16 @@ def every_resource(api: Api) -> dict[str, Any]:
     api.call("CreateEip", name="eip", vipUuid=vip["uuid"], vmNicUuid=vm["vmNics"][0]["uuid"])
     api.call("CreateUserTag", resourceType="VmInstanceVO", resourceUuid=vm["uuid"], tag="web")
     api.call("CreateSystemTag", resourceType="VmInstanceVO", resourceUuid=vm["uuid"], tag="userdata::hello")
+    sgp = api.query("QueryNetworkServiceProvider", ("type", "=", "SecurityGroup"))[0]
+    api.call("AttachNetworkServiceProviderToL2Network", l2NetworkUuid=env["l2"]["uuid"],
+             networkServiceProviderUuid=sgp["uuid"])
+    api.call("AttachNetworkServiceToL3Network", l3NetworkUuid=env["l3"]["uuid"],
+             networkServices={sgp["uuid"]: ["SecurityGroup"]})
+    sg = api.call("CreateSecurityGroup", name="sg", description="web")["inventory"]
+    api.call("AddSecurityGroupRule", securityGroupUuid=sg["uuid"],
+             rules=[{"type": "Ingress", "protocol": "TCP", "startPort": 22, "endPort": 22}])
+    api.call("AttachSecurityGroupToL3Network", securityGroupUuid=sg["uuid"], l3NetworkUuid=env["l3"]["uuid"])
+    api.call("AddVmNicToSecurityGroup", securityGroupUuid=sg["uuid"], vmNicUuids=[vm["vmNics"][0]["uuid"]])
     api.call("CreateAccount", name="tenant", password="0" * 128)
     api.call("UpdateGlobalConfig", category="vm", name="deletionPolicy", value="Delay")
     return env

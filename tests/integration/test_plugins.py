@@ -20,13 +20,14 @@ from tests.integration.test_flat_network import public_l3
 
 
 def test_the_built_in_plugins_are_the_folders_and_load_registers_what_they_declare(node: Running) -> None:
-    assert loader.found() == ["flat", "local_storage", "shared_mount_point"]
-    assert set(loader.LOADED) == {"flat", "local_storage", "shared_mount_point"}
+    assert loader.found() == ["flat", "local_storage", "security_group", "shared_mount_point"]
+    assert set(loader.LOADED) == {"flat", "local_storage", "security_group", "shared_mount_point"}
     assert {"LocalStorage", "SharedMountPoint"} <= set(backend.BACKENDS)
     assert providers.PROVIDERS["Flat"].eip is not None
     assert {e.name for e in hooks.VM_START} >= {"Flat DHCP, userdata and EIP"}
-    assert agent_plugins.found() == ["flat", "local_storage", "shared_mount_point"]
-    assert {"/flat/apply", "/storage/local/create-root", "/storage/smp/create-root"} <= set(COMMANDS)
+    assert agent_plugins.found() == ["flat", "local_storage", "security_group", "shared_mount_point"]
+    assert {"/flat/apply", "/sg/apply", "/storage/local/create-root", "/storage/smp/create-root"} <= set(COMMANDS)
+    assert {"security group rules"} <= {e.name for e in hooks.VM_START}
 
 
 def test_unload_takes_back_everything_and_load_puts_it_back(node: Running, api: Api) -> None:

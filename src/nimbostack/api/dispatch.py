@@ -80,7 +80,7 @@ MAX_LENGTH = {**_column_lengths(), "name": 255, "description": 2048}
 MAX_STRING = (1 << 20) + 4096
 MAX_DEPTH = 8  # conditions and networkServices nest two or three levels; nothing needs more
 # lists whose elements are objects, not strings
-OBJECT_LISTS = {"conditions"}
+OBJECT_LISTS = {"conditions", "rules"}  # rules: AddSecurityGroupRule's
 # the longest a call may be given: a job's deadline must be a date the database can store, and no
 # API runs for a month
 MAX_TIMEOUT_MS = 30 * 24 * 3600 * 1000

@@ -50,6 +50,19 @@ def _list_schema(items: dict[str, Any]) -> dict[str, Any]:
 
 def _field_schema(f: spec.FieldSpec) -> dict[str, Any]:
     enum = {"enum": list(f.valid_values)} if f.valid_values else {}
+    if f.name == "rules":  # AddSecurityGroupRule's
+        rule = {
+            "type": "object",
+            "required": ["type", "protocol"],
+            "properties": {
+                "type": {"enum": ["Ingress", "Egress"]},
+                "protocol": {"enum": ["TCP", "UDP", "ICMP", "ALL"]},
+                "startPort": {"type": "integer"},
+                "endPort": {"type": "integer"},
+                "allowedCidr": {"type": "string", "description": "IPv4 CIDR; 0.0.0.0/0 when left out"},
+            },
+        }
+        return {"type": "array", "items": rule}
     if f.name in OBJECT_LISTS:
         condition = {
             "type": "object",

@@ -92,9 +92,14 @@ def is_synchronous(msg: MessageSpec) -> bool:
     )
 
 
+# query messages the table's map leaves out (ZStack's @AutoQuery names their inventory)
+QUERY_OBJECTS = {"APIQueryVmNicInSecurityGroupMsg": "QueryObjectVmNicSecurityGroupRefInventory"}
+
+
 def query_object(query_msg: str) -> str | None:
     """``QueryVmInstance`` → ``QueryObjectVmInstanceInventory``."""
-    return table()["queryMessageInventoryMap"].get(f"API{query_msg}Msg")
+    key = f"API{query_msg}Msg"
+    return table()["queryMessageInventoryMap"].get(key) or QUERY_OBJECTS.get(key)
 
 
 def query_object_spec(name: str) -> dict[str, Any]:

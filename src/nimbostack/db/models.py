@@ -564,3 +564,47 @@ class Eip(Base, Resource):
     vipIp: Mapped[str] = mapped_column(String(64))
     guestIp: Mapped[str | None] = mapped_column(String(64), nullable=True)
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
+
+
+# --- security groups (plugins/security_group) -------------------------------------------------
+
+
+class SecurityGroup(Base, Resource):
+    __tablename__ = "security_group"
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    internalId: Mapped[int] = mapped_column(BigInteger, unique=True)
+
+
+class SecurityGroupRule(Base, Stamped):
+    __tablename__ = "security_group_rule"
+    uuid: Mapped[str] = mapped_column(UUID, primary_key=True)
+    securityGroupUuid: Mapped[str] = mapped_column(
+        UUID, ForeignKey("security_group.uuid", ondelete="CASCADE"), index=True
+    )
+    type: Mapped[str] = mapped_column(String(16))  # Ingress, Egress
+    protocol: Mapped[str] = mapped_column(String(16))  # TCP, UDP, ICMP, ALL
+    startPort: Mapped[int] = mapped_column(Integer)
+    endPort: Mapped[int] = mapped_column(Integer)
+    allowedCidr: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+
+
+class SecurityGroupL3NetworkRef(Base, Stamped):
+    __tablename__ = "security_group_l3_network_ref"
+    uuid: Mapped[str] = mapped_column(UUID, primary_key=True)
+    securityGroupUuid: Mapped[str] = mapped_column(
+        UUID, ForeignKey("security_group.uuid", ondelete="CASCADE"), index=True
+    )
+    l3NetworkUuid: Mapped[str] = mapped_column(UUID, ForeignKey("l3_network.uuid", ondelete="CASCADE"), index=True)
+    __table_args__ = (UniqueConstraint("securityGroupUuid", "l3NetworkUuid"),)
+
+
+class VmNicSecurityGroupRef(Base, Stamped):
+    __tablename__ = "vm_nic_security_group_ref"
+    uuid: Mapped[str] = mapped_column(UUID, primary_key=True)
+    vmNicUuid: Mapped[str] = mapped_column(UUID, ForeignKey("vm_nic.uuid", ondelete="CASCADE"), index=True)
+    securityGroupUuid: Mapped[str] = mapped_column(
+        UUID, ForeignKey("security_group.uuid", ondelete="CASCADE"), index=True
+    )
+    vmInstanceUuid: Mapped[str] = mapped_column(UUID, index=True)
+    __table_args__ = (UniqueConstraint("vmNicUuid", "securityGroupUuid"),)
