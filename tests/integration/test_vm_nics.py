@@ -202,18 +202,29 @@ def test_another_accounts_networks_and_nics_are_none(node: Running, api: Api) ->
     assert len(out["vmNics"]) == 2
 
 
+def _dhcp_ip(node: Running, l3_uuid: str) -> str | None:
+    """The L3 network's DHCP server address (Flat takes one of its range at the first VM)."""
+    from nimbostack.plugins.flat import service as flat
+
+    row = node.run(flat.dhcp_ip(node.platform, l3_uuid))
+    return None if row is None else str(row.ip)
+
+
 def test_static_ip_of_a_stopped_vm(node: Running, api: Api) -> None:
     env = build_zone(api)
     l3 = env["l3"]["uuid"]
     vm = _vm(api, env)
-    err = api.fails("SetVmStaticIp", vmInstanceUuid=vm["uuid"], l3NetworkUuid=l3, ip="198.18.2.2")
+    old_ip = vm["vmNics"][0]["ip"]
+    # an address no one holds: not the VM's (allocated at random) nor the DHCP server's
+    held = {old_ip, _dhcp_ip(node, l3)}
+    want = next(ip for ip in ("198.18.2.2", "198.18.2.3", "198.18.2.4") if ip not in held)
+    err = api.fails("SetVmStaticIp", vmInstanceUuid=vm["uuid"], l3NetworkUuid=l3, ip=want)
     assert err["code"] == "SYS.1005" and "Stopped" in err["details"]
     api.call("StopVmInstance", uuid=vm["uuid"])
-    old_ip = vm["vmNics"][0]["ip"]
-    out = api.call("SetVmStaticIp", vmInstanceUuid=vm["uuid"], l3NetworkUuid=l3, ip="198.18.2.2")["inventory"]
-    assert out["vmNics"][0]["ip"] == "198.18.2.2"
+    out = api.call("SetVmStaticIp", vmInstanceUuid=vm["uuid"], l3NetworkUuid=l3, ip=want)["inventory"]
+    assert out["vmNics"][0]["ip"] == want
     tags = [t["tag"] for t in api.query("QuerySystemTag", ("resourceUuid", "=", vm["uuid"]))]
-    assert f"staticIp::{l3}::198.18.2.2" in tags
+    assert f"staticIp::{l3}::{want}" in tags
     # the old address is free again: another VM may take it
     other = api.call("CreateVmInstance", name="o", imageUuid=env["image"]["uuid"],
                      instanceOfferingUuid=env["offering"]["uuid"], l3NetworkUuids=[l3],
@@ -222,9 +233,9 @@ def test_static_ip_of_a_stopped_vm(node: Running, api: Api) -> None:
     err = api.fails("SetVmStaticIp", vmInstanceUuid=vm["uuid"], l3NetworkUuid=l3, ip=old_ip)
     assert err["code"] == "L3.1001"
     vm = api.call("StartVmInstance", uuid=vm["uuid"])["inventory"]
-    assert entry_of(node, vm, l3)["ip"] == "198.18.2.2"  # type: ignore[index]
+    assert entry_of(node, vm, l3)["ip"] == want  # type: ignore[index]
     api.call("DeleteVmStaticIp", vmInstanceUuid=vm["uuid"], l3NetworkUuid=l3)
     tags = [t["tag"] for t in api.query("QuerySystemTag", ("resourceUuid", "=", vm["uuid"]))]
     assert not [t for t in tags if t.startswith("staticIp::")]
     (now,) = api.query("QueryVmInstance", ("uuid", "=", vm["uuid"]))
-    assert now["vmNics"][0]["ip"] == "198.18.2.2"  # the NIC keeps its address
+    assert now["vmNics"][0]["ip"] == want  # the NIC keeps its address
