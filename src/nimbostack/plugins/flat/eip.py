@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, literal, select, union_all
 
 from nimbostack.core.errors import ApiError
-from nimbostack.core.hosts import agent
+from nimbostack.core.hosts import agent, connected_among
 from nimbostack.core.tags import system_tags
 from nimbostack.db import models as m
 from nimbostack.network import l2l3, providers
@@ -218,14 +218,7 @@ async def on_l3_changed(p: Platform, l3_uuid: str, carrying: frozenset[str]) -> 
     """An L3 network was deleted (its VIPs and EIPs with it) or its services changed: the EIP
     set of the hosts that carry it (those of its VMs and of the VMs whose EIP's VIP is on it,
     read before a delete) is synced; no other host's EIP set can have changed."""
-    if not carrying:
-        return
-    async with p.db.tx() as s:
-        hosts = (
-            await s.execute(
-                select(m.Host.uuid).where(m.Host.uuid.in_(sorted(carrying)), m.Host.status == "Connected")
-            )
-        ).scalars().all()
+    hosts = [h for h, _ in await connected_among(p, carrying)] if carrying else []
     sem = asyncio.Semaphore(16)
 
     async def one(h: str) -> None:

@@ -29,7 +29,7 @@ from sqlalchemy import Row, bindparam, delete, select
 from sqlalchemy.orm import aliased
 
 from nimbostack.core.errors import AGENT_ERROR, ApiError
-from nimbostack.core.hosts import agent, agent_url_of
+from nimbostack.core.hosts import agent, agent_url_of, connected_among
 from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
 from nimbostack.db.engine import Tx, columns, in_values
@@ -379,14 +379,7 @@ async def release_on(p: Platform, l3_uuid: str, hosts: frozenset[str]) -> None:
     where it never was). Only the hosts that carry the L3 (providers.hosts_carrying): a host
     serves an L3 while it runs a VM with a NIC on it (_push_full releases it after the last), so
     an L3's change costs what its VMs' hosts cost, not what the platform's hosts do."""
-    if not hosts:
-        return
-    async with p.db.tx() as s:
-        rows = (
-            await s.execute(
-                select(m.Host.uuid, m.Host.agentUrl).where(m.Host.uuid.in_(sorted(hosts)), m.Host.status == "Connected")
-            )
-        ).all()
+    rows = await connected_among(p, hosts) if hosts else []
     sem = asyncio.Semaphore(32)
 
     async def one(host_uuid: str, url: str) -> None:
