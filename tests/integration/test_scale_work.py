@@ -193,3 +193,41 @@ def test_an_endpoint_of_one_host_gets_its_own_ping(node: Running, api: Api) -> N
     with meter.measure(rounds, "one"):
         node.run(ping_all(node.platform))
     assert rounds["one"][1] == {"/host/ping": 1}
+
+
+def test_eip_rules_follow_a_public_l3_delete_and_an_eip_service_detach(node: Running, api: Api) -> None:
+    """The hosts an L3's change reaches include those of VMs whose EIP takes its VIP from it
+    (read before the delete takes the VIPs and EIPs with it), and no other host."""
+    from tests.integration.test_flat_network import eip_state, public_l3
+
+    env = build_zone(api, hosts=3)
+    l3, flat = env["l3"]["uuid"], env["flat"]["uuid"]
+    api.call("AttachNetworkServiceToL3Network", l3NetworkUuid=l3, networkServices={flat: ["Eip"]})
+    meter = Meter(node)
+    out: dict[str, tuple[int, dict[str, int]]] = {}
+    for round_ in ("detach", "delete"):
+        pub = public_l3(api, env) if round_ == "detach" else public_l3_again(api, env)
+        vm = _vm(api, env, f"vm-{round_}", l3)
+        vip = api.call("CreateVip", name="vip", l3NetworkUuid=pub["uuid"])["inventory"]
+        api.call("CreateEip", name="eip", vipUuid=vip["uuid"], vmNicUuid=vm["vmNics"][0]["uuid"])
+        assert list(eip_state(node, vm["hostUuid"])) == [vip["uuid"]]
+        with meter.measure(out, round_):
+            if round_ == "detach":
+                api.call("DetachNetworkServiceFromL3Network", l3NetworkUuid=l3, networkServices={flat: ["Eip"]})
+            else:
+                api.call("DeleteL3Network", uuid=pub["uuid"])
+        assert eip_state(node, vm["hostUuid"]) == {}
+        assert out[round_][1].get("/flat/eip/sync") == 1  # the VM's host alone
+        if round_ == "detach":
+            api.call("AttachNetworkServiceToL3Network", l3NetworkUuid=l3, networkServices={flat: ["Eip"]})
+            assert list(eip_state(node, vm["hostUuid"])) == [vip["uuid"]]
+            api.call("DeleteEip", uuid=api.query("QueryEip")[0]["uuid"])
+            api.call("DeleteL3Network", uuid=pub["uuid"])
+
+
+def public_l3_again(api: Api, env: dict[str, Any]) -> dict[str, Any]:
+    l2 = api.query("QueryL2Network", ("name", "=", "pub"))[0]
+    pub = api.call("CreateL3Network", name="public2", l2NetworkUuid=l2["uuid"])["inventory"]
+    api.call("AddIpRange", l3NetworkUuid=pub["uuid"], name="pub2", startIp="198.19.5.10", endIp="198.19.5.200",
+             netmask="255.255.255.0", gateway="198.19.5.1")
+    return pub
