@@ -163,9 +163,12 @@ async def bench(args: argparse.Namespace, procs: Any) -> int:
             print(f"  {name:16} {counted['total']:7d} {page_ms:8.1f} {count_ms:9.1f}   "
                   f"{cs_name} {avg}/{best}/{worst}")
         print()
+        cpu0 = cv.cpu_seconds(pid) + cv.cpu_seconds(agent_pid)
         a_ms, d_ms = await attach_timing(c, env, args.runs)
+        cpu = (cv.cpu_seconds(pid) + cv.cpu_seconds(agent_pid) - cpu0) / (2 * args.runs)
         print(f"AttachNetworkServiceToL3Network on an L3 without VMs, {args.hosts} hosts: "
-              f"{a_ms:.1f} ms (detach {d_ms:.1f} ms), median of {args.runs}")
+              f"{a_ms:.1f} ms (detach {d_ms:.1f} ms), median of {args.runs}; "
+              f"server + agent CPU {cpu:.2f} s per call")
         if args.idle:
             await asyncio.sleep(2)  # let the last calls' work settle
             idle0 = (cv.cpu_seconds(pid), cv.cpu_seconds(agent_pid))
