@@ -252,7 +252,8 @@ def test_l3_delete_releases_on_every_host(node: Running, api: Api) -> None:
     for vm in vms:
         api.call("DestroyVmInstance", uuid=vm["uuid"])
     hosts = {v["hostUuid"] for v in vms}
-    assert all(flat_state(node, h)[l3]["vms"] == [] for h in hosts)
+    # a host whose last VM on the L3 left no longer serves it
+    assert all(l3 not in flat_state(node, h) for h in hosts)
     api.call("DeleteL3Network", uuid=l3)
     assert all(l3 not in flat_state(node, h["uuid"]) for h in env["hosts"])
     assert dhcp_rows(node, l3) == []
@@ -419,6 +420,11 @@ def test_a_vm_start_adds_its_entries_and_a_host_without_state_gets_the_full_stat
     assert late["uuid"] not in {e["vmUuid"] for e in flat_state(node, host)[l3]["vms"]}
     node.run(svc.apply(before))  # the stale state again: the stopped VM's entries were dropped
     assert late["uuid"] not in {e["vmUuid"] for e in flat_state(node, host)[l3]["vms"]}
+    # a release read when the host had no VM left, arriving after a VM's start: the L3 stays
+    api.call("StartVmInstance", uuid=late["uuid"])
+    assert node.run(svc.release(host, l3, before["seq"])) == {"kept": True}
+    assert late["uuid"] in {e["vmUuid"] for e in flat_state(node, host)[l3]["vms"]}
+    api.call("StopVmInstance", uuid=late["uuid"])
     # the agent restarted: nothing to add to, so the next start pushes every running VM
     svc.simulated.clear()
     svc.added.clear()

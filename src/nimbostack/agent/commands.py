@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from nimbostack.agent import guard
 from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DriverError
 from nimbostack.agent.host import COMMANDS, START_STEPS, Agent, command, storage_command
@@ -56,6 +58,31 @@ async def _ping(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     key = b["hostUuid"] if a.multi_host else "local"
     # "connected": false tells the management node this agent restarted and needs /host/connect
     return {"connected": key in a.drivers}
+
+
+@command("/host/ping-batch")
+async def _ping_batch(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    """The pings of every host this agent serves that the node names (``hostUuids``), in one
+    request: the simulator serves thousands. A host that cannot answer (a simulated fault), or
+    not within ``timeout`` seconds, is left out: the node counts it as a lost ping."""
+    uuids = b["hostUuids"]
+    if not isinstance(uuids, list) or not all(isinstance(u, str) for u in uuids):
+        raise ValueError("hostUuids must be a list of host uuids")
+    timeout = float(b.get("timeout") or 5)
+
+    async def one(uuid: str) -> bool:
+        return await guard.host_answers(a, uuid, "/host/ping")
+
+    answers: dict[str, dict[str, bool]] = {}
+    if a.multi_host and guard.faults(a):
+        # only with faults set (tests): each host's may delay or drop its answer
+        done = await asyncio.gather(*(asyncio.wait_for(one(u), timeout * 0.9) for u in uuids), return_exceptions=True)
+        alive = [u for u, ok in zip(uuids, done, strict=True) if ok is True]
+    else:
+        alive = list(uuids)
+    for uuid in alive:
+        answers[uuid] = {"connected": (uuid if a.multi_host else "local") in a.drivers}
+    return {"hosts": answers}
 
 
 async def _bridges(a: Agent, vm_uuid: str, nics: list[NicSpec]) -> list[str]:

@@ -102,6 +102,18 @@ def _match(agent: Agent, host: str, path: str) -> dict[str, Any] | None:
     return None
 
 
+async def host_answers(agent: Agent, host: str, path: str) -> bool:
+    """For a command that answers for many simulated hosts at once (``/host/ping-batch``): the
+    host's own fault for ``path``, as ``before`` applies it to a command of that host alone. False:
+    the host is unreachable or failing, and is left out of the answer."""
+    fault = _match(agent, host, path)
+    if fault is None:
+        return True
+    if fault.get("delay"):
+        await asyncio.sleep(float(fault["delay"]))
+    return not (fault.get("unreachable") or fault.get("error"))
+
+
 async def before(agent: Agent, path: str, body: dict[str, Any], budget: str | None, received: float) -> Any:
     """None to run the command; otherwise the answer to send instead."""
     fault = _match(agent, str(body.get("hostUuid") or ""), path) if isinstance(body, dict) else None

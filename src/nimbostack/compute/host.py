@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -13,7 +14,7 @@ from nimbostack.compute.allocator import HOLDS_CAPACITY, recompute_capacity
 from nimbostack.compute.vmsync import apply_host_states
 from nimbostack.core import gc, hooks, query
 from nimbostack.core.context import ApiContext, api
-from nimbostack.core.errors import ApiError, invalid, not_allowed
+from nimbostack.core.errors import AGENT_ERROR, ApiError, invalid, not_allowed
 from nimbostack.core.hosts import agent_url
 from nimbostack.core.resources import (
     Scope,
@@ -288,41 +289,101 @@ async def get_cpu_memory_capacity(ctx: ApiContext) -> dict[str, Any]:
             "totalMemory": total_memory, "availableMemory": available_memory}
 
 
+PING_BATCH = "/host/ping-batch"
+
+
+Answers = dict[str, dict[str, Any]]  # host uuid → its ping's answer
+
+
+async def _ping_one(platform: Platform, url: str, uuid: str, timeout: float) -> tuple[Answers, str]:
+    """({uuid: its answer}, ""), or ({}, why) when the host did not answer twice: one slow answer
+    from a host (or from this node) under a burst of load is not a lost host. A dead agent
+    refuses at once, twice."""
+    why = ""
+    for _ in (1, 2):
+        try:
+            return {uuid: await platform.agents.call(url, "/host/ping", {"hostUuid": uuid}, timeout=timeout)}, ""
+        except ApiError as err:
+            why = err.details
+    return {}, why
+
+
+async def _ping_endpoint(platform: Platform, url: str, uuids: list[str], timeout: float) -> tuple[Answers, str]:
+    """The answers of the hosts one agent endpoint serves. A KVM agent serves one host: its own
+    ping, as ever. The simulator serves many: one ``/host/ping-batch`` request for all of them
+    (a round of 25,000 simulated hosts was 25,000 requests), and once more for those missing
+    from the answer or when the request failed, as a single host's ping is tried twice."""
+    if len(uuids) == 1:
+        return await _ping_one(platform, url, uuids[0], timeout)
+    answers: Answers = {}
+    wanted, why = list(uuids), ""
+    for _ in (1, 2):
+        try:
+            reply = await platform.agents.call(url, PING_BATCH, {"hostUuids": wanted, "timeout": timeout},
+                                               timeout=timeout)
+        except ApiError as err:
+            if err.code == AGENT_ERROR and "AGENT_UNKNOWN_COMMAND" in err.details:
+                # an agent from before batched pings: each host on its own
+                found = await asyncio.gather(*(_ping_one(platform, url, u, timeout) for u in wanted))
+                for one, one_why in found:
+                    answers.update(one)
+                    why = why or one_why
+                return answers, why
+            why = err.details
+            continue
+        hosts = reply.get("hosts") or {}
+        answers.update({u: hosts[u] for u in wanted if isinstance(hosts.get(u), dict)})
+        wanted = [u for u in wanted if u not in answers]
+        why = f"missing from the batched ping answer of {url}"
+        if not wanted:
+            break
+    return answers, why
+
+
 async def ping_all(platform: Platform) -> None:
-    """One round of pings; a host that fails turns Disconnected, one that answers again reconnects."""
+    """One round of pings, one request per agent endpoint; a host that fails turns Disconnected,
+    one that answers again reconnects."""
     async with platform.db.tx() as s:
         hosts = (
             await s.execute(select(m.Host.uuid, m.Host.agentUrl, m.Host.status).where(m.Host.status != "Connecting"))
         ).all()
     timeout = await platform.config.get("host", "ping.timeout")
     auto = await platform.config.get("host", "connection.autoReconnectOnError")
+    by_url: dict[str, dict[str, str]] = defaultdict(dict)
+    for uuid, url, status in hosts:
+        by_url[str(url)][uuid] = status
     sem = asyncio.Semaphore(50)
 
-    async def one(uuid: str, url: str, status: str) -> None:
+    async def reconnect(uuid: str) -> None:
         async with sem:
+            log.info("host %s answers again; reconnecting", uuid)
             try:
-                try:
-                    reply = await platform.agents.call(url, "/host/ping", {"hostUuid": uuid}, timeout=timeout)
-                except ApiError:
-                    # once more before calling it Disconnected: one slow answer from a host (or
-                    # from this node) under a burst of load is not a lost host. A dead agent
-                    # refuses at once, twice.
-                    reply = await platform.agents.call(url, "/host/ping", {"hostUuid": uuid}, timeout=timeout)
+                async with platform.queues.serial(uuid):
+                    await connect(platform, uuid)
             except ApiError as err:
-                if status == "Connected":
-                    log.warning("host %s is Disconnected: %s", uuid, err.details)
-                    async with platform.db.tx() as s:
-                        await s.execute(update(m.Host).where(m.Host.uuid == uuid).values(status="Disconnected"))
-                return
-            if (status == "Disconnected" and auto) or not reply.get("connected", True):
-                log.info("host %s answers again; reconnecting", uuid)
-                try:
-                    async with platform.queues.serial(uuid):
-                        await connect(platform, uuid)
-                except ApiError as err:
-                    log.warning("reconnecting host %s failed: %s", uuid, err)
+                log.warning("reconnecting host %s failed: %s", uuid, err)
 
-    await asyncio.gather(*(one(*h) for h in hosts))
+    async def endpoint(url: str, members: dict[str, str]) -> None:
+        async with sem:
+            answers, why = await _ping_endpoint(platform, url, sorted(members), timeout)
+        lost = [u for u, status in members.items() if u not in answers and status == "Connected"]
+        if lost:
+            for uuid in lost:
+                log.warning("host %s is Disconnected: %s", uuid, why)
+            async with platform.db.tx() as s:
+                for chunk in range(0, len(lost), 5000):  # bound the IN list
+                    await s.execute(
+                        update(m.Host)
+                        .where(m.Host.uuid.in_(lost[chunk : chunk + 5000]), m.Host.status == "Connected")
+                        .values(status="Disconnected")
+                    )
+        back = [
+            u for u, reply in answers.items()
+            if (members[u] == "Disconnected" and auto) or not reply.get("connected", True)
+        ]
+        await asyncio.gather(*(reconnect(u) for u in back))
+
+    await asyncio.gather(*(endpoint(url, members) for url, members in by_url.items()))
 
 
 async def ping_loop(platform: Platform) -> None:

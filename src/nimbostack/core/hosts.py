@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -56,6 +57,26 @@ async def agent(
     read again for every command."""
     url = url or await agent_url_of(platform, host_uuid)
     return await platform.agents.call(url, path, {"hostUuid": host_uuid, **body})
+
+
+_CONNECTED_AMONG = (
+    select(m.Host.uuid, m.Host.agentUrl)
+    .where(m.Host.uuid.in_(bindparam("uuids", expanding=True)), m.Host.status == "Connected")
+    .order_by(m.Host.uuid)
+)
+_CHUNK = 5000  # hosts per IN list: SQLite caps a statement's parameters
+
+
+async def connected_among(platform: Platform, uuids: Iterable[str]) -> list[tuple[str, str]]:
+    """(uuid, agent URL) of the Connected hosts among ``uuids``: what a change that concerns some
+    hosts (those of an L3 network's VMs) sends its commands to."""
+    wanted = sorted(set(uuids))
+    out: list[tuple[str, str]] = []
+    async with platform.db.tx() as s:
+        for i in range(0, len(wanted), _CHUNK):
+            rows = await s.execute(_CONNECTED_AMONG, {"uuids": wanted[i : i + _CHUNK]})
+            out.extend((str(u), str(url)) for u, url in rows)
+    return out
 
 
 _OWN: list[str] = []  # this machine's addresses, read once

@@ -392,10 +392,11 @@ async def delete_l3(ctx: ApiContext) -> dict[str, Any]:
         ).scalar_one()
         if n:
             raise not_allowed(f"L3 network {row.uuid} still has {n} VM NICs; destroy those VMs first")
+        hosts = await providers.hosts_carrying(s, row.uuid)  # before its VIPs and EIPs go with it
         await s.execute(delete(m.UsedIp).where(m.UsedIp.l3NetworkUuid == row.uuid))
         await s.delete(row)
         await disown(s, [row.uuid])
-    await providers.l3_deleted(ctx.p, row.uuid)
+    await providers.l3_deleted(ctx.p, row.uuid, hosts)
     return {}
 
 
@@ -640,7 +641,8 @@ async def attach_services(ctx: ApiContext) -> dict[str, Any]:
                     )
         await s.flush()
         out = {"inventory": await inv(s, "QueryObjectL3NetworkInventory", l3)}
-    await providers.l3_services_changed(ctx.p, l3.uuid)
+        hosts = await providers.hosts_carrying(s, l3.uuid)
+    await providers.l3_services_changed(ctx.p, l3.uuid, hosts)
     return out
 
 
@@ -658,7 +660,8 @@ async def detach_services(ctx: ApiContext) -> dict[str, Any]:
             )
         await s.flush()
         out = {"inventory": await inv(s, "QueryObjectL3NetworkInventory", l3)}
-    await providers.l3_services_changed(ctx.p, l3.uuid)
+        hosts = await providers.hosts_carrying(s, l3.uuid)
+    await providers.l3_services_changed(ctx.p, l3.uuid, hosts)
     return out
 
 

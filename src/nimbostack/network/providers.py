@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import Select, bindparam, select, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nimbostack.db import models as m
@@ -16,7 +16,8 @@ from nimbostack.db import models as m
 if TYPE_CHECKING:
     from nimbostack.core.platform import Platform
 
-L3Hook = Callable[["Platform", str], Awaitable[None]]  # (platform, l3 uuid)
+# (platform, l3 uuid, the hosts that carry the L3 network: hosts_carrying, read before a delete)
+L3Hook = Callable[["Platform", str, frozenset[str]], Awaitable[None]]
 
 
 class EipBackend(Protocol):
@@ -87,13 +88,36 @@ async def provider_for(s: AsyncSession, l3_uuid: str, service: str) -> ServicePr
     return PROVIDERS.get(kind) if kind else None
 
 
-async def l3_deleted(p: Platform, l3_uuid: str) -> None:
+# The hosts whose network services an L3 network's change can touch: those of VMs with a NIC on
+# it, and those of VMs whose EIP takes its VIP from it. A VM with a host (hostUuid is kept from
+# Starting to Stopped) in any state: a superset is harmless, every push is the desired state.
+# Both legs go through an index (VmNic.l3NetworkUuid, Vip.l3NetworkUuid), so the work follows
+# the L3's VMs, never the platform's hosts.
+_HOSTS_CARRYING = union(
+    select(m.VmInstance.hostUuid)
+    .join(m.VmNic, m.VmNic.vmInstanceUuid == m.VmInstance.uuid)
+    .where(m.VmNic.l3NetworkUuid == bindparam("l3"), m.VmInstance.hostUuid.is_not(None)),
+    select(m.VmInstance.hostUuid)
+    .join(m.VmNic, m.VmNic.vmInstanceUuid == m.VmInstance.uuid)
+    .join(m.Eip, m.Eip.vmNicUuid == m.VmNic.uuid)
+    .join(m.Vip, m.Vip.uuid == m.Eip.vipUuid)
+    .where(m.Vip.l3NetworkUuid == bindparam("l3"), m.VmInstance.hostUuid.is_not(None)),
+)
+
+
+async def hosts_carrying(s: AsyncSession, l3_uuid: str) -> frozenset[str]:
+    """The hosts that carry the L3 network (see _HOSTS_CARRYING). A delete reads them before
+    the L3's VIPs and EIPs go with it."""
+    return frozenset(h for h in (await s.execute(_HOSTS_CARRYING, {"l3": l3_uuid})).scalars() if h)
+
+
+async def l3_deleted(p: Platform, l3_uuid: str, hosts: frozenset[str]) -> None:
     for provider in list(PROVIDERS.values()):
         for hook in provider.l3_deleted:
-            await hook(p, l3_uuid)
+            await hook(p, l3_uuid, hosts)
 
 
-async def l3_services_changed(p: Platform, l3_uuid: str) -> None:
+async def l3_services_changed(p: Platform, l3_uuid: str, hosts: frozenset[str]) -> None:
     for provider in list(PROVIDERS.values()):
         for hook in provider.l3_services_changed:
-            await hook(p, l3_uuid)
+            await hook(p, l3_uuid, hosts)

@@ -383,15 +383,11 @@ async def file_host(
     attached = select(m.PrimaryStorageClusterRef.clusterUuid).where(
         m.PrimaryStorageClusterRef.primaryStorageUuid == ps.uuid
     )
-    hosts = (
-        await s.execute(select(m.Host).where(m.Host.clusterUuid.in_(attached)).order_by(m.Host.uuid))
-    ).scalars().all()
-    for wanted in (
-        lambda h: h.uuid == preferred and h.status == "Connected",
-        lambda h: h.status == "Connected",
-        lambda h: True,
-    ):
-        for h in hosts:
-            if wanted(h):
-                return h.uuid
+    # one host's uuid per question, not every host of the clusters: a cluster may hold thousands
+    reachable = select(m.Host.uuid).where(m.Host.clusterUuid.in_(attached)).order_by(m.Host.uuid).limit(1)
+    connected = reachable.where(m.Host.status == "Connected")
+    for stmt in ((connected.where(m.Host.uuid == preferred),) if preferred else ()) + (connected, reachable):
+        found = (await s.execute(stmt)).scalar()
+        if found is not None:
+            return str(found)
     return None

@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, literal, select, union_all
 
 from nimbostack.core.errors import ApiError
 from nimbostack.core.hooks import StartCommand
-from nimbostack.core.hosts import agent
+from nimbostack.core.hosts import agent, connected_among
 from nimbostack.core.tags import system_tags
 from nimbostack.db import models as m
 from nimbostack.network import l2l3, providers
@@ -205,10 +205,29 @@ async def on_host_connect(p: Platform, host_uuid: str) -> None:
         log.warning("host %s connected, but its EIPs failed: %s", host_uuid, err)
 
 
-async def on_l3_changed(p: Platform, l3_uuid: str) -> None:
-    """An L3 network was deleted (its VIPs and EIPs with it) or its services changed."""
+# the hosts of VMs with an EIP on a NIC of the L3 network (their EIP set follows its Eip service)
+_EIP_HOSTS_OF_L3 = (
+    select(m.VmInstance.hostUuid)
+    .join(m.VmNic, m.VmNic.vmInstanceUuid == m.VmInstance.uuid)
+    .join(m.Eip, m.Eip.vmNicUuid == m.VmNic.uuid)
+    .where(m.VmNic.l3NetworkUuid == bindparam("l3"), m.VmInstance.hostUuid.is_not(None))
+    .distinct()
+)
+
+
+async def on_l3_services_changed(p: Platform, l3_uuid: str, carrying: frozenset[str]) -> None:
+    """Services attached to or detached from an L3 network: only the EIP sets of hosts with an
+    EIP on a NIC of it can have changed."""
     async with p.db.tx() as s:
-        hosts = (await s.execute(select(m.Host.uuid).where(m.Host.status == "Connected"))).scalars().all()
+        with_eips = set((await s.execute(_EIP_HOSTS_OF_L3, {"l3": l3_uuid})).scalars())
+    await on_l3_changed(p, l3_uuid, carrying & with_eips)
+
+
+async def on_l3_changed(p: Platform, l3_uuid: str, carrying: frozenset[str]) -> None:
+    """An L3 network was deleted (its VIPs and EIPs with it) or its services changed: the EIP
+    set of the hosts that carry it (those of its VMs and of the VMs whose EIP's VIP is on it,
+    read before a delete) is synced; no other host's EIP set can have changed."""
+    hosts = [h for h, _ in await connected_among(p, carrying)] if carrying else []
     sem = asyncio.Semaphore(16)
 
     async def one(h: str) -> None:

@@ -18,7 +18,7 @@ PLUGIN = Plugin(
             ("DHCP", "Userdata", "Eip"),
             eip=eip.FlatEip(),
             l3_deleted=(service.on_l3_delete, eip.on_l3_changed),
-            l3_services_changed=(service.on_services_changed, eip.on_l3_changed),
+            l3_services_changed=(service.on_services_changed, eip.on_l3_services_changed),
         ),
     ),
     vm_start=(hooks.VmStartExtension("Flat DHCP, userdata and EIP", eip.on_flat_vm_start, eip.on_flat_vm_stop),),

@@ -31,7 +31,7 @@ from sqlalchemy.orm import aliased
 
 from nimbostack.core.errors import ApiError
 from nimbostack.core.hooks import StartCommand
-from nimbostack.core.hosts import agent
+from nimbostack.core.hosts import agent, agent_url_of, connected_among
 from nimbostack.core.tags import tag_value
 from nimbostack.db import models as m
 from nimbostack.db.engine import Tx, columns, in_values
@@ -369,6 +369,11 @@ async def _push_full(
     body = await desired_state(p, host_uuid, l3_uuid, services, exclude)
     if body is None:
         return None
+    if not body["vms"]:
+        # its last VM left: the host no longer carries the L3, and stops serving it, so that
+        # what later changes on the L3 (services detached, deleted) concerns its VMs' hosts only
+        await _release(p, host_uuid, l3_uuid, seq=body["seq"])
+        return None
     await agent(p, host_uuid, "/flat/apply", {k: v for k, v in body.items() if k != "hostUuid"})
     return body
 
@@ -407,20 +412,34 @@ async def vm_entries(
     )
 
 
-async def release_everywhere(p: Platform, l3_uuid: str) -> None:
-    """``/flat/release`` of one L3 network on every connected host (a no-op where it never was)."""
-    async with p.db.tx() as s:
-        hosts = (await s.execute(select(m.Host.uuid, m.Host.agentUrl).where(m.Host.status == "Connected"))).all()
+async def release_on(p: Platform, l3_uuid: str, hosts: frozenset[str]) -> None:
+    """``/flat/release`` of one L3 network on those of ``hosts`` that are connected (a no-op
+    where it never was). Only the hosts that carry the L3 (providers.hosts_carrying): a host
+    serves an L3 while it runs a VM with a NIC on it (_push_full releases it after the last), so
+    an L3's change costs what its VMs' hosts cost, not what the platform's hosts do."""
+    rows = await connected_among(p, hosts) if hosts else []
     sem = asyncio.Semaphore(32)
 
     async def one(host_uuid: str, url: str) -> None:
         async with sem, p.queues.serial(f"flat:{host_uuid}:{l3_uuid}"):
             try:
-                await p.agents.call(url, "/flat/release", {"hostUuid": host_uuid, "l3Uuid": l3_uuid}, timeout=30)
+                await _release(p, host_uuid, l3_uuid, url)
             except ApiError as err:
                 log.warning("could not release Flat services of L3 %s on host %s: %s", l3_uuid, host_uuid, err)
 
-    await asyncio.gather(*(one(h, u) for h, u in hosts))
+    await asyncio.gather(*(one(h, u) for h, u in rows))
+
+
+async def _release(
+    p: Platform, host_uuid: str, l3_uuid: str, url: str | None = None, seq: int | None = None
+) -> None:
+    """``seq``: of the read that found the host without VMs on the L3 (a VM's entries sent since
+    with its start keep it served); without one, the L3 goes whatever the host serves."""
+    url = url or await agent_url_of(p, host_uuid)
+    body: dict[str, Any] = {"hostUuid": host_uuid, "l3Uuid": l3_uuid}
+    if seq is not None:
+        body["seq"] = seq
+    await p.agents.call(url, "/flat/release", body, timeout=30)
 
 
 VM_FLAT_L3S = (
@@ -517,30 +536,21 @@ async def on_host_connect(p: Platform, host_uuid: str) -> None:
         log.warning("host %s: could not drop stale Flat L3 networks: %s", host_uuid, err)
 
 
-async def on_l3_delete(p: Platform, l3_uuid: str) -> None:
-    await release_everywhere(p, l3_uuid)
+async def on_l3_delete(p: Platform, l3_uuid: str, hosts: frozenset[str]) -> None:
+    await release_on(p, l3_uuid, hosts)
     await release_dhcp_ip(p, l3_uuid)
 
 
-async def on_services_changed(p: Platform, l3_uuid: str) -> None:
-    """Flat services attached (serve the L3's running VMs now) or detached (tear down everywhere)."""
+async def on_services_changed(p: Platform, l3_uuid: str, hosts: frozenset[str]) -> None:
+    """Flat services attached (serve the L3's running VMs now, on their hosts) or detached (torn
+    down on the hosts that carry the L3)."""
     async with p.db.tx() as s:
         services = await flat_services(s, l3_uuid) & set(SERVICES)
-        hosts = set(
-            (
-                await s.execute(
-                    select(m.VmInstance.hostUuid)
-                    .join(m.VmNic, m.VmNic.vmInstanceUuid == m.VmInstance.uuid)
-                    .where(m.VmNic.l3NetworkUuid == l3_uuid, m.VmInstance.state.in_(ACTIVE))
-                    .distinct()
-                )
-            ).scalars()
-        )
     if not services:
-        await release_everywhere(p, l3_uuid)
+        await release_on(p, l3_uuid, hosts)
         await release_dhcp_ip(p, l3_uuid)
         return
-    for host_uuid in sorted(h for h in hosts if h):
+    for host_uuid in sorted(hosts):
         try:
             await push(p, host_uuid, l3_uuid)
         except ApiError as err:

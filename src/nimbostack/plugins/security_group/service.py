@@ -249,9 +249,9 @@ async def on_host_connect(p: Platform, host_uuid: str) -> None:
         log.warning("host %s connected, but its security group rules were not applied: %s", host_uuid, err)
 
 
-async def on_l3_services_changed(p: Platform, l3_uuid: str) -> None:
+async def on_l3_services_changed(p: Platform, l3_uuid: str, _carrying: frozenset[str] = frozenset()) -> None:
     """The SecurityGroup service was attached to or detached from the L3 network: its member
-    NICs are filtered, or no longer."""
+    NICs are filtered, or no longer (on their VMs' hosts, which push_nics finds from the NICs)."""
     async with p.db.tx() as s:
         nics = set(
             (

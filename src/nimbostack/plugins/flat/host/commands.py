@@ -45,7 +45,7 @@ async def _apply_vm(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
 
 @command("/flat/release")
 async def _release(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    return await flat_service(a).release(b["hostUuid"], b["l3Uuid"])
+    return await flat_service(a).release(b["hostUuid"], b["l3Uuid"], b.get("seq"))
 
 
 @command("/flat/sync")

@@ -347,9 +347,16 @@ class FlatService:
                 break
             del added[oldest]
 
-    async def release(self, host_uuid: str, l3_uuid: str) -> dict[str, Any]:
+    async def release(self, host_uuid: str, l3_uuid: str, seq: Any = None) -> dict[str, Any]:
+        """Tear the L3 network down on this host. ``seq``: that of the node's read that found no
+        VM left here; entries of a VM that started since (a later seq, sent with its start) keep
+        the L3 served instead."""
         v.uuid(l3_uuid, "l3Uuid")
-        self.added.pop(self._added_key(host_uuid, l3_uuid), None)
+        key = self._added_key(host_uuid, l3_uuid)
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            if any(added[0] > seq for added in self.added.get(key, {}).values()):
+                return {"kept": True}
+        self.added.pop(key, None)
         if self.simulate:
             self.simulated.get(host_uuid, {}).pop(l3_uuid, None)
             return {"simulated": True}
