@@ -39,7 +39,12 @@ def every_resource(api: Api) -> dict[str, Any]:
     api.call("CreateEip", name="eip", vipUuid=vip["uuid"], vmNicUuid=vm["vmNics"][0]["uuid"])
     api.call("CreateUserTag", resourceType="VmInstanceVO", resourceUuid=vm["uuid"], tag="web")
     api.call("CreateSystemTag", resourceType="VmInstanceVO", resourceUuid=vm["uuid"], tag="userdata::hello")
-    api.call("CreateAccount", name="tenant", password="0" * 128)
+    tenant = api.call("CreateAccount", name="tenant", password="0" * 128)["inventory"]
+    user = api.call("CreateUser", name="user", password="0" * 128)["inventory"]
+    group = api.call("CreateUserGroup", name="group")["inventory"]
+    api.call("AddUserToGroup", userUuid=user["uuid"], groupUuid=group["uuid"])
+    api.call("CreatePolicy", name="policy", statements=[{"effect": "Allow", "actions": ["instance:*"]}])
+    api.call("ShareResource", resourceUuids=[volume["uuid"]], accountUuids=[tenant["uuid"]])
     api.call("UpdateGlobalConfig", category="vm", name="deletionPolicy", value="Delay")
     return env
 
