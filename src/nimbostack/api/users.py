@@ -3,6 +3,7 @@ LogInByUser and acts for its account, within what its policies allow (core/polic
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -52,7 +53,32 @@ async def login_by_user(ctx: ApiContext) -> dict[str, Any]:
     return {"inventory": session_inventory(token, session)}
 
 
-# --- users -----------------------------------------------------------------------------------
+# --- users and user groups -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """One kind of an account's identity resources, and the rows naming one that go with it."""
+
+    model: type
+    label: str  # in errors
+    resource_type: str  # AccountResourceRef.resourceType
+    object_name: str  # its query object
+    refs: tuple[Any, ...]  # columns of other tables that name one
+
+
+USER = _Kind(
+    m.User, "User", "UserVO", "QueryObjectUserInventory",
+    (m.Session.userUuid, m.UserGroupUserRef.userUuid, m.UserPolicyRef.userUuid),
+)
+GROUP = _Kind(
+    m.UserGroup, "UserGroup", "UserGroupVO", "QueryObjectUserGroupInventory",
+    (m.UserGroupUserRef.groupUuid, m.UserGroupPolicyRef.groupUuid),
+)
+POLICY = _Kind(
+    m.Policy, "Policy", "PolicyVO", "QueryObjectPolicyInventory",
+    (m.UserPolicyRef.policyUuid, m.UserGroupPolicyRef.policyUuid),
+)
 
 
 def _name(ctx: ApiContext, required: bool = True) -> str | None:
@@ -60,6 +86,51 @@ def _name(ctx: ApiContext, required: bool = True) -> str | None:
     if name is not None and not name.strip():
         raise invalid("name must not be empty")
     return name.strip() if name is not None else None
+
+
+async def _create(ctx: ApiContext, kind: _Kind, **fields: Any) -> dict[str, Any]:
+    """A new one of the caller's account, with the message's name, description and tags."""
+    name = _name(ctx)
+    async with ctx.p.db.tx() as s:
+        if kind is USER:
+            await _unique_user_name(s, ctx.caller.account_uuid, str(name))
+        row = kind.model(
+            uuid=new_uuid(ctx), accountUuid=ctx.caller.account_uuid, name=name, description=ctx.str("description"),
+            **fields,
+        )
+        s.add(row)
+        await own(s, ctx, row.uuid, kind.resource_type)
+        await add_creation_tags(s, ctx, row.uuid, kind.resource_type)
+        await s.flush()
+        return {"inventory": await inv(s, kind.object_name, row)}
+
+
+async def _update(ctx: ApiContext, kind: _Kind, uuid: str, **fields: Any) -> dict[str, Any]:
+    """The message's name and description (and ``fields``) set on one of the account's."""
+    async with ctx.p.db.tx() as s:
+        row = await load(s, kind.model, uuid, ctx, kind.label, owned=True)
+        name = _name(ctx, required=False)
+        if name is not None:
+            if kind is USER:
+                await _unique_user_name(s, row.accountUuid, name, row.uuid)
+            row.name = name
+        if ctx.str("description") is not None:
+            row.description = ctx.str("description")
+        for key, value in fields.items():
+            setattr(row, key, value)
+        await s.flush()
+        return {"inventory": await inv(s, kind.object_name, row)}
+
+
+async def _delete(ctx: ApiContext, kind: _Kind) -> str:
+    """One of the account's, with what names it (a user's sessions, attachments, tags)."""
+    async with ctx.p.db.tx() as s:
+        row = await load(s, kind.model, ctx.req("uuid"), ctx, kind.label, owned=True)
+        for column in kind.refs:
+            await s.execute(delete(column.class_).where(column == row.uuid))
+        await disown(s, [row.uuid])
+        await s.delete(row)
+        return str(row.uuid)
 
 
 async def _unique_user_name(s: Tx, account_uuid: str, name: str, uuid: str | None = None) -> None:
@@ -72,23 +143,7 @@ async def _unique_user_name(s: Tx, account_uuid: str, name: str, uuid: str | Non
 
 @api("CreateUser")
 async def create_user(ctx: ApiContext) -> dict[str, Any]:
-    name = _name(ctx)
-    assert name is not None
-    hashed = await hash_password(password_digest(ctx))
-    async with ctx.p.db.tx() as s:
-        await _unique_user_name(s, ctx.caller.account_uuid, name)
-        row = m.User(
-            uuid=new_uuid(ctx),
-            accountUuid=ctx.caller.account_uuid,
-            name=name,
-            description=ctx.str("description"),
-            passwordHash=hashed,
-        )
-        s.add(row)
-        await own(s, ctx, row.uuid, "UserVO")
-        await add_creation_tags(s, ctx, row.uuid, "UserVO")
-        await s.flush()
-        return {"inventory": await inv(s, "QueryObjectUserInventory", row)}
+    return await _create(ctx, USER, passwordHash=await hash_password(password_digest(ctx)))
 
 
 @api("UpdateUser")
@@ -96,80 +151,29 @@ async def update_user(ctx: ApiContext) -> dict[str, Any]:
     uuid = ctx.str("uuid") or ctx.caller.user_uuid
     if not uuid:
         raise invalid("uuid: which user to update (an account's session has no user of its own)")
-    hashed = await hash_password(password_digest(ctx)) if ctx.str("password") else None
-    async with ctx.p.db.tx() as s:
-        row = await load(s, m.User, uuid, ctx, "User", owned=True)
-        name = _name(ctx, required=False)
-        if name is not None:
-            await _unique_user_name(s, row.accountUuid, name, row.uuid)
-            row.name = name
-        if ctx.str("description") is not None:
-            row.description = ctx.str("description")
-        if hashed is not None:
-            row.passwordHash = hashed
-        await s.flush()
-        return {"inventory": await inv(s, "QueryObjectUserInventory", row)}
-
-
-async def delete_users(s: Tx, uuids: list[str]) -> None:
-    """The users, their sessions and their group and policy attachments."""
-    await s.execute(delete(m.Session).where(m.Session.userUuid.in_(uuids)))
-    await s.execute(delete(m.UserGroupUserRef).where(m.UserGroupUserRef.userUuid.in_(uuids)))
-    await s.execute(delete(m.UserPolicyRef).where(m.UserPolicyRef.userUuid.in_(uuids)))
-    await disown(s, uuids)
-    await s.execute(delete(m.User).where(m.User.uuid.in_(uuids)))
+    password = {"passwordHash": await hash_password(password_digest(ctx))} if ctx.str("password") else {}
+    return await _update(ctx, USER, uuid, **password)
 
 
 @api("DeleteUser")
 async def delete_user(ctx: ApiContext) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
-        row = await load(s, m.User, ctx.req("uuid"), ctx, "User", owned=True)
-        await delete_users(s, [row.uuid])
-    ctx.p.auth.forget_users([row.uuid])
+    ctx.p.auth.forget_users([await _delete(ctx, USER)])
     return {}
-
-
-# --- user groups -----------------------------------------------------------------------------
 
 
 @api("CreateUserGroup")
 async def create_user_group(ctx: ApiContext) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
-        row = m.UserGroup(
-            uuid=new_uuid(ctx), accountUuid=ctx.caller.account_uuid, name=_name(ctx), description=ctx.str("description")
-        )
-        s.add(row)
-        await own(s, ctx, row.uuid, "UserGroupVO")
-        await add_creation_tags(s, ctx, row.uuid, "UserGroupVO")
-        await s.flush()
-        return {"inventory": await inv(s, "QueryObjectUserGroupInventory", row)}
+    return await _create(ctx, GROUP)
 
 
 @api("UpdateUserGroup")
 async def update_user_group(ctx: ApiContext) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
-        row = await load(s, m.UserGroup, ctx.req("uuid"), ctx, "UserGroup", owned=True)
-        name = _name(ctx, required=False)
-        if name is not None:
-            row.name = name
-        if ctx.str("description") is not None:
-            row.description = ctx.str("description")
-        await s.flush()
-        return {"inventory": await inv(s, "QueryObjectUserGroupInventory", row)}
-
-
-async def delete_groups(s: Tx, uuids: list[str]) -> None:
-    await s.execute(delete(m.UserGroupUserRef).where(m.UserGroupUserRef.groupUuid.in_(uuids)))
-    await s.execute(delete(m.UserGroupPolicyRef).where(m.UserGroupPolicyRef.groupUuid.in_(uuids)))
-    await disown(s, uuids)
-    await s.execute(delete(m.UserGroup).where(m.UserGroup.uuid.in_(uuids)))
+    return await _update(ctx, GROUP, ctx.req("uuid"))
 
 
 @api("DeleteUserGroup")
 async def delete_user_group(ctx: ApiContext) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
-        row = await load(s, m.UserGroup, ctx.req("uuid"), ctx, "UserGroup", owned=True)
-        await delete_groups(s, [row.uuid])
+    await _delete(ctx, GROUP)
     return {}
 
 
@@ -178,34 +182,44 @@ def _same_account(a: Any, b: Any) -> None:
         raise invalid(f"{type(a).__name__} {a.uuid} and {type(b).__name__} {b.uuid} belong to different accounts")
 
 
-async def _link(s: Tx, model: type, **keys: str) -> None:
-    """Add the attachment row unless it is there already (attaching twice is no error)."""
-    where = [getattr(model, k) == v for k, v in keys.items()]
-    if (await s.execute(select(model).where(*where))).first() is None:
-        s.add(model(**keys))
+async def _relate(
+    ctx: ApiContext, ref: type, one: tuple[_Kind, str, str], others: tuple[_Kind, str, list[str]], attach: bool
+) -> dict[str, Any]:
+    """Attach (or detach) ``others`` to ``one``: (kind, the ref's column, uuid or uuids). Both
+    sides must be the same account's; attaching twice, or detaching what is not attached, is no
+    error."""
+    kind, column, uuid = one
+    other_kind, other_column, uuids = others
+    if not uuids:
+        raise invalid(f"name at least one {other_kind.label}")
+    async with ctx.p.db.tx() as s:
+        row = await load(s, kind.model, uuid, ctx, kind.label, owned=True)
+        for other_uuid in uuids:
+            other = await load(s, other_kind.model, str(other_uuid), ctx, other_kind.label, owned=True)
+            _same_account(row, other)
+            keys = {column: row.uuid, other_column: other.uuid}
+            existing = (await s.execute(select(ref).where(*(getattr(ref, k) == v for k, v in keys.items())))).first()
+            if attach and existing is None:
+                s.add(ref(**keys))
+            elif not attach and existing is not None:
+                await s.delete(existing[0])
+    return {}
 
 
 @api("AddUserToGroup")
 async def add_user_to_group(ctx: ApiContext) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
-        user = await load(s, m.User, ctx.req("userUuid"), ctx, "User", owned=True)
-        group = await load(s, m.UserGroup, ctx.req("groupUuid"), ctx, "UserGroup", owned=True)
-        _same_account(user, group)
-        await _link(s, m.UserGroupUserRef, userUuid=user.uuid, groupUuid=group.uuid)
-    return {}
+    return await _relate(
+        ctx, m.UserGroupUserRef, (GROUP, "groupUuid", ctx.req("groupUuid")), (USER, "userUuid", [ctx.req("userUuid")]),
+        attach=True,
+    )
 
 
 @api("RemoveUserFromGroup")
 async def remove_user_from_group(ctx: ApiContext) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
-        user = await load(s, m.User, ctx.req("userUuid"), ctx, "User", owned=True)
-        group = await load(s, m.UserGroup, ctx.req("groupUuid"), ctx, "UserGroup", owned=True)
-        await s.execute(
-            delete(m.UserGroupUserRef).where(
-                m.UserGroupUserRef.userUuid == user.uuid, m.UserGroupUserRef.groupUuid == group.uuid
-            )
-        )
-    return {}
+    return await _relate(
+        ctx, m.UserGroupUserRef, (GROUP, "groupUuid", ctx.req("groupUuid")), (USER, "userUuid", [ctx.req("userUuid")]),
+        attach=False,
+    )
 
 
 # --- policies --------------------------------------------------------------------------------
@@ -214,53 +228,19 @@ async def remove_user_from_group(ctx: ApiContext) -> dict[str, Any]:
 @api("CreatePolicy")
 async def create_policy(ctx: ApiContext) -> dict[str, Any]:
     statements = policy.parse_statements(ctx.params.get("statements"))
-    async with ctx.p.db.tx() as s:
-        row = m.Policy(
-            uuid=new_uuid(ctx),
-            accountUuid=ctx.caller.account_uuid,
-            name=_name(ctx),
-            description=ctx.str("description"),
-            statements=policy.dump_statements(statements),
-        )
-        s.add(row)
-        await own(s, ctx, row.uuid, "PolicyVO")
-        await add_creation_tags(s, ctx, row.uuid, "PolicyVO")
-        await s.flush()
-        return {"inventory": await inv(s, "QueryObjectPolicyInventory", row)}
-
-
-async def delete_policies(s: Tx, uuids: list[str]) -> None:
-    await s.execute(delete(m.UserPolicyRef).where(m.UserPolicyRef.policyUuid.in_(uuids)))
-    await s.execute(delete(m.UserGroupPolicyRef).where(m.UserGroupPolicyRef.policyUuid.in_(uuids)))
-    await disown(s, uuids)
-    await s.execute(delete(m.Policy).where(m.Policy.uuid.in_(uuids)))
+    return await _create(ctx, POLICY, statements=policy.dump_statements(statements))
 
 
 @api("DeletePolicy")
 async def delete_policy(ctx: ApiContext) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
-        row = await load(s, m.Policy, ctx.req("uuid"), ctx, "Policy", owned=True)
-        await delete_policies(s, [row.uuid])
+    await _delete(ctx, POLICY)
     return {}
 
 
-async def _user_policies(ctx: ApiContext, policy_uuids: list[str], attach: bool) -> dict[str, Any]:
-    if not policy_uuids:
-        raise invalid("name at least one policy")
-    async with ctx.p.db.tx() as s:
-        user = await load(s, m.User, ctx.req("userUuid"), ctx, "User", owned=True)
-        for uuid in policy_uuids:
-            row = await load(s, m.Policy, str(uuid), ctx, "Policy", owned=True)
-            _same_account(user, row)
-            if attach:
-                await _link(s, m.UserPolicyRef, userUuid=user.uuid, policyUuid=row.uuid)
-            else:
-                await s.execute(
-                    delete(m.UserPolicyRef).where(
-                        m.UserPolicyRef.userUuid == user.uuid, m.UserPolicyRef.policyUuid == row.uuid
-                    )
-                )
-    return {}
+def _user_policies(ctx: ApiContext, policy_uuids: list[str], attach: bool) -> Any:
+    return _relate(
+        ctx, m.UserPolicyRef, (USER, "userUuid", ctx.req("userUuid")), (POLICY, "policyUuid", policy_uuids), attach
+    )
 
 
 @api("AttachPolicyToUser")
@@ -283,20 +263,11 @@ async def detach_policies_from_user(ctx: ApiContext) -> dict[str, Any]:
     return await _user_policies(ctx, ctx.list("policyUuids"), attach=False)
 
 
-async def _group_policy(ctx: ApiContext, attach: bool) -> dict[str, Any]:
-    async with ctx.p.db.tx() as s:
-        group = await load(s, m.UserGroup, ctx.req("groupUuid"), ctx, "UserGroup", owned=True)
-        row = await load(s, m.Policy, ctx.req("policyUuid"), ctx, "Policy", owned=True)
-        _same_account(group, row)
-        if attach:
-            await _link(s, m.UserGroupPolicyRef, groupUuid=group.uuid, policyUuid=row.uuid)
-        else:
-            await s.execute(
-                delete(m.UserGroupPolicyRef).where(
-                    m.UserGroupPolicyRef.groupUuid == group.uuid, m.UserGroupPolicyRef.policyUuid == row.uuid
-                )
-            )
-    return {}
+def _group_policy(ctx: ApiContext, attach: bool) -> Any:
+    return _relate(
+        ctx, m.UserGroupPolicyRef, (GROUP, "groupUuid", ctx.req("groupUuid")),
+        (POLICY, "policyUuid", [ctx.req("policyUuid")]), attach,
+    )
 
 
 @api("AttachPolicyToUserGroup")
