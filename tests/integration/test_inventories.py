@@ -49,7 +49,12 @@ def every_resource(api: Api) -> dict[str, Any]:
              rules=[{"type": "Ingress", "protocol": "TCP", "startPort": 22, "endPort": 22}])
     api.call("AttachSecurityGroupToL3Network", securityGroupUuid=sg["uuid"], l3NetworkUuid=env["l3"]["uuid"])
     api.call("AddVmNicToSecurityGroup", securityGroupUuid=sg["uuid"], vmNicUuids=[vm["vmNics"][0]["uuid"]])
-    api.call("CreateAccount", name="tenant", password="0" * 128)
+    tenant = api.call("CreateAccount", name="tenant", password="0" * 128)["inventory"]
+    user = api.call("CreateUser", name="user", password="0" * 128)["inventory"]
+    group = api.call("CreateUserGroup", name="group")["inventory"]
+    api.call("AddUserToGroup", userUuid=user["uuid"], groupUuid=group["uuid"])
+    api.call("CreatePolicy", name="policy", statements=[{"effect": "Allow", "actions": ["instance:*"]}])
+    api.call("ShareResource", resourceUuids=[volume["uuid"]], accountUuids=[tenant["uuid"]])
     api.call("UpdateGlobalConfig", category="vm", name="deletionPolicy", value="Delay")
     return env
 

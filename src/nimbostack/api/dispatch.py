@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import String
 from sqlalchemy.exc import IntegrityError
 
-from nimbostack.core import deadline, events, spec
+from nimbostack.core import deadline, events, policy, quota, spec
 from nimbostack.core.context import ROUTES, ApiContext, Route
 from nimbostack.core.envelope import error_result, wrap
 from nimbostack.core.errors import (
@@ -81,6 +81,8 @@ MAX_STRING = (1 << 20) + 4096
 MAX_DEPTH = 8  # conditions and networkServices nest two or three levels; nothing needs more
 # lists whose elements are objects, not strings
 OBJECT_LISTS = {"conditions", "rules"}  # rules: AddSecurityGroupRule's
+# lists of objects of other shapes, each checked by its handler (CreatePolicy's statements)
+FREE_OBJECT_LISTS = {"statements"}
 # the longest a call may be given: a job's deadline must be a date the database can store, and no
 # API runs for a month
 MAX_TIMEOUT_MS = 30 * 24 * 3600 * 1000
@@ -126,7 +128,7 @@ def validate(msg: spec.MessageSpec, params: dict[str, Any]) -> None:
         )
     for f in msg.fields.values():
         value = params.get(f.name)
-        if f.type == "list" and f.name not in OBJECT_LISTS and isinstance(value, list):
+        if f.type == "list" and f.name not in OBJECT_LISTS | FREE_OBJECT_LISTS and isinstance(value, list):
             if any(isinstance(v, dict | list) for v in value):
                 raise invalid(f"{f.name} must be a list of strings")
         if f.mandatory and (value is None or value == "" or value == []) and f.name != "conditions":
@@ -169,9 +171,13 @@ class Dispatcher:
                 raise ApiError(UNKNOWN_API, "API not supported", f"{msg.name} is not implemented by nimbostack yet")
             validate(msg, params)
             caller = await self.p.auth.caller(params.get("session"), route)
-            if not caller.is_admin:
+            if caller.user_uuid or not caller.is_admin:
                 async with self.p.db.tx() as s:
-                    await check_visible(s, msg, params, caller)
+                    if caller.user_uuid:  # a user's session: its policies say what it may call
+                        await policy.check(s, caller.user_uuid, msg, params)
+                    if not caller.is_admin:
+                        await check_visible(s, msg, params, caller)
+                        await quota.check(s, caller.account_uuid, msg.name, params)
             ctx = ApiContext(self.p, msg, params, caller, source=source, resource_uuid=_resource_of(msg, params))
             timeout = self._timeout(msg, params)
         except ApiError as err:

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from nimbostack.core import query
+from nimbostack.core import query, quota
 from nimbostack.core.auth import ADMIN_TYPE, ADMIN_UUID, hash_password
 from nimbostack.core.context import ApiContext, api
 from nimbostack.core.deadline import format_duration
@@ -16,6 +16,7 @@ from nimbostack.core.globalconfig import API_TIMEOUT, definition
 from nimbostack.core.query import fmt_date
 from nimbostack.core.resources import inv, load, new_uuid, register_queries, require_admin, update_fields
 from nimbostack.db import models as m
+from nimbostack.db.engine import Tx
 
 _SHA512 = re.compile(r"^[0-9a-fA-F]{128}$")
 
@@ -31,7 +32,7 @@ query.register(
 register_queries("QueryAccount", "QueryAccountResourceRef", "QueryGlobalConfig")
 
 
-def _session_inv(token: str, row: m.Session) -> dict[str, Any]:
+def session_inventory(token: str, row: m.Session) -> dict[str, Any]:
     return {
         "uuid": token,
         "accountUuid": row.accountUuid,
@@ -41,7 +42,7 @@ def _session_inv(token: str, row: m.Session) -> dict[str, Any]:
     }
 
 
-def _digest(ctx: ApiContext) -> str:
+def password_digest(ctx: ApiContext) -> str:
     password = ctx.req("password")
     if not _SHA512.match(password):
         raise invalid("password must be the SHA-512 hex digest of the password (128 hex characters)")
@@ -50,8 +51,8 @@ def _digest(ctx: ApiContext) -> str:
 
 @api("LogInByAccount", public=True)
 async def login(ctx: ApiContext) -> dict[str, Any]:
-    token, session = await ctx.p.auth.login(ctx.req("accountName"), _digest(ctx), ctx.source)
-    return {"inventory": _session_inv(token, session)}
+    token, session = await ctx.p.auth.login(ctx.req("accountName"), password_digest(ctx), ctx.source)
+    return {"inventory": session_inventory(token, session)}
 
 
 @api("LogOut")
@@ -84,7 +85,7 @@ async def create_account(ctx: ApiContext) -> dict[str, Any]:
             name=name,
             description=ctx.str("description"),
             type=ctx.str("type", "Normal") or "Normal",
-            passwordHash=await hash_password(_digest(ctx)),
+            passwordHash=await hash_password(password_digest(ctx)),
         )
         s.add(row)
         s.add(
@@ -93,6 +94,9 @@ async def create_account(ctx: ApiContext) -> dict[str, Any]:
             )
         )
         await s.flush()
+        if row.type != ADMIN_TYPE:
+            for q in quota.default_rows(row.uuid):
+                s.add(q)
         return {"inventory": await inv(s, "QueryObjectAccountInventory", row)}
 
 
@@ -105,7 +109,7 @@ async def update_account(ctx: ApiContext) -> dict[str, Any]:
         row = await load(s, m.Account, uuid, ctx, "Account")
         update_fields(row, ctx)
         if ctx.str("password"):
-            row.passwordHash = await hash_password(_digest(ctx))
+            row.passwordHash = await hash_password(password_digest(ctx))
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectAccountInventory", row)}
 
@@ -121,7 +125,8 @@ async def delete_account(ctx: ApiContext) -> dict[str, Any]:
             (
                 await s.execute(
                     select(m.AccountResourceRef.resourceUuid).where(
-                        m.AccountResourceRef.accountUuid == uuid, m.AccountResourceRef.resourceUuid != uuid
+                        m.AccountResourceRef.accountUuid == uuid,
+                        m.AccountResourceRef.resourceType.not_in(IDENTITY_TYPES),
                     )
                 )
             )
@@ -130,6 +135,8 @@ async def delete_account(ctx: ApiContext) -> dict[str, Any]:
         )
         if owned:
             raise not_allowed(f"account {row.name} still owns {len(owned)} resources; delete them first")
+        # its users, groups and policies go with it, and what it was given or gave
+        await delete_identities(s, uuid)
         await s.execute(delete(m.Session).where(m.Session.accountUuid == uuid))
         await s.execute(delete(m.AccountResourceRef).where(m.AccountResourceRef.resourceUuid == uuid))
         await s.delete(row)
@@ -165,6 +172,33 @@ async def get_global_config(ctx: ApiContext) -> dict[str, Any]:
         if not stored:
             out["value"] = out["defaultValue"]
     return {"inventory": out}
+
+
+# what goes with its account when the account is deleted
+IDENTITY_TYPES = ("AccountVO", "UserVO", "UserGroupVO", "PolicyVO")
+
+
+async def delete_identities(s: Tx, account_uuid: str) -> None:
+    """An account's users, user groups, policies, quotas and sharings, as the account is deleted."""
+    users = select(m.User.uuid).where(m.User.accountUuid == account_uuid)
+    groups = select(m.UserGroup.uuid).where(m.UserGroup.accountUuid == account_uuid)
+    await s.execute(delete(m.Session).where(m.Session.userUuid.in_(users)))
+    await s.execute(delete(m.UserGroupUserRef).where(m.UserGroupUserRef.userUuid.in_(users)))
+    await s.execute(delete(m.UserPolicyRef).where(m.UserPolicyRef.userUuid.in_(users)))
+    await s.execute(delete(m.UserGroupPolicyRef).where(m.UserGroupPolicyRef.groupUuid.in_(groups)))
+    for model, kind in ((m.User, "UserVO"), (m.UserGroup, "UserGroupVO"), (m.Policy, "PolicyVO")):
+        await s.execute(
+            delete(m.AccountResourceRef).where(
+                m.AccountResourceRef.accountUuid == account_uuid, m.AccountResourceRef.resourceType == kind
+            )
+        )
+        await s.execute(delete(model).where(model.accountUuid == account_uuid))
+    await s.execute(delete(m.Quota).where(m.Quota.identityUuid == account_uuid))
+    await s.execute(
+        delete(m.SharedResource).where(
+            (m.SharedResource.ownerAccountUuid == account_uuid) | (m.SharedResource.receiverAccountUuid == account_uuid)
+        )
+    )
 
 
 def is_admin_account(account: m.Account) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from nimbostack.api.dispatch import COMMON_FIELDS, MAX_TIMEOUT_MS, OBJECT_LISTS
+from nimbostack.api.dispatch import COMMON_FIELDS, FREE_OBJECT_LISTS, MAX_TIMEOUT_MS, OBJECT_LISTS
 from nimbostack.core import spec
 from nimbostack.core.context import ROUTES
 
@@ -74,6 +74,8 @@ def _field_schema(f: spec.FieldSpec) -> dict[str, Any]:
             },
         }
         return {"type": "array", "items": condition}
+    if f.name in FREE_OBJECT_LISTS:
+        return {"anyOf": [{"type": "array", "items": {"type": "object"}}, {"type": "string", "description": "JSON"}]}
     if f.name == "networkServices":
         return {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}}
     if f.type == "list":

@@ -1,7 +1,7 @@
 """Importing this module registers every API handler and query target: the core families', and
 the built-in plugins' (nimbostack/plugins)."""
 
-from nimbostack.api import identity, tags  # noqa: F401
+from nimbostack.api import identity, sharing, tags, users  # noqa: F401
 from nimbostack.compute import (  # noqa: F401
     console,
     host,

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import time
 import uuid as uuidlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -27,7 +28,7 @@ from nimbostack.core.errors import (
 )
 from nimbostack.core.globalconfig import GlobalConfigStore
 from nimbostack.db.engine import Database
-from nimbostack.db.models import Account, Session
+from nimbostack.db.models import Account, Session, User
 
 ADMIN_UUID = "36c27e8ff05c4780bf6d2fa65700f22e"  # ZStack's well-known admin account uuid
 ADMIN_TYPE = "SystemAdmin"
@@ -36,14 +37,19 @@ _hasher = PasswordHasher()
 
 # the failure counts of client addresses share the table of account names, under this prefix
 _ADDRESS = "\0address:"
+# and those of users, as "<account name or uuid>/<user name>"
+_USER = "\0user:"
+# whom a login names: (its account, the stored password hash, the session's userUuid), or None
+_Found = tuple[Account, str, str] | None
 
 
 @dataclass
-
 class Caller:
     account_uuid: str
     is_admin: bool
     session_uuid: str | None = None
+    # a user's session (LogInByUser): it acts for its account, within what its policies allow
+    user_uuid: str | None = None
 
 
 class Access(Protocol):
@@ -96,23 +102,58 @@ class Auth:
     async def login(self, name: str, password_digest: str, source: str = "") -> tuple[str, Session]:
         """A new session of the account: (its token, its row, whose uuid is the token's key).
         ``source``: the client's address (its failures are counted too)."""
-        await self._check_throttle(name)
+
+        async def find() -> _Found:
+            async with self.db.tx() as s:
+                account = (await s.execute(select(Account).where(Account.name == name))).scalar_one_or_none()
+            return (account, account.passwordHash, account.uuid) if account is not None else None
+
+        return await self._login(name, find, password_digest, source, "Wrong account name or password")
+
+    async def login_user(
+        self, account_name: str | None, account_uuid: str | None, user_name: str, password_digest: str, source: str = ""
+    ) -> tuple[str, Session]:
+        """A new session of a user of an account named by its name or its uuid. Its failures are
+        counted like an account's, under the account and user names, and per client address."""
+
+        async def find() -> _Found:
+            async with self.db.tx() as s:
+                where = Account.uuid == account_uuid if account_uuid else Account.name == account_name
+                account = (await s.execute(select(Account).where(where))).scalar_one_or_none()
+                if account is None:
+                    return None
+                user = (
+                    await s.execute(select(User).where(User.accountUuid == account.uuid, User.name == user_name))
+                ).scalar_one_or_none()
+            return (account, user.passwordHash, user.uuid) if user is not None else None
+
+        who = f"{account_uuid or account_name}/{user_name}"
+        return await self._login(
+            _USER + who, find, password_digest, source, "Wrong account, user name or password"
+        )
+
+    async def _login(
+        self,
+        key: str,
+        find: Callable[[], Awaitable[_Found]],
+        password_digest: str,
+        source: str,
+        wrong: str,
+    ) -> tuple[str, Session]:
+        """The login of whoever ``find`` names, its failures counted under ``key``."""
+        await self._check_throttle(key)
         if source:
             await self._check_throttle(_ADDRESS + source, "login.maxFailuresPerAddress")
-        async with self.db.tx() as s:
-            account = (await s.execute(select(Account).where(Account.name == name))).scalar_one_or_none()
-        if account is None or not await verify_password(account.passwordHash, password_digest):
-            self._failed(name)
+        found = await find()
+        if found is None or not await verify_password(found[1], password_digest):
+            self._failed(key)
             if source:
                 # not forgotten at a success: a guesser with one account of its own must not
                 # reset its address's count by logging in between guesses
                 self._failed(_ADDRESS + source)
-            raise ApiError(
-                WRONG_CREDENTIALS,
-                "Wrong account name or password",
-                "the password must be sent as its SHA-512 hex digest",
-            )
-        self._failures.pop(name, None)
+            raise ApiError(WRONG_CREDENTIALS, wrong, "the password must be sent as its SHA-512 hex digest")
+        self._failures.pop(key, None)
+        account, _, user_uuid = found
         timeout = await self.config.get("identity", "session.timeout")
         limit = await self.config.get("identity", "session.maxConcurrent")
         now = datetime.utcnow()
@@ -125,13 +166,13 @@ class Auth:
                 raise ApiError(
                     PERMISSION_DENIED,
                     "Too many sessions",
-                    f"account {name} already holds {active} sessions (identity/session.maxConcurrent)",
+                    f"account {account.name} already holds {active} sessions (identity/session.maxConcurrent)",
                 )
             token = uuidlib.uuid4().hex
             session = Session(
                 uuid=session_key(token),
                 accountUuid=account.uuid,
-                userUuid=account.uuid,
+                userUuid=user_uuid,
                 expiredDate=now + timedelta(seconds=timeout),
                 createDate=now,
             )
@@ -154,7 +195,12 @@ class Auth:
             self._failures.pop(name, None)
             return
         if count >= limit:
-            who = f"from address {name.removeprefix(_ADDRESS)}" if name.startswith(_ADDRESS) else f"for account {name}"
+            if name.startswith(_ADDRESS):
+                who = f"from address {name.removeprefix(_ADDRESS)}"
+            elif name.startswith(_USER):
+                who = f"for user {name.removeprefix(_USER)}"
+            else:
+                who = f"for account {name}"
             raise ApiError(
                 LOGIN_THROTTLED,
                 "Too many failed logins",
@@ -167,6 +213,12 @@ class Auth:
             self._failures.clear()
         count = self._failures.get(name, (0, 0.0))[0]
         self._failures[name] = (count + 1, time.monotonic())
+
+    def forget_users(self, user_uuids: list[str]) -> None:
+        """Deleted users' sessions end at once on this node (other nodes: within CACHE_SECONDS)."""
+        gone = set(user_uuids)
+        for sid in [sid for sid, (_, c, _) in self._cache.items() if c.user_uuid in gone]:
+            self._cache.pop(sid, None)
 
     async def logout(self, token: str) -> None:
         self._cache.pop(token, None)
@@ -203,7 +255,8 @@ class Auth:
             raise ApiError(INVALID_SESSION, "Invalid session", f"session {sid} does not exist; log in again")
         if row.expiredDate < datetime.utcnow():
             raise ApiError(SESSION_EXPIRED, "The session expired", "log in again with LogInByAccount")
-        caller = Caller(account.uuid, account.type == ADMIN_TYPE, sid)
+        user = row.userUuid if row.userUuid != row.accountUuid else None
+        caller = Caller(account.uuid, account.type == ADMIN_TYPE, sid, user)
         if len(self._cache) > 10000:
             self._cache.clear()
         self._cache[sid] = (now, caller, row.expiredDate)

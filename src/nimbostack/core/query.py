@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Boolean, ColumnElement, DateTime, Integer, Select, func, select
+from sqlalchemy import Boolean, ColumnElement, DateTime, Integer, Select, func, or_, select
 from sqlalchemy.sql.sqltypes import BigInteger
 
 from nimbostack.core import spec
 from nimbostack.core.errors import PERMISSION_DENIED, ApiError, invalid
 from nimbostack.db.engine import Tx, columns
-from nimbostack.db.models import AccountResourceRef, SystemTag, UserTag
+from nimbostack.db.models import AccountResourceRef, SharedResource, SystemTag, UserTag
 
 if TYPE_CHECKING:
     from nimbostack.core.auth import Caller
@@ -64,6 +64,8 @@ class QueryTarget:
     extra: Extra | None = None  # fills composite inventory fields (vmNics, ipRanges, ...) in bulk
     base_filter: Callable[[], ColumnElement[bool]] | None = None  # e.g. type = 'Flat' subsets
     owner_column: str = "uuid"  # column whose value is the owned resource's uuid
+    # a normal account's rows where ownership is not an AccountResourceRef (shared-resource records)
+    scope_filter: Callable[[Caller], ColumnElement[bool]] | None = None
 
     def fields(self) -> list[str]:
         if self.inventory_name and spec.inventory_fields(self.inventory_name):
@@ -244,6 +246,13 @@ def _column(target: QueryTarget, name: str) -> Any:
     return column
 
 
+def shared_with(account_uuid: str) -> Select[Any]:
+    """The uuids of the resources shared with the account (ShareResource), or with every account."""
+    return select(SharedResource.resourceUuid).where(
+        or_(SharedResource.receiverAccountUuid == account_uuid, SharedResource.toPublic.is_(True))
+    )
+
+
 def scope_clause(target: QueryTarget, caller: Caller) -> ColumnElement[bool] | None:
     if caller.is_admin:
         return None
@@ -251,8 +260,11 @@ def scope_clause(target: QueryTarget, caller: Caller) -> ColumnElement[bool] | N
         return None
     if target.scope == "admin":
         raise ApiError(PERMISSION_DENIED, "Permission denied", "only an admin account can query this resource")
+    if target.scope_filter is not None:
+        return target.scope_filter(caller)
     owned = select(AccountResourceRef.resourceUuid).where(AccountResourceRef.accountUuid == caller.account_uuid)
-    return getattr(target.model, target.owner_column).in_(owned)
+    column = getattr(target.model, target.owner_column)
+    return or_(column.in_(owned), column.in_(shared_with(caller.account_uuid)))
 
 
 def build(target: QueryTarget, conditions: list[Any], caller: Caller) -> list[ColumnElement[bool]]:

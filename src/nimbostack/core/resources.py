@@ -107,7 +107,8 @@ def visible_clause(caller: Caller, column: Any, owned: bool = False) -> list[Col
         mine = select(AccountResourceRef.resourceUuid).where(AccountResourceRef.accountUuid == caller.account_uuid)
         return [column.in_(mine)]
     foreign = select(AccountResourceRef.resourceUuid).where(
-        AccountResourceRef.accountUuid.not_in([caller.account_uuid, ADMIN_UUID])
+        AccountResourceRef.accountUuid.not_in([caller.account_uuid, ADMIN_UUID]),
+        AccountResourceRef.resourceUuid.not_in(query.shared_with(caller.account_uuid)),
     )
     return [column.not_in(foreign)]
 
@@ -211,8 +212,9 @@ def update_fields(row: Any, ctx: ApiContext, names: tuple[str, ...] = ("name", "
 
 
 # fields named like references that name no existing resource of someone else: the uuid a new
-# resource asks for (except for tags, whose resourceUuid is the tagged resource), a session's token
-_NOT_REFERENCES = {"sessionUuid", "creatingAccountUuid"}
+# resource asks for (except for tags, whose resourceUuid is the tagged resource), a session's token,
+# the accounts a resource is shared with (ShareResource: another account is whom one shares with)
+_NOT_REFERENCES = {"sessionUuid", "creatingAccountUuid", "accountUuids"}
 
 
 def referenced_uuids(msg: spec.MessageSpec, params: dict[str, Any]) -> dict[str, str]:
@@ -234,9 +236,10 @@ def referenced_uuids(msg: spec.MessageSpec, params: dict[str, Any]) -> dict[str,
 
 
 async def check_visible(s: Tx, msg: spec.MessageSpec, params: dict[str, Any], caller: Caller) -> None:
-    """A normal account names only its own resources and the admin's, which are shared by design
-    (images, offerings, public L3 networks: what every account builds its VMs from); another
-    normal account's look like no resource at all, whatever the API and its handler. Whether it
+    """A normal account names only its own resources, the admin's, which are shared by design
+    (images, offerings, public L3 networks: what every account builds its VMs from), and those
+    shared with it (ShareResource); another normal account's look like no resource at all,
+    whatever the API and its handler. Whether it
     may change an admin's resource is the handler's to say (``load(..., owned=True)``)."""
     if caller.is_admin:
         return
@@ -248,6 +251,7 @@ async def check_visible(s: Tx, msg: spec.MessageSpec, params: dict[str, Any], ca
             select(AccountResourceRef.resourceUuid).where(
                 AccountResourceRef.resourceUuid.in_(list(uuids)),
                 AccountResourceRef.accountUuid.not_in([caller.account_uuid, ADMIN_UUID]),
+                AccountResourceRef.resourceUuid.not_in(query.shared_with(caller.account_uuid)),
             )
         )
     ).scalars().first()

@@ -608,3 +608,79 @@ class VmNicSecurityGroupRef(Base, Stamped):
     )
     vmInstanceUuid: Mapped[str] = mapped_column(UUID, index=True)
     __table_args__ = (UniqueConstraint("vmNicUuid", "securityGroupUuid"),)
+
+
+# --- identity: users, groups, policies, quotas, sharing (issue 13 item 9) -------------------
+
+
+class User(Base, Resource):
+    """A member of an account; logs in with LogInByUser and may do only what its policies allow."""
+
+    __tablename__ = "identity_user"
+    accountUuid: Mapped[str] = mapped_column(UUID, ForeignKey("account.uuid", ondelete="CASCADE"), index=True)
+    passwordHash: Mapped[str] = mapped_column(String(255))
+    __table_args__ = (UniqueConstraint("accountUuid", "name"),)
+
+
+class UserGroup(Base, Resource):
+    __tablename__ = "identity_user_group"
+    accountUuid: Mapped[str] = mapped_column(UUID, ForeignKey("account.uuid", ondelete="CASCADE"), index=True)
+
+
+class UserGroupUserRef(Base, Stamped):
+    __tablename__ = "identity_user_group_user_ref"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    userUuid: Mapped[str] = mapped_column(UUID, ForeignKey("identity_user.uuid", ondelete="CASCADE"), index=True)
+    groupUuid: Mapped[str] = mapped_column(
+        UUID, ForeignKey("identity_user_group.uuid", ondelete="CASCADE"), index=True
+    )
+    __table_args__ = (UniqueConstraint("userUuid", "groupUuid"),)
+
+
+class Policy(Base, Resource):
+    __tablename__ = "identity_policy"
+    accountUuid: Mapped[str] = mapped_column(UUID, ForeignKey("account.uuid", ondelete="CASCADE"), index=True)
+    # JSON: [{"name", "effect": "Allow"|"Deny", "actions": [pattern, ...]}]
+    statements: Mapped[str] = mapped_column(Text)
+
+
+class UserPolicyRef(Base, Stamped):
+    __tablename__ = "identity_user_policy_ref"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    userUuid: Mapped[str] = mapped_column(UUID, ForeignKey("identity_user.uuid", ondelete="CASCADE"), index=True)
+    policyUuid: Mapped[str] = mapped_column(UUID, ForeignKey("identity_policy.uuid", ondelete="CASCADE"), index=True)
+    __table_args__ = (UniqueConstraint("userUuid", "policyUuid"),)
+
+
+class UserGroupPolicyRef(Base, Stamped):
+    __tablename__ = "identity_user_group_policy_ref"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    groupUuid: Mapped[str] = mapped_column(
+        UUID, ForeignKey("identity_user_group.uuid", ondelete="CASCADE"), index=True
+    )
+    policyUuid: Mapped[str] = mapped_column(UUID, ForeignKey("identity_policy.uuid", ondelete="CASCADE"), index=True)
+    __table_args__ = (UniqueConstraint("groupUuid", "policyUuid"),)
+
+
+class Quota(Base, Stamped):
+    """One limit of one account (``identityUuid``): ``vm.num``, ``volume.capacity``, ..."""
+
+    __tablename__ = "identity_quota"
+    uuid: Mapped[str] = mapped_column(UUID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    identityUuid: Mapped[str] = mapped_column(UUID, ForeignKey("account.uuid", ondelete="CASCADE"), index=True)
+    identityType: Mapped[str] = mapped_column(String(32), default="AccountVO")
+    value: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (UniqueConstraint("identityUuid", "name"),)
+
+
+class SharedResource(Base, Stamped):
+    """A resource its owner lets another account (or, ``toPublic``, every account) see and use."""
+
+    __tablename__ = "identity_shared_resource"
+    uuid: Mapped[str] = mapped_column(UUID, primary_key=True)
+    ownerAccountUuid: Mapped[str] = mapped_column(UUID, index=True)
+    receiverAccountUuid: Mapped[str | None] = mapped_column(UUID, nullable=True, index=True)
+    toPublic: Mapped[bool] = mapped_column(Boolean, default=False)
+    resourceType: Mapped[str] = mapped_column(String(64))
+    resourceUuid: Mapped[str] = mapped_column(UUID, index=True)
