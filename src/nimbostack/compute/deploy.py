@@ -36,7 +36,7 @@ import asyncssh
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from nimbostack.core.errors import HOST_DEPLOY_FAILED, ApiError
+from nimbostack.core.errors import HOST_DEPLOY_FAILED, ApiError, invalid
 from nimbostack.wire import VERSION, pki
 
 if TYPE_CHECKING:
@@ -93,8 +93,6 @@ def node_ssh_key(data_dir: Path) -> asyncssh.SSHKey:
 
 
 def parse_private_key(text: str) -> asyncssh.SSHKey:
-    from nimbostack.core.errors import invalid
-
     try:
         return asyncssh.import_private_key(text)
     except (asyncssh.KeyImportError, ValueError) as err:
@@ -127,13 +125,11 @@ def _runtime() -> list[metadata.Distribution]:
 
 def _files() -> list[tuple[Path, str]]:
     """(file on this machine, its path in site-packages) of the node's runtime."""
-    import nimbostack
-
     files: list[tuple[Path, str]] = []
     for dist in _runtime():
         if canonicalize_name(dist.metadata["Name"]) == "nimbostack":
             # the running package (maybe an editable install): its sources, and metadata naming its version
-            pkg = Path(nimbostack.__file__).parent
+            pkg = Path(__file__).resolve().parents[1]
             files += [(p, f"nimbostack/{p.relative_to(pkg)}") for p in sorted(pkg.rglob("*"))
                       if p.is_file() and "__pycache__" not in p.parts]
             info = f"nimbostack-{dist.version}.dist-info"
