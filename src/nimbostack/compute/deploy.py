@@ -25,7 +25,7 @@ import shlex
 import sys
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -70,8 +70,9 @@ class Login:
     ip: str
     port: int
     username: str
-    password: str | None = None
-    key: asyncssh.SSHKey | None = None
+    # kept out of repr: no traceback or log line shows them
+    password: str | None = field(default=None, repr=False)
+    key: asyncssh.SSHKey | None = field(default=None, repr=False)
     node_key: bool = False  # the node's own key (ReconnectHost): a refusal is no deploy failure
 
 
@@ -230,7 +231,10 @@ class Deployer:
                 await self.note(f"{head}: start")
                 began = time.monotonic()
                 try:
-                    said = await task()
+                    try:
+                        said = await task()
+                    except (asyncssh.Error, OSError) as err:  # the connection lost, a channel refused
+                        raise TaskFailed(f"{type(err).__name__}: {err}") from None
                 except TaskFailed as err:
                     await self.note(f"{head}: FAILED after {time.monotonic() - began:.1f} s: {err.output}",
                                     f"{head}: FAILED")

@@ -157,13 +157,15 @@ async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any],
         async with ctx.p.queues.serial(uuid):
             await deploy.ensure_agent(ctx.p, uuid, url, login, ctx.api_uuid, _hand_managed(hypervisor, tags))
             await connect(ctx.p, uuid)
-    except ApiError as err:
-        # ZStack's rule: a host that cannot be connected is not added
+    except BaseException as err:
+        # ZStack's rule: a host that cannot be connected (or deployed, or in time) is not added
         async with ctx.p.db.tx() as s:
             row = await s.get(m.Host, uuid)
             if row is not None:
                 await s.delete(row)
             await disown(s, [uuid])
+        if not isinstance(err, ApiError):
+            raise
         raise ApiError(err.code, f"Cannot add host {ctx.req('managementIp')}: {err.description}", err.details) from None
     async with ctx.p.db.tx() as s:
         return {"inventory": await inv(s, "QueryObjectHostInventory", await load(s, m.Host, uuid, ctx, "Host"))}
