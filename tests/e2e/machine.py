@@ -121,6 +121,8 @@ class Machine:
             "M_ETC": str(etc),
             **self._boot_env(),
         }
+        if os.environ.get("PYTHONPATH"):  # the agent runs the code under test (a worktree's src)
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         self._spawn(["ip", "netns", "exec", self.name, "unshare", "--mount", "--uts", "--propagation", "private",
                      "sh", "-c", _BOOT, "boot", *self._main_args()], env)
 

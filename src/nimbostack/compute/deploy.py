@@ -96,7 +96,7 @@ def node_ssh_key(data_dir: Path) -> asyncssh.SSHKey:
 def parse_private_key(text: str) -> asyncssh.SSHKey:
     try:
         return asyncssh.import_private_key(text)
-    except (asyncssh.KeyImportError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001  (whatever the parser says of a caller's text is a bad argument)
         raise invalid(f"sshPrivateKey is not a private key asyncssh can read (OpenSSH or PEM, unencrypted): "
                       f"{err}") from None
 
@@ -470,8 +470,8 @@ async def ensure_agent(platform: Platform, host_uuid: str, url: str, login: Logi
                        job_uuid: str | None, hand_managed: bool) -> None:
     """Deploy over SSH unless the host's agent answers with this node's release.
 
-    ``hand_managed`` (an ``agentPort::`` tag: several agents on one machine, the all-in-one, the
-    tests) and no ``login``: never deployed, connected as it is."""
+    A ``hand_managed`` host (an ``agentPort::`` tag: several agents on one machine, the all-in-one,
+    the tests), or one without a ``login``, is never deployed: it is connected as it is."""
     if hand_managed or login is None:
         return
     current, err = await probe(platform, host_uuid, url)

@@ -214,7 +214,13 @@ async def reconnect_host(ctx: ApiContext) -> dict[str, Any]:
         if not _hand_managed(host.hypervisorType, tags):
             # an agent that is down or of another release is redeployed with the node's own key
             login = deploy.node_login(ctx.p, host.managementIp, host.sshPort or 22, host.username or "root")
-            await deploy.ensure_agent(ctx.p, host.uuid, str(host.agentUrl), login, ctx.api_uuid, False)
+            try:
+                await deploy.ensure_agent(ctx.p, host.uuid, str(host.agentUrl), login, ctx.api_uuid, False)
+            except ApiError:
+                # its agent did not answer (that is why it was redeployed), nor does it now
+                async with ctx.p.db.tx() as s:
+                    await s.execute(update(m.Host).where(m.Host.uuid == host.uuid).values(status="Disconnected"))
+                raise
         await connect(ctx.p, host.uuid, rotate=True)
     async with ctx.p.db.tx() as s:
         return {"inventory": await inv(s, "QueryObjectHostInventory", await load(s, m.Host, host.uuid, ctx, "Host"))}
