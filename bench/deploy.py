@@ -13,6 +13,7 @@ nothing on this machine. Debian's openssh-server must be installed (scripts/ssh-
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import socket
 import subprocess
@@ -115,6 +116,9 @@ def timed(fn: object, *args: object, **kwargs: object) -> tuple[float, object]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reconnects", type=int, default=5, help="ReconnectHost calls of the up-to-date host")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nimbo-bench-deploy-") as tmp:
         root = Path(tmp)
         host = Host(root)
@@ -129,9 +133,9 @@ def main() -> None:
                                  password=PASSWORD, clusterUuid=cluster)
             host_uuid = reply["inventory"]["uuid"]  # type: ignore[index]
             print(f"deploy of a fresh host (AddKVMHost over SSH): {fresh:.1f} s (target < 120 s)")
-            again = [timed(a.call, "ReconnectHost", uuid=host_uuid)[0] for _ in range(5)]
+            again = sorted(timed(a.call, "ReconnectHost", uuid=host_uuid)[0] for _ in range(max(1, args.reconnects)))
             print(f"reconnect of an up-to-date host (ReconnectHost, no deployment): median "
-                  f"{sorted(again)[2]:.2f} s, max {max(again):.2f} s (target < 5 s)")
+                  f"{again[len(again) // 2]:.2f} s, max {again[-1]:.2f} s (target < 5 s)")
             log = node.data_dir / "logs" / "deploy" / f"{HOST_IP}.log"
             assert log.read_text().count("--- deploying") == 1, "an up-to-date host was redeployed"
             host.inside("kill $(cat /var/lib/nimbostack-agent/agent.pid)")
