@@ -95,6 +95,9 @@ def test_a_fresh_host_is_deployed_over_ssh_and_runs_a_guest(site: Site, request:
     zone = a.call("CreateZone", name="z")["inventory"]["uuid"]
     cluster = a.call("CreateCluster", name="c", zoneUuid=zone, hypervisorType="KVM")["inventory"]["uuid"]
 
+    # this machine's own libvirtd (its pid file is in the /run the test machine shares) must survive
+    # the deployment's restart of the host's libvirtd
+    own = Path("/run/libvirtd.pid").read_text().strip() if Path("/run/libvirtd.pid").exists() else ""
     started = time.monotonic()
     reply, progress = _add_watching_progress(site, name="fresh", managementIp=mach.ip, username="root",
                                              password=SshMachine.PASSWORD, clusterUuid=cluster)
@@ -118,6 +121,8 @@ def test_a_fresh_host_is_deployed_over_ssh_and_runs_a_guest(site: Site, request:
     assert mach.agent_pid() is not None
     assert mach.sh("stat -c %a /var/lib/nimbostack-agent/agent.pem").strip() == "600"
     assert mach.virsh("version").returncode == 0  # qemu+tcp://IP/system, as a migration reaches it
+    if own:
+        assert Path(f"/proc/{own}").exists(), "the deployment stopped this machine's libvirtd"
     assert "nimbostack-node" in mach.sh("cat /root/.ssh/authorized_keys")
     assert "ExecStart=/opt/nimbostack-agent/releases/" in mach.sh(
         "cat /etc/systemd/system/nimbostack-agent.service")

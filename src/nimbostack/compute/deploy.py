@@ -349,10 +349,15 @@ if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
   systemctl restart libvirtd-tcp.socket
   systemctl start libvirtd.service
 else
-  # no systemd: the daemon itself, listening (-l) as the configuration says
+  # no systemd: the daemon itself, listening (-l) as the configuration says. Only a libvirtd of this
+  # host's own mount and network namespaces is stopped: a container (or a test machine) may see
+  # another's pid file
+  ns() {{ echo "$(readlink /proc/$1/ns/mnt 2>/dev/null) $(readlink /proc/$1/ns/net 2>/dev/null)"; }}
   for f in /run/libvirt/libvirtd.pid /run/libvirtd.pid; do
-    if [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null; then
-      n=0; while kill -0 "$(cat "$f" 2>/dev/null)" 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+    pid=$(cat "$f" 2>/dev/null || true)
+    [ -n "$pid" ] && [ "$(ns "$pid")" = "$(ns self)" ] || continue
+    if kill "$pid" 2>/dev/null; then
+      n=0; while kill -0 "$pid" 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
     fi
   done
   pgrep -x virtlogd >/dev/null || virtlogd -d
