@@ -357,7 +357,11 @@ else
     pid=$(cat "$f" 2>/dev/null || true)
     [ -n "$pid" ] && [ "$(ns "$pid")" = "$(ns self)" ] || continue
     if kill "$pid" 2>/dev/null; then
-      n=0; while kill -0 "$pid" 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+      # gone, or a zombie its parent has not reaped yet (it holds no socket any more)
+      n=0
+      while kill -0 "$pid" 2>/dev/null && [ "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)" != Z ] && [ $n -lt 100 ]; do
+        sleep 0.1; n=$((n+1))
+      done
     fi
   done
   pgrep -x virtlogd >/dev/null || virtlogd -d
