@@ -562,9 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per agent call drowns what matters
 
-    from nimbostack.api.app import create_app
-
     if a.command == "server":
+        from nimbostack.api.app import create_app
+
         _run(_serve((create_app(_settings(a)), a.listen, a.port)))
     elif a.command == "agent":
         port = a.port or (7071 if a.driver == "simulator" else 7070)
@@ -581,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         _run(_serve(None, (app, a.listen, port)))
     elif a.command == "up":
+        # the agent alone imports none of the node's code (a deployed host runs only that)
+        from nimbostack.api.app import create_app
         from nimbostack.bootstrap import bootstrap
 
         settings = _settings(a)

@@ -32,11 +32,12 @@ NIMBOSTACK = Path(sys.executable).with_name("nimbostack")
 _BOOT = r"""
 set -eu
 hostname "$M_NAME"
-for d in /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /run/netns /run/nimbostack; do
+for d in /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /run/netns /run/nimbostack ${M_PRIVATE:-}; do
     mkdir -p "$d"
     mount -t tmpfs "nimbo-$M_NAME" "$d"
 done
 mount --bind "$M_ETC" /etc/libvirt
+[ -z "${M_SHADOW:-}" ] || mount --bind "$M_SHADOW" /etc/shadow
 mkdir -p /var/log/libvirt/qemu /var/lib/libvirt/qemu
 ip link set lo up
 virtlogd -d -p /run/libvirt/virtlogd.pid
@@ -71,6 +72,9 @@ class Wire:
 class Machine:
     """A KVM host of its own: libvirtd (TCP, own host UUID) and a nimbostack agent at ``ip``."""
 
+    # what the machine's first process waits for: its agent's port
+    main_port: int | None = None
+
     def __init__(self, root: Path, wire: Wire, ip: str, node_data: Path, port: int = 7070) -> None:
         """``node_data``: the management node's data dir, whose CA issues the agent's credentials."""
         tag = uuid.uuid4().hex[:6]
@@ -83,14 +87,17 @@ class Machine:
         self.log = root / "machine.log"
         self.proc: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(NIMBOSTACK), "agent-credentials", "--data-dir", str(node_data), "--address",
-                        f"{ip}:{port}", "--out", str(self.state / "agent.pem")], check=True)
+        self._prepare(node_data)
         try:
             self._network()
             self._start()
         except BaseException:
             self.close()
             raise
+
+    def _prepare(self, node_data: Path) -> None:
+        subprocess.run([str(NIMBOSTACK), "agent-credentials", "--data-dir", str(node_data), "--address",
+                        f"{self.ip}:{self.port}", "--out", str(self.state / "agent.pem")], check=True)
 
     @property
     def libvirt_uri(self) -> str:
@@ -107,17 +114,27 @@ class Machine:
         etc = self.root / "etc-libvirt"
         shutil.copytree("/etc/libvirt", etc, symlinks=True)
         # its own host UUID: libvirt refuses to migrate a domain to the host it runs on
-        (etc / "libvirtd.conf").write_text(
-            f'listen_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"\nlisten_addr = "{self.ip}"\n'
-            f'host_uuid = "{self.host_uuid}"\n'
-        )
+        (etc / "libvirtd.conf").write_text(self._libvirtd_conf())
         env = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "M_NAME": self.name,
             "M_ETC": str(etc),
+            **self._boot_env(),
         }
+        if os.environ.get("PYTHONPATH"):  # the agent runs the code under test (a worktree's src)
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         self._spawn(["ip", "netns", "exec", self.name, "unshare", "--mount", "--uts", "--propagation", "private",
-                     "sh", "-c", _BOOT, "boot", *self._agent_args()], env)
+                     "sh", "-c", _BOOT, "boot", *self._main_args()], env)
+
+    def _libvirtd_conf(self) -> str:
+        return (f'listen_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"\nlisten_addr = "{self.ip}"\n'
+                f'host_uuid = "{self.host_uuid}"\n')
+
+    def _boot_env(self) -> dict[str, str]:
+        return {}
+
+    def _main_args(self) -> list[str]:
+        return self._agent_args()
 
     def _agent_args(self) -> list[str]:
         return [str(NIMBOSTACK), "agent", "--driver", "libvirt", "--listen", self.ip, "--port", str(self.port),
@@ -132,7 +149,7 @@ class Machine:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"machine {self.name} did not start: {self.log.read_text()[-2000:]}")
             try:  # inside the machine's network namespace: reachable over the test's bridge only
-                socket.create_connection((self.ip, self.port), timeout=1).close()
+                socket.create_connection((self.ip, self.main_port or self.port), timeout=1).close()
                 return
             except OSError:
                 pass
@@ -216,3 +233,46 @@ class Machine:
                 self.proc.kill()
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
+
+
+class SshMachine(Machine):
+    """A KVM host as an operator hands it over: sshd (root's password ``PASSWORD``), libvirtd not
+    listening on TCP, no agent. Its /root, /opt/nimbostack-agent, /var/lib/nimbostack-agent and
+    /etc/systemd/system are its own (and /etc/shadow a copy), so what a deployment installs there
+    stays inside the machine; packages are this machine's (the same dpkg database)."""
+
+    PASSWORD = "nimbo-deploy-test"
+    main_port = 22
+    PRIVATE = "/root /opt/nimbostack-agent /var/lib/nimbostack-agent /etc/systemd/system"
+
+    def _prepare(self, node_data: Path) -> None:
+        ssh = self.root / "sshd"
+        ssh.mkdir(exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh / "host_key")], check=True)
+        (ssh / "sshd_config").write_text(
+            f"ListenAddress {self.ip}\nPort 22\nHostKey {ssh / 'host_key'}\nPidFile {ssh / 'sshd.pid'}\n"
+            "PermitRootLogin yes\nPasswordAuthentication yes\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            "StrictModes no\nSubsystem sftp internal-sftp\n"
+        )
+        hashed = subprocess.run(["openssl", "passwd", "-6", self.PASSWORD], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        lines = [f"root:{hashed}:20000:0:99999:7:::" if line.startswith("root:") else line
+                 for line in Path("/etc/shadow").read_text().splitlines()]
+        shadow = ssh / "shadow"
+        shadow.write_text("\n".join(lines) + "\n")
+        shadow.chmod(0o640)
+
+    def _libvirtd_conf(self) -> str:
+        # no TCP listener (the deployment adds it), and no TLS one, which would need certificates
+        return f'listen_tls = 0\nhost_uuid = "{self.host_uuid}"\n'
+
+    def _boot_env(self) -> dict[str, str]:
+        return {"M_PRIVATE": self.PRIVATE, "M_SHADOW": str(self.root / "sshd" / "shadow")}
+
+    def _main_args(self) -> list[str]:
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+        return ["/usr/sbin/sshd", "-D", "-e", "-f", str(self.root / "sshd" / "sshd_config")]
+
+    def agent_pid(self) -> int | None:
+        out = self.sh("cat /var/lib/nimbostack-agent/agent.pid 2>/dev/null").strip()
+        return int(out) if out.isdigit() else None

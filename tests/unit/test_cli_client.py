@@ -389,3 +389,18 @@ def test_interactive_shell(fake: FakeApi, capsys: pytest.CaptureFixture[str]) ->
     history = (Path(os.environ["NIMBOSTACK_CLI_HOME"]) / "cli-history").read_text()
     assert "LogInByAccount accountName=admin password=\n" in history
     assert "secret" not in history
+
+
+def test_a_jobs_progress_lines_are_shown_while_it_runs(fake: FakeApi, capsys: pytest.CaptureFixture[str]) -> None:
+    """AddKVMHost's deployment (and AddImage's download) say where they are: each new line once, on stderr."""
+    step = {"state": "Processing", "uuid": "job1", "progress": "task 3/9 install packages: start"}
+    fake.answers += [
+        processing("job1"),
+        step,
+        step,
+        {**step, "progress": "task 4/9 install the agent: start"},
+        done("org.zstack.header.zone.APICreateZoneEvent", {"success": True, "inventory": {"uuid": "z1"}}),
+    ]
+    assert main(["CreateZone", "name=zone1"]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["... task 3/9 install packages: start", "... task 4/9 install the agent: start"]

@@ -15,7 +15,7 @@ from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DriverError
 from nimbostack.agent.host import COMMANDS, START_STEPS, Agent, command, storage_command
 from nimbostack.agent.storage import LocalStorage, PullFile
-from nimbostack.wire import DiskSpec, NicSpec, VmSpec
+from nimbostack.wire import VERSION, DiskSpec, NicSpec, VmSpec
 from nimbostack.wire.pki import CredentialsError
 from nimbostack.wire.urls import FetchPolicy
 
@@ -39,7 +39,8 @@ def _disk(a: Agent, raw: dict[str, Any]) -> DiskSpec:
 
 @command("/host/connect")
 async def _connect(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
-    return await a.connect(b["hostUuid"], b)
+    # the version: the node redeploys an agent of another release (compute/deploy.py)
+    return {**await a.connect(b["hostUuid"], b), "version": VERSION}
 
 
 @command("/host/credentials")
@@ -57,7 +58,7 @@ async def _credentials(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
 async def _ping(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     key = b["hostUuid"] if a.multi_host else "local"
     # "connected": false tells the management node this agent restarted and needs /host/connect
-    return {"connected": key in a.drivers}
+    return {"connected": key in a.drivers, "version": VERSION}
 
 
 @command("/host/ping-batch")

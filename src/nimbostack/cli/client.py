@@ -106,6 +106,8 @@ class ApiClient:
         self.url = base_url(host, port)
         self.wait = wait
         self._sleep = sleep
+        # told each new progress line of a job while it runs (AddImage's download, AddKVMHost's deployment)
+        self.on_progress: Callable[[str], None] | None = None
         self._http = httpx.Client(
             base_url=self.url,
             timeout=httpx.Timeout(wait, connect=10.0),
@@ -155,8 +157,13 @@ class ApiClient:
         answer = self._decode(self._request("POST", API_PATH, body))
         deadline = time.monotonic() + self.wait
         delay = POLL_FIRST
+        said = ""
         while True:
             state = answer.get("state")
+            progress = answer.get("progress")
+            if progress and progress != said and self.on_progress is not None:
+                said = str(progress)
+                self.on_progress(said)
             if state == "Done":
                 return parse_result(answer.get("result"))
             if state != "Processing" or not answer.get("uuid"):

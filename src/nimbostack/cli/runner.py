@@ -43,6 +43,8 @@ class Runner:
         self.store = store
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        if client.on_progress is None:
+            client.on_progress = lambda line: print(f"... {line}", file=self.err, flush=True)
 
     @property
     def session_uuid(self) -> str | None:

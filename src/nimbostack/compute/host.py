@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import bindparam, func, select, update
 
+from nimbostack.compute import deploy
 from nimbostack.compute.allocator import HOLDS_CAPACITY, recompute_capacity
 from nimbostack.compute.vmsync import apply_host_states
 from nimbostack.core import gc, hooks, query
@@ -28,6 +29,7 @@ from nimbostack.core.resources import (
     state_event,
     update_fields,
 )
+from nimbostack.core.tags import system_tags
 from nimbostack.db import models as m
 from nimbostack.storage import primary
 from nimbostack.wire import pki
@@ -114,7 +116,8 @@ async def reconcile_vms(platform: Platform, host_uuid: str, url: str) -> None:
     await apply_host_states(platform, host_uuid, reply["states"])
 
 
-async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> dict[str, Any]:
+async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any],
+                    login: deploy.Login | None = None) -> dict[str, Any]:
     uuid = new_uuid(ctx)
     async with ctx.p.db.tx() as s:
         cluster = await load(s, m.Cluster, ctx.req("clusterUuid"), ctx, "Cluster")
@@ -150,34 +153,45 @@ async def _add_host(ctx: ApiContext, hypervisor: str, extra: dict[str, Any]) -> 
         )
         s.add(host)
         await add_creation_tags(s, ctx, uuid, "HostVO")
+    tags = [str(t) for t in ctx.list("systemTags")]
     try:
         async with ctx.p.queues.serial(uuid):
+            await deploy.ensure_agent(ctx.p, uuid, url, login, ctx.api_uuid, _hand_managed(hypervisor, tags))
             await connect(ctx.p, uuid)
-    except ApiError as err:
-        # ZStack's rule: a host that cannot be connected is not added
+    except BaseException as err:
+        # ZStack's rule: a host that cannot be connected (or deployed, or in time) is not added
         async with ctx.p.db.tx() as s:
             row = await s.get(m.Host, uuid)
             if row is not None:
                 await s.delete(row)
             await disown(s, [uuid])
+        if not isinstance(err, ApiError):
+            raise
         raise ApiError(err.code, f"Cannot add host {ctx.req('managementIp')}: {err.description}", err.details) from None
     async with ctx.p.db.tx() as s:
         return {"inventory": await inv(s, "QueryObjectHostInventory", await load(s, m.Host, uuid, ctx, "Host"))}
 
 
+def _hand_managed(hypervisor: str, tags: list[str]) -> bool:
+    """A host whose agent the node never deploys: simulated, or one of several agents on one
+    machine (``agentPort::``: the all-in-one, the tests)."""
+    return hypervisor != KVM or any(t.startswith("agentPort::") for t in tags)
+
+
 @api("AddKVMHost", admin=True)
 async def add_kvm_host(ctx: ApiContext) -> dict[str, Any]:
-    # the password is required by the API but never kept: the node reaches the agent with
-    # certificates (wire/pki.py), so a stolen database holds no host's root password
-    ctx.req("password")
-    return await _add_host(
-        ctx,
-        KVM,
-        {
-            "username": ctx.req("username"),
-            "sshPort": ctx.int("sshPort", 22) or ctx.int("port", 22),
-        },
-    )
+    # the password (or key) serves the SSH deployment only and is never kept: the node reaches the
+    # agent with certificates (wire/pki.py) and redeploys with its own key (compute/deploy.py), so
+    # a stolen database holds no host's root password
+    password, key = ctx.str("password"), ctx.str("sshPrivateKey")
+    if not password and not key:
+        raise invalid("missing mandatory field password of AddKVMHost (or sshPrivateKey)")
+    port = ctx.int("port", 22, minimum=1) or 22
+    if port > 65535:
+        raise invalid(f"port {port} is not a TCP port")
+    username = ctx.req("username")
+    login = deploy.login_of(ctx.req("managementIp"), port, username, password, key)
+    return await _add_host(ctx, KVM, {"username": username, "sshPort": port}, login)
 
 
 @api("AddSimulatorHost", admin=True)
@@ -196,7 +210,18 @@ async def add_simulator_host(ctx: ApiContext) -> dict[str, Any]:
 async def reconnect_host(ctx: ApiContext) -> dict[str, Any]:
     async with ctx.p.db.tx() as s:
         host = await load(s, m.Host, ctx.req("uuid"), ctx, "Host")
+        tags = await system_tags(s, host.uuid)
     async with ctx.p.queues.serial(host.uuid):
+        if not _hand_managed(host.hypervisorType, tags):
+            # an agent that is down or of another release is redeployed with the node's own key
+            login = deploy.node_login(ctx.p, host.managementIp, host.sshPort or 22, host.username or "root")
+            try:
+                await deploy.ensure_agent(ctx.p, host.uuid, str(host.agentUrl), login, ctx.api_uuid, False)
+            except ApiError:
+                # its agent did not answer (that is why it was redeployed), nor does it now
+                async with ctx.p.db.tx() as s:
+                    await s.execute(update(m.Host).where(m.Host.uuid == host.uuid).values(status="Disconnected"))
+                raise
         await connect(ctx.p, host.uuid, rotate=True)
     async with ctx.p.db.tx() as s:
         return {"inventory": await inv(s, "QueryObjectHostInventory", await load(s, m.Host, host.uuid, ctx, "Host"))}

@@ -22,6 +22,8 @@ IP_ALLOCATION_FAILED = "L3.1001"
 STORAGE_ALLOCATION_FAILED = "PS.1001"
 AGENT_ERROR = "HOST.1001"
 HOST_DISCONNECTED = "HOST.1002"
+# deploying a KVM host's agent over SSH failed at one of its tasks (compute/deploy.py)
+HOST_DEPLOY_FAILED = "HOST.1003"
 MANAGEMENT_RESTARTED = "SYS.1010"
 # the management node's database refused a write for want of disk space: nothing of the call was
 # kept, and the same call succeeds once space is freed (no restart needed)

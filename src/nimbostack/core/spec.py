@@ -60,8 +60,16 @@ def messages() -> dict[str, MessageSpec]:
             for f in raw["fields"]
         }
         short = key[3:-3]
+        fields.update(EXTENSIONS.get(short, {}))
         out[short] = MessageSpec(short, raw["fullName"], fields)
     return out
+
+
+# nimbostack's own fields beyond the table: AddKVMHost logs in with a private key instead of a
+# password (one of the two is required: compute/host.py), as ZStack's later releases do
+EXTENSIONS: dict[str, dict[str, FieldSpec]] = {
+    "AddKVMHost": {"password": FieldSpec("password"), "sshPrivateKey": FieldSpec("sshPrivateKey")},
+}
 
 
 @cache
@@ -151,4 +159,5 @@ ALIASES: dict[str, dict[str, str]] = {
     "ExpungeImage": {"uuid": "imageUuid"},
     "RecoverDataVolume": {"volumeUuid": "uuid"},
     "ExpungeDataVolume": {"volumeUuid": "uuid"},
+    "AddKVMHost": {"sshPort": "port"},
 }

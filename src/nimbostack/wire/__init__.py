@@ -5,10 +5,18 @@ call's deadline. Both sides import this package; neither imports the other."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import metadata
 
 # The header that carries an agent call's budget (seconds) to the agent, which then refuses to
 # start a command whose caller has already given up.
 DEADLINE_HEADER = "X-Nimbo-Timeout"
+
+try:
+    # the release both sides run: an agent reports it on connect and ping, and the node deploys its
+    # own over SSH to a host whose agent says another (compute/deploy.py)
+    VERSION = metadata.version("nimbostack")
+except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    VERSION = "0+unknown"
 
 
 @dataclass
