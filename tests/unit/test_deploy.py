@@ -10,7 +10,7 @@ from nimbostack.wire import VERSION
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 # in the lists for building and testing on this machine, not for running an agent
-NOT_FOR_HOSTS = {"libvirt-dev", "pkg-config", "gcc", "python3-dev", "systemd", "chromium"}
+NOT_FOR_HOSTS = {"libvirt-dev", "pkg-config", "gcc", "python3-dev", "systemd", "chromium", "fonts-wqy-microhei"}
 
 
 def _listed(name: str) -> set[str]:

@@ -134,10 +134,15 @@ def _files() -> list[tuple[Path, str]]:
             files += [(p, f"nimbostack/{p.relative_to(pkg)}") for p in sorted(pkg.rglob("*"))
                       if p.is_file() and "__pycache__" not in p.parts]
             info = f"nimbostack-{dist.version}.dist-info"
-            for name in ("METADATA", "entry_points.txt"):
-                located = dist.locate_file(f"{info}/{name}")
-                if Path(str(located)).is_file():
-                    files.append((Path(str(located)), f"{info}/{name}"))
+            # the installed dist-info, not an egg-info a source checkout on sys.path may hold
+            # (setuptools leaves one beside an editable install's sources)
+            for candidate in metadata.distributions(name="nimbostack"):
+                found = [(Path(str(candidate.locate_file(f"{info}/{n}"))), f"{info}/{n}")
+                         for n in ("METADATA", "entry_points.txt")]
+                found = [(path, rel) for path, rel in found if path.is_file()]
+                if found:
+                    files += found
+                    break
             continue
         for f in dist.files or []:
             rel = str(f)
