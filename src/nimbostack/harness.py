@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import socket
 import ssl
 import threading
@@ -22,11 +23,34 @@ from nimbostack.core.platform import Settings
 from nimbostack.db.engine import sqlite_url
 from nimbostack.main import agent_app, local_agent_credentials
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port below the kernel's ephemeral range, free now and not handed out before in this process.
+
+    A port the kernel picks for ``bind(0)`` comes from the ephemeral range, where any outgoing
+    connection (an httpx client, a libvirt or PostgreSQL socket) may take it as its local port
+    before the server binds it: CI saw "address already in use" that way. Below the range only
+    listeners bind, so a port free now stays free until the server takes it."""
+    low = 20000
+    try:
+        low_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low_ephemeral = 32768
+    high = max(low + 1000, low_ephemeral)
+    for _ in range(200):
+        port = random.randrange(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.2) -> Any:
