@@ -6,6 +6,7 @@ wrapper round the node's agent client."""
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ class Meter:
         self.sql = 0
         self.calls: Counter[str] = Counter()
         self.on = False
+        self.last = time.monotonic()
         db = node.platform.db
         engine = db.sync_engine if db.is_sqlite else db.engine.sync_engine
         event.listen(engine, "before_cursor_execute", self._statement)
@@ -40,14 +42,25 @@ class Meter:
         agents.call = counted
 
     def _statement(self, *_: Any) -> None:
+        self.last = time.monotonic()
         if self.on:
             self.sql += 1
 
+    def _quiet(self, seconds: float = 0.3) -> None:
+        """Work an operation leaves running after its reply (a job's end, an event) belongs to it,
+        not to the next one: under CI's load it can land a window late unless the node is let
+        settle on both sides."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() - self.last < seconds and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     @contextmanager
     def measure(self, out: dict[str, tuple[int, dict[str, int]]], name: str) -> Iterator[None]:
+        self._quiet()
         self.sql, self.calls, self.on = 0, Counter(), True
         try:
             yield
+            self._quiet()
         finally:
             self.on = False
             out[name] = (self.sql, dict(self.calls))
@@ -123,7 +136,9 @@ def test_work_does_not_grow_with_the_hosts(tmp_path: Path) -> None:
     for name, (sql, calls) in small.items():
         big_sql, big_calls = large[name]
         assert big_calls == calls, f"{name}: agent calls grew with the hosts\n{report}"
-        assert big_sql <= sql, f"{name}: SQL statements grew with the hosts\n{report}"
+        # which host the allocator picks (one already carrying the L3 or not) moves a count by a few
+        # statements either way; work per host would add hundreds at 1,000 hosts
+        assert big_sql <= sql + 5, f"{name}: SQL statements grew with the hosts\n{report}"
     # the attach/detach reached the one host that carries the L3 network, not every host
     assert sum(large["AttachNetworkServiceToL3Network (one VM)"][1].values()) <= 3, report
     assert sum(large["AttachNetworkServiceToL3Network (no VM)"][1].values()) == 0, report
