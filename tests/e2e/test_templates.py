@@ -51,3 +51,32 @@ def test_a_vm_from_a_captured_root_volume_template_boots(zone: Zone) -> None:  #
 
     a.call("DestroyVmInstance", uuid=new["uuid"])
     a.call("DestroyVmInstance", uuid=vm["uuid"])
+
+
+def _info(path: str | Path) -> dict:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out)
+
+
+def test_data_volumes_from_a_snapshot_and_a_data_volume_template(zone: Zone) -> None:  # noqa: F811
+    a = zone.api
+    vm = zone.create("snap-source")
+    root = vm["allVolumes"][0]
+    snap = a.call("CreateVolumeSnapshot", name="s", volumeUuid=root["uuid"])["inventory"]
+    # from the snapshot of the running VM's disk: a standalone qcow2 beside it
+    vol = a.call("CreateDataVolumeFromVolumeSnapshot", name="from-snap", volumeSnapshotUuid=snap["uuid"])["inventory"]
+    info = _info(vol["installPath"])
+    assert vol["status"] == "Ready" and "backing-filename" not in info
+    assert info["virtual-size"] == vol["size"] == zone.image["size"]
+    # its data volume template, and a volume from that on the same storage
+    tpl = a.call("CreateDataVolumeTemplateFromVolume", name="dtpl", volumeUuid=vol["uuid"])["inventory"]
+    path = Path(tpl["backupStorageRefs"][0]["installPath"])
+    assert tpl["mediaType"] == "DataVolumeTemplate" and "backing-filename" not in _info(path)
+    assert tpl["actualSize"] == path.stat().st_size and tpl["size"] == vol["size"]
+    again = a.call("CreateDataVolumeFromVolumeTemplate", name="from-tpl", imageUuid=tpl["uuid"],
+                   primaryStorageUuid=vol["primaryStorageUuid"], hostUuid=zone.host["uuid"])["inventory"]
+    assert again["status"] == "Ready" and tpl["uuid"] in _info(again["installPath"])["backing-filename"]
+    synced = a.call("SyncImageSize", uuid=tpl["uuid"])["inventory"]
+    assert synced["actualSize"] == path.stat().st_size and synced["size"] == tpl["size"]
+    a.call("DestroyVmInstance", uuid=vm["uuid"])

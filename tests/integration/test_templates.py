@@ -201,3 +201,33 @@ def test_sync_image_size(node: Running, api: Api) -> None:
     # a simulator store keeps no file: what it recorded stays
     assert out["uuid"] == env["image"]["uuid"] and out["size"] == env["image"]["size"]
     assert api.fails("SyncImageSize", uuid="4" * 32)["code"] == "SYS.1006"
+
+
+def test_data_volume_from_a_snapshot(node: Running, api: Api) -> None:
+    env = build_zone(api, hosts=2)
+    vm = _vm(api, env)
+    root, host = vm["allVolumes"][0], vm["hostUuid"]
+    snap = api.call("CreateVolumeSnapshot", name="s", volumeUuid=root["uuid"])["inventory"]
+    ps = env["ps"]["uuid"]
+    before = api.query("QueryPrimaryStorage", ("uuid", "=", ps))[0]["availableCapacity"]
+    other_ps = api.call("AddLocalPrimaryStorage", name="ps2", url="/nimbo/ps2", zoneUuid=env["zone"]["uuid"])
+    err = api.fails("CreateDataVolumeFromVolumeSnapshot", name="v", volumeSnapshotUuid=snap["uuid"],
+                    primaryStorageUuid=other_ps["inventory"]["uuid"])
+    assert err["code"] == "SYS.1005" and ps in err["details"]
+    assert api.fails("CreateDataVolumeFromVolumeSnapshot", name="v",
+                     volumeSnapshotUuid="5" * 32)["code"] == "SYS.1006"
+    _fault(node, host, "/storage/local/export", error="broken disk")
+    err = api.fails("CreateDataVolumeFromVolumeSnapshot", name="v", volumeSnapshotUuid=snap["uuid"])
+    assert "broken disk" in err["description"] + err["details"]
+    _fault(node, host, "*", clear=True)
+    assert api.query("QueryVolume", ("name", "=", "v")) == []
+    assert api.query("QueryPrimaryStorage", ("uuid", "=", ps))[0]["availableCapacity"] == before
+    # the VM runs on: a snapshot's file never changes
+    vol = api.call("CreateDataVolumeFromVolumeSnapshot", name="v", volumeSnapshotUuid=snap["uuid"],
+                   primaryStorageUuid=ps)["inventory"]
+    assert vol["type"] == "Data" and vol["status"] == "Ready" and vol["size"] == root["size"]
+    assert vol["primaryStorageUuid"] == ps and "vmInstanceUuid" not in vol
+    assert api.query("QueryLocalStorageResourceRef", ("resourceUuid", "=", vol["uuid"]))[0]["hostUuid"] == host
+    assert api.query("QueryPrimaryStorage", ("uuid", "=", ps))[0]["availableCapacity"] == before - root["size"]
+    att = api.call("AttachDataVolumeToVm", volumeUuid=vol["uuid"], vmInstanceUuid=vm["uuid"])["inventory"]
+    assert att["vmInstanceUuid"] == vm["uuid"]

@@ -1,7 +1,8 @@
 """Images from volumes, and volumes from images: templates of a root or data volume or of a
 snapshot (CreateRootVolumeTemplateFromRootVolume, CreateDataVolumeTemplateFromVolume,
 CreateRootVolumeTemplateFromVolumeSnapshot), a data volume from a data volume template
-(CreateDataVolumeFromVolumeTemplate), SyncImageSize and GetVolumeSnapshotTree.
+(CreateDataVolumeFromVolumeTemplate), a data volume from a snapshot
+(CreateDataVolumeFromVolumeSnapshot), SyncImageSize and GetVolumeSnapshotTree.
 
 A template is a standalone qcow2: the host agent that keeps the volume's files merges the file
 and its whole backing chain (snapshots, the image cache) into one file (``export``); each
@@ -235,6 +236,15 @@ async def template_from_snapshot(ctx: ApiContext) -> dict[str, Any]:
         return await _make_image(ctx, src, image)
 
 
+async def _drop_volume(ctx: ApiContext, vol_uuid: str, host: str, ps: m.PrimaryStorage, body: dict[str, Any]) -> None:
+    """Undo a volume being made: its capacity, row, ownership, tags and file (``body``)."""
+    async with ctx.p.db.tx() as s:
+        await primary.release(s, vol_uuid)
+        await s.execute(delete(m.Volume).where(m.Volume.uuid == vol_uuid))
+        await disown(s, [vol_uuid])
+    await gc.call_or_defer(ctx.p, gc.DELETE_VOLUME_FILE, host, primary.command(ps, "delete"), body, vol_uuid)
+
+
 @api("CreateDataVolumeFromVolumeTemplate")
 async def volume_from_template(ctx: ApiContext) -> dict[str, Any]:
     """A Ready, detached data volume on the primary storage (on ``hostUuid``'s share of a local
@@ -278,15 +288,57 @@ async def volume_from_template(ctx: ApiContext) -> dict[str, Any]:
         out = await agent(p, host.uuid, primary.command(ps, "create-root"), {
             **body, "imageUuid": image.uuid, "imageUrl": url, "md5": image.md5Sum, "size": image.size})
     except BaseException:
-        async with p.db.tx() as s:
-            await primary.release(s, vol.uuid)
-            await s.execute(delete(m.Volume).where(m.Volume.uuid == vol.uuid))
-            await disown(s, [vol.uuid])
-        await gc.call_or_defer(p, gc.DELETE_VOLUME_FILE, host.uuid, primary.command(ps, "delete"), body, vol.uuid)
+        await _drop_volume(ctx, vol.uuid, host.uuid, ps, body)
         raise
     async with p.db.tx() as s:
         row = await s.get(m.Volume, vol.uuid)
         row.status, row.actualSize = "Ready", int(out.get("actualSize") or 0)
+        await s.flush()
+        return {"inventory": await inv(s, "QueryObjectVolumeInventory", row)}
+
+
+@api("CreateDataVolumeFromVolumeSnapshot")
+async def volume_from_snapshot(ctx: ApiContext) -> dict[str, Any]:
+    """A Ready, detached data volume with the content the snapshot froze: one standalone qcow2
+    (the snapshot's chain merged in, ``export``) beside the snapshot, on its primary storage (and
+    host, on LocalStorage)."""
+    p = ctx.p
+    async with p.db.tx() as s:
+        snap = await load(s, m.VolumeSnapshot, ctx.req("volumeSnapshotUuid"), ctx, "VolumeSnapshot", owned=True)
+        vol = await load(s, m.Volume, snap.volumeUuid, ctx, "Volume")
+    async with serial(p, vol.vmInstanceUuid, vol.uuid):
+        async with p.db.tx() as s:
+            snap = await load(s, m.VolumeSnapshot, snap.uuid, ctx, "VolumeSnapshot")
+            if snap.status != "Ready" or snap.state != "Enabled":
+                raise not_allowed(f"volume snapshot {snap.uuid} is {snap.state}/{snap.status}; it must be "
+                                  "Enabled and Ready")
+            vol = await load(s, m.Volume, snap.volumeUuid, ctx, "Volume")
+            vm = await s.get(m.VmInstance, vol.vmInstanceUuid) if vol.vmInstanceUuid else None
+            src = await _source(s, vol, snap.primaryStorageInstallPath, vm)
+            wanted = ctx.str("primaryStorageUuid")
+            if wanted and wanted != src.ps.uuid:
+                raise not_allowed(f"volume snapshot {snap.uuid} is on primary storage {src.ps.uuid}; a volume is "
+                                  f"made from it there, not on {wanted}")
+            host = await s.get(m.Host, src.host)
+            new = m.Volume(uuid=new_uuid(ctx), name=ctx.req("name"), description=ctx.str("description"), type="Data",
+                           format="qcow2", size=vol.size, status="Creating")
+            await primary.reserve(s, host.clusterUuid, host.uuid, vol.size, new.uuid, "VolumeVO", src.ps.uuid)
+            new.primaryStorageUuid, new.hostUuid = src.ps.uuid, primary.placement(src.ps, host.uuid)
+            new.installPath = primary.install_path(src.ps, ctx.caller.account_uuid, new.uuid, "Data")
+            s.add(new)
+            await own(s, ctx, new.uuid, "VolumeVO")
+            await add_creation_tags(s, ctx, new.uuid, "VolumeVO")
+        body = {"path": src.ps.url, "installPath": new.installPath}
+        try:
+            out = await agent(p, src.host, primary.command(src.ps, "export"),
+                              {"path": src.ps.url, "installPath": src.install_path, "exportPath": new.installPath})
+        except BaseException:
+            await _drop_volume(ctx, new.uuid, src.host, src.ps, body)
+            raise
+    async with p.db.tx() as s:
+        row = await s.get(m.Volume, new.uuid)
+        row.status, row.actualSize = "Ready", int(out.get("actualSize") or 0)
+        row.size = int(out.get("size") or 0) or row.size
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectVolumeInventory", row)}
 
