@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,7 @@ CHUNK = 1 << 20
 class BackupStore:
     def __init__(self) -> None:
         self.progress: dict[str, str] = {}  # image uuid → "42%" while downloading
+        self.tls: ssl.SSLContext | bool = True  # the Agent's client context, for pulls from host agents
 
     async def capacity(self, root: str) -> tuple[int, int]:
         Path(root).mkdir(parents=True, exist_ok=True)
@@ -64,6 +66,47 @@ class BackupStore:
             tmp.unlink(missing_ok=True)
             self.progress.pop(image_uuid, None)
         return {"installPath": str(target), "actualSize": actual, "size": size, "md5": digest.hexdigest()}
+
+    async def pull(self, root: str, image_uuid: str, fmt: str, url: str) -> dict[str, object]:
+        """Fetch an image a host agent exported from a volume (``url``: its GET /storage/file)
+        into ``root/images``, checked to be the ``fmt`` it claims before it is renamed whole."""
+        target = Path(root) / "images" / f"{image_uuid}.{fmt}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".part")
+        digest = hashlib.md5()
+        try:
+            try:
+                async with (
+                    httpx.AsyncClient(timeout=httpx.Timeout(60, read=300), verify=self.tls) as client,
+                    client.stream("GET", url) as resp,
+                ):
+                    if resp.status_code != 200:
+                        body = (await resp.aread()).decode(errors="replace")[:300]
+                        raise DriverError("IMAGE_DOWNLOAD", "the host did not send the volume's copy",
+                                          f"HTTP {resp.status_code} {body}")
+                    total, done = int(resp.headers.get("content-length") or 0), 0
+                    with tmp.open("wb") as f:
+                        async for chunk in resp.aiter_bytes(CHUNK):
+                            f.write(chunk)
+                            digest.update(chunk)
+                            done += len(chunk)
+                            self._report(image_uuid, done, total)
+            except httpx.HTTPError as err:
+                raise DriverError("IMAGE_DOWNLOAD", "cannot fetch the volume's copy from its host",
+                                  f"{url}: {err}") from None
+            actual = tmp.stat().st_size
+            size = await virtual_size(tmp, fmt, actual)
+            tmp.rename(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+            self.progress.pop(image_uuid, None)
+        return {"installPath": str(target), "actualSize": actual, "size": size, "md5": digest.hexdigest()}
+
+    def info(self, root: str, install_path: str) -> dict[str, object]:
+        path = inside(root, install_path)
+        if not path.is_file():
+            return {"exists": False}
+        return {"exists": True, "actualSize": path.stat().st_size}
 
     async def _http(self, url: str, tmp: Path, digest: "hashlib._Hash", image_uuid: str, policy: FetchPolicy) -> None:
         try:

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from nimbostack.agent import guard
+from nimbostack.agent.backup import virtual_size
 from nimbostack.agent.bridge import ensure_bridge
 from nimbostack.agent.driver import DriverError
 from nimbostack.agent.host import COMMANDS, START_STEPS, Agent, command, storage_command
@@ -333,6 +334,13 @@ async def _ls_pull(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) 
     return {"sizes": {a.logical(k): v for k, v in sizes.items()}}
 
 
+@storage_command("export")
+async def _ls_export(a: Agent, b: dict[str, Any], st: LocalStorage, shared: bool) -> dict[str, Any]:
+    """A flattened qcow2 of a volume's (or snapshot's) file, for a backup storage to fetch at GET
+    /storage/file (images from volumes)."""
+    return await st.export(a.real(b["path"]), a.real(b["installPath"]), a.real(b["exportPath"]))
+
+
 @command("/bs/connect")
 async def _bs_connect(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     a.remember_root(b["path"], backup=True)
@@ -345,6 +353,26 @@ async def _bs_download(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
     a.remember_root(b["path"], backup=True)
     policy = FetchPolicy.from_wire(b.get("policy"))
     return await a.backup.download(b["path"], b["imageUuid"], b["url"], b["format"], b.get("md5"), policy)
+
+
+@command("/bs/pull")
+async def _bs_pull(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    """Fetch an image made from a volume from the host agent that exported it (``sourceUrl``,
+    ``sourceHostUuid``, ``sourcePath``), over the agents' mutual TLS."""
+    a.remember_root(b["path"], backup=True)
+    query = urlencode({"hostUuid": b["sourceHostUuid"], "path": b["sourcePath"]})
+    return await a.backup.pull(b["path"], b["imageUuid"], b.get("format") or "qcow2",
+                               f"{b['sourceUrl']}/storage/file?{query}")
+
+
+@command("/bs/info")
+async def _bs_info(a: Agent, b: dict[str, Any]) -> dict[str, Any]:
+    """An image file's size on the backup storage (SyncImageSize)."""
+    a.remember_root(b["path"], backup=True)
+    out = a.backup.info(b["path"], b["installPath"])
+    if out["exists"]:
+        out["size"] = await virtual_size(Path(b["installPath"]), b.get("format") or "qcow2", int(out["actualSize"]))
+    return out
 
 
 @command("/bs/progress")

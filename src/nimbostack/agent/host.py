@@ -52,6 +52,7 @@ class Agent:
         self.migrations: list[dict[str, Any]] = []  # simulator: the live migrations it recorded
         self.drivers: dict[str, HypervisorDriver] = {}
         self.backup = BackupStore()
+        self.backup.tls = storage.tls  # it fetches images made from volumes from host agents
         self.management_url: str | None = None
         self._http = httpx.AsyncClient(timeout=10, verify=credentials.client_context())
         # events are posted as tasks of their own; with hundreds at once in httpx's pool, its

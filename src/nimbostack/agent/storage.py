@@ -214,6 +214,34 @@ class LocalStorage:
         await _run(*cmd, str(target))
         return self.actual_size(str(target))
 
+    # --- templates -----------------------------------------------------------------------------
+
+    async def export(self, root: str, install_path: str, export_path: str) -> dict[str, int]:
+        """A standalone qcow2 of ``install_path`` with its whole backing chain merged in
+        (``qemu-img convert``), written to ``export_path`` for a backup storage to fetch: what
+        an image made from a volume or snapshot is. The source must not be written meanwhile
+        (its VM stopped, or a snapshot's frozen file)."""
+        if self.simulate:
+            if install_path not in self.files:
+                raise DriverError("VOLUME_NOT_FOUND", "the volume's file does not exist", install_path)
+            self.files[export_path] = self.files[install_path]
+            return {"size": 0, "actualSize": self.files[export_path]}
+        source = _inside(root, install_path)
+        target = _inside(root, export_path)
+        if not source.is_file():
+            raise DriverError("VOLUME_NOT_FOUND", "the volume's file does not exist", install_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = part_of(target)
+        self.writing.add(tmp)
+        try:
+            await _run("qemu-img", "convert", "-U", "-O", "qcow2", str(source), str(tmp))
+            info = json.loads(await _run("qemu-img", "info", "--output=json", str(tmp)))
+            tmp.rename(target)
+        finally:
+            self.writing.discard(tmp)
+            tmp.unlink(missing_ok=True)
+        return {"size": int(info["virtual-size"]), "actualSize": target.stat().st_size}
+
     # --- copying from another host ------------------------------------------------------------
 
     async def pull(self, root: str, files: list[PullFile], fetch: Callable[[PullFile], str],

@@ -16,6 +16,6 @@ from nimbostack.compute import (  # noqa: F401
 from nimbostack.core import management  # noqa: F401
 from nimbostack.network import eip, l2l3  # noqa: F401
 from nimbostack.plugins import loader
-from nimbostack.storage import backup, primary, snapshot, volume  # noqa: F401
+from nimbostack.storage import backup, primary, snapshot, template, volume  # noqa: F401
 
 loader.load_all()

@@ -13,7 +13,8 @@ from nimbostack.core.hosts import agent
 from nimbostack.db import models as m
 from nimbostack.db.engine import Tx, columns, get_row
 from nimbostack.network.l2l3 import BRIDGE_TAG, bridge_of
-from nimbostack.storage import backup, primary
+from nimbostack.storage import primary
+from nimbostack.storage.backup import copy_source as image_source
 from nimbostack.wire import NicSpec, VmSpec
 
 if TYPE_CHECKING:
@@ -97,41 +98,6 @@ async def build_spec(platform: Platform, vm_uuid: str) -> VmSpec:
         console_mode=await platform.config.get("kvm", "vm.consoleMode"),
         cpu_mode=await platform.config.get("kvm", "vm.cpuMode"),
     )
-
-
-# whether each backup storage is in the zone comes with the copies, in the same statement rather
-# than a second one (every VM create asks)
-_IMAGE_COPIES = (
-    select(
-        m.ImageBackupStorageRef.installPath,
-        m.BackupStorage.agentUrl,
-        m.BackupStorage.url,
-        select(m.BackupStorageZoneRef.id)
-        .where(
-            m.BackupStorageZoneRef.backupStorageUuid == m.BackupStorage.uuid,
-            m.BackupStorageZoneRef.zoneUuid == bindparam("zone"),
-        )
-        .exists()
-        .label("inZone"),
-    )
-    .join(m.BackupStorage, m.BackupStorage.uuid == m.ImageBackupStorageRef.backupStorageUuid)
-    .where(
-        m.ImageBackupStorageRef.imageUuid == bindparam("image"),
-        m.ImageBackupStorageRef.status == "Ready",
-        m.BackupStorage.state == "Enabled",
-    )
-)
-
-
-async def image_source(s: Tx, image_uuid: str, zone_uuid: str | None) -> str:
-    """The URL a host fetches the image from: a Ready copy on a backup storage of the zone."""
-    rows = (await s.execute(_IMAGE_COPIES, {"image": image_uuid, "zone": zone_uuid})).all()
-    if zone_uuid:
-        rows = sorted(rows, key=lambda r: not r.inZone)
-    if not rows:
-        raise not_allowed(f"image {image_uuid} has no Ready copy on an Enabled backup storage")
-    copy = rows[0]
-    return backup.image_source(copy.agentUrl, copy.installPath)
 
 
 async def cached_image_path(platform: Platform, host_uuid: str, image_uuid: str) -> str:

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 
 from nimbostack.core import expunger, gc, query
 from nimbostack.core.context import ApiContext, api
@@ -151,6 +151,41 @@ def image_source(agent_url: str, install_path: str) -> str:
     """Where a primary storage fetches an image from: its file ``install_path`` on the backup
     storage whose agent is at ``agent_url`` (which serves files below its storages' urls only)."""
     return f"{agent_url}/bs/file?{urlencode({'path': install_path})}"
+
+
+# whether each backup storage is in the zone comes with the copies, in the same statement rather
+# than a second one (every VM create asks)
+_IMAGE_COPIES = (
+    select(
+        m.ImageBackupStorageRef.installPath,
+        m.BackupStorage.agentUrl,
+        m.BackupStorage.url,
+        select(m.BackupStorageZoneRef.id)
+        .where(
+            m.BackupStorageZoneRef.backupStorageUuid == m.BackupStorage.uuid,
+            m.BackupStorageZoneRef.zoneUuid == bindparam("zone"),
+        )
+        .exists()
+        .label("inZone"),
+    )
+    .join(m.BackupStorage, m.BackupStorage.uuid == m.ImageBackupStorageRef.backupStorageUuid)
+    .where(
+        m.ImageBackupStorageRef.imageUuid == bindparam("image"),
+        m.ImageBackupStorageRef.status == "Ready",
+        m.BackupStorage.state == "Enabled",
+    )
+)
+
+
+async def copy_source(s: Any, image_uuid: str, zone_uuid: str | None) -> str:
+    """The URL a host fetches the image from: a Ready copy on a backup storage of the zone."""
+    rows = (await s.execute(_IMAGE_COPIES, {"image": image_uuid, "zone": zone_uuid})).all()
+    if zone_uuid:
+        rows = sorted(rows, key=lambda r: not r.inZone)
+    if not rows:
+        raise not_allowed(f"image {image_uuid} has no Ready copy on an Enabled backup storage")
+    copy = rows[0]
+    return image_source(copy.agentUrl, copy.installPath)
 
 
 async def _take_capacity(s: Any, bs_uuid: str, size: int) -> None:
@@ -328,21 +363,28 @@ async def _download(
                 "installPath": f"{bs.url}/images/{image_uuid}.{fmt}"}
     body = {"hostUuid": bs.uuid, "path": bs.url, "imageUuid": image_uuid, "url": url, "format": fmt,
             "md5": tag_value([str(t) for t in ctx.list("systemTags")], "md5::"), "policy": policy.to_wire()}
-    download = asyncio.create_task(ctx.p.agents.call(bs.agentUrl, "/bs/download", body))
+    return await follow(ctx, bs, image_uuid, "/bs/download", body)
+
+
+async def follow(ctx: ApiContext, bs: m.BackupStorage, image_uuid: str, path: str, body: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Run the store's command ``path`` that writes the image; the store's progress on it becomes
+    the job's progress."""
+    work = asyncio.create_task(ctx.p.agents.call(bs.agentUrl, path, body))
     last = None
     try:
-        while not download.done():
-            await asyncio.wait({download}, timeout=1.0)
-            if download.done():
+        while not work.done():
+            await asyncio.wait({work}, timeout=1.0)
+            if work.done():
                 break
             with contextlib.suppress(ApiError):
                 reply = await ctx.p.agents.call(bs.agentUrl, "/bs/progress", {"imageUuid": image_uuid}, timeout=5)
                 if reply["progress"] and reply["progress"] != last:
                     last = reply["progress"]
                     await ctx.p.jobs.set_progress(ctx.api_uuid, last)
-        return await download
+        return await work
     finally:
-        download.cancel()
+        work.cancel()
 
 
 @api("UpdateImage")
