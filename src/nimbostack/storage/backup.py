@@ -188,7 +188,7 @@ async def copy_source(s: Any, image_uuid: str, zone_uuid: str | None) -> str:
     return image_source(copy.agentUrl, copy.installPath)
 
 
-async def _take_capacity(s: Any, bs_uuid: str, size: int) -> None:
+async def take_capacity(s: Any, bs_uuid: str, size: int) -> None:
     """An image copy holds its size of the store's capacity from its download to its expunge
     (a negative ``size`` gives it back)."""
     await s.execute(
@@ -340,7 +340,7 @@ async def add_image(ctx: ApiContext) -> dict[str, Any]:
                        m.ImageBackupStorageRef.backupStorageUuid == bs.uuid)
                 .values(status="Ready", installPath=result["installPath"])
             )
-            await _take_capacity(s, bs.uuid, int(result["actualSize"] or 0))
+            await take_capacity(s, bs.uuid, int(result["actualSize"] or 0))
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
 
@@ -454,7 +454,7 @@ async def expunge_image(p: Platform, image_uuid: str, bs_uuids: list[str] | None
             image = await s.get(m.Image, image_uuid)
             for _, _, bs in work:
                 if bs is not None and image is not None:
-                    await _take_capacity(s, bs.uuid, -int(image.actualSize or 0))
+                    await take_capacity(s, bs.uuid, -int(image.actualSize or 0))
             await s.execute(delete(m.ImageBackupStorageRef).where(
                 m.ImageBackupStorageRef.id.in_([ref_id for ref_id, _, _ in work])))
         await _settle_image(s, image_uuid)

@@ -24,7 +24,7 @@ from nimbostack.core.hosts import agent
 from nimbostack.core.resources import add_creation_tags, disown, inv, load, new_uuid, own
 from nimbostack.db import models as m
 from nimbostack.storage import backend, primary
-from nimbostack.storage.backup import SIMULATOR_BS, _take_capacity, copy_source, follow
+from nimbostack.storage.backup import SIMULATOR_BS, copy_source, follow, take_capacity
 from nimbostack.storage.snapshot import serial
 
 PLATFORMS = ("Linux", "Windows", "Other", "Paravirtualization", "WindowsVirtio")
@@ -145,7 +145,7 @@ async def _make_image(ctx: ApiContext, src: _Source, image: m.Image) -> dict[str
                        m.ImageBackupStorageRef.backupStorageUuid == bs.uuid)
                 .values(status="Ready", installPath=result["installPath"])
             )
-            await _take_capacity(s, bs.uuid, int(result["actualSize"] or 0))
+            await take_capacity(s, bs.uuid, int(result["actualSize"] or 0))
         await s.flush()
         return {"inventory": await inv(s, "QueryObjectImageInventory", row)}
 
